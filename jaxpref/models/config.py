@@ -1,0 +1,247 @@
+"""Model configuration parsed from a Hugging Face ``config.json``.
+
+Only architectures whose numerics jaxpref reproduces exactly are accepted; every other feature is a
+``ModelError`` naming the config field, so an unsupported checkpoint never trains with silently wrong
+math.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+from jaxpref.errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# Fields that, when set to a truthy value, mean a mixture-of-experts model.
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a Llama-family decoder.
+
+    ``rope_scaling`` is ``None`` for plain RoPE, otherwise a dict with ``rope_type`` ("linear" or
+    "llama3") and that type's parameters. ``attention_bias`` means bias on q/k/v (and on o_proj too
+    except for Qwen2, see ``o_proj_bias``). ``hf_config`` keeps the original ``config.json`` content
+    so that saving writes back every field jaxpref does not interpret.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+    initializer_range: float
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        # Models keep their config as a static attribute, which NNX/jit need hashable.
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self) if f.compare]
+        return hash(json.dumps(fields, sort_keys=True, default=str))
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Whether o_proj has a bias (Qwen2 puts bias on q/k/v only)."""
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self.hf_config.get("pad_token_id")
+        return pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else None
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
+        """Parse a ``config.json`` dict; ``ModelError`` names any field jaxpref does not implement."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(
+                f"config.json model_type={model_type!r} is not supported; jaxpref implements "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        _check_unsupported(d, model_type)
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            if not isinstance(d.get(key), int):
+                raise ModelError(f"config.json field {key!r} is missing or not an integer")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ModelError(
+                f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        rope_theta, rope_scaling = _parse_rope(d)
+        if model_type == "qwen2":
+            attention_bias = True
+        elif model_type == "mistral":
+            attention_bias = False
+        else:
+            attention_bias = bool(d.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+            hf_config=copy.deepcopy(d),
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` content: the original dict with jaxpref's fields written over it."""
+        d = copy.deepcopy(self.hf_config)
+        d.update(
+            model_type=self.model_type,
+            architectures=[ARCHITECTURES[self.model_type]],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            initializer_range=self.initializer_range,
+            hidden_act="silu",
+        )
+        if self.model_type in ("llama", "qwen3"):
+            d["attention_bias"] = self.attention_bias
+        # Write RoPE in the spelling the original used; transformers 5 reads both.
+        if "rope_parameters" in d or ("rope_theta" not in d and "rope_scaling" not in d):
+            d.pop("rope_theta", None)
+            d.pop("rope_scaling", None)
+            d["rope_parameters"] = {
+                "rope_type": "default",
+                **(self.rope_scaling or {}),
+                "rope_theta": self.rope_theta,
+            }
+        else:
+            d["rope_theta"] = self.rope_theta
+            d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return d
+
+
+def _check_unsupported(d: dict, model_type: str) -> None:
+    act = d.get("hidden_act", d.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ModelError(f"config.json hidden_act={act!r} is not supported; jaxpref implements 'silu'")
+    if d.get("mlp_bias"):
+        raise ModelError("config.json mlp_bias=true is not supported (MLP projections without bias only)")
+    for key in _MOE_FIELDS:
+        if d.get(key):
+            raise ModelError(f"config.json {key}={d[key]!r}: mixture-of-experts models are not supported")
+    window = d.get("sliding_window")
+    max_pos = d.get("max_position_embeddings", 2048)
+    if model_type == "mistral" and window is not None and window < max_pos:
+        raise ModelError(
+            f"config.json sliding_window={window} (< max_position_embeddings={max_pos}): sliding-window "
+            "attention is not supported; only checkpoints with sliding_window null load"
+        )
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and window is not None:
+        raise ModelError("config.json use_sliding_window=true: sliding-window attention is not supported")
+    layer_types = d.get("layer_types") or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise ModelError(f"config.json layer_types contains {other}: only 'full_attention' is supported")
+    prf = d.get("partial_rotary_factor", 1.0)
+    if prf not in (None, 1, 1.0):
+        raise ModelError(f"config.json partial_rotary_factor={prf} is not supported (only 1.0)")
+
+
+def _parse_rope(d: dict) -> tuple[float, dict | None]:
+    """Read RoPE from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
+    params = d.get("rope_parameters")
+    field = "rope_parameters"
+    if not params:
+        params = d.get("rope_scaling") or {}
+        field = "rope_scaling"
+    if not isinstance(params, dict):
+        raise ModelError(f"config.json {field} must be a mapping, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ModelError(f"config.json {field} is nested per layer type; only one global RoPE is supported")
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = d.get("rope_theta", 10000.0)
+    prf = params.pop("partial_rotary_factor", 1.0)
+    if prf not in (None, 1, 1.0):
+        raise ModelError(f"config.json {field}.partial_rotary_factor={prf} is not supported (only 1.0)")
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelError(
+            f"config.json {field}.rope_type={rope_type!r} is not supported; jaxpref implements "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    scaling: dict[str, Any] = {"rope_type": rope_type}
+    for key in _ROPE_SCALING_KEYS[rope_type]:
+        value = params.get(key)
+        if key == "original_max_position_embeddings" and value is None:
+            value = d.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+        if value is None:
+            raise ModelError(f"config.json {field}.{key} is required for rope_type={rope_type!r}")
+        scaling[key] = value
+    return float(theta), scaling
+
+
+def load_model_config(path_or_repo_id: str | os.PathLike) -> ModelConfig:
+    """Read ``config.json`` from a local directory (or a hub id, downloaded with huggingface_hub)."""
+    from jaxpref.models.hf_io import resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(path_or_repo_id, patterns=("config.json",))
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelError(f"{path_or_repo_id}: no config.json found in {path}")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg_path}: cannot read config.json ({e})") from e
+    return ModelConfig.from_hf_dict(d)

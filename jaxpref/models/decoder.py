@@ -1,0 +1,170 @@
+"""The causal decoder: embeddings, a stack of blocks run under ``nnx.scan``, final norm, LM head.
+
+Layer parameters are always stored stacked along a leading ``layers`` axis (one traced block, so
+compile time does not grow with depth). ``scan_layers=False`` runs the same stacked parameters in a
+Python loop, which tests use to check the scanned + remat gradient.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpref.errors import ModelError
+from jaxpref.models.attention import ATTENTION_IMPLS
+from jaxpref.models.config import ModelConfig
+from jaxpref.models.layers import Block, Embed, LMHead, RMSNorm
+from jaxpref.models.rope import inverse_frequencies, rope_cos_sin
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class CausalLM(nnx.Module):
+    """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) returning final hidden states.
+
+    Args:
+      config: architecture, usually from ``ModelConfig.from_hf_dict``.
+      rngs: initialisation randomness (stream ``params``).
+      dtype: compute dtype (activations, matmul inputs); norms, RoPE and softmax run in float32.
+      param_dtype: storage dtype of parameters.
+      remat_policy: "none", "full", "dots" or "dots_with_no_batch_dims" (per block).
+      scan_layers: run blocks under ``nnx.scan`` (True) or unrolled (False; same parameters).
+      attention_impl: "auto", "xla" or "cudnn" (see ``attention.attention``).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat_policy: str = "none",
+        scan_layers: bool = True,
+        attention_impl: str = "auto",
+    ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ModelError(f"remat_policy={remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ModelError(f"attention_impl={attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
+        self.config = config
+        self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        self.remat_policy, self.scan_layers, self.attention_impl = remat_policy, scan_layers, attention_impl
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = Embed(config, rngs=rngs, **kw)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, attention_impl=attention_impl, rngs=rngs, **kw)
+
+        self.layers = make_blocks(rngs)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.lm_head = None if config.tie_word_embeddings else LMHead(config, rngs=rngs, **kw)
+        # Set by jaxpref.lora.apply_lora.
+        self.lora_config = None
+        self.lora_dropout = 0.0
+        self.dropout_rngs = nnx.data(None)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        use_adapters: bool = True,
+        deterministic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states [B, T, H] (after the last norm, compute dtype); no logits.
+
+        Args:
+          input_ids: int [B, T].
+          positions: int [B, T] position within each packed segment; default arange(T).
+          segment_ids: int [B, T], 1.. per packed sequence, 0 = padding; attention never crosses
+            segments. None = one causal sequence per row.
+          use_adapters: False runs the base model (LoRA and modules_to_save copies off).
+          deterministic: False enables LoRA dropout.
+          dropout_key: PRNG key for LoRA dropout; default draws from the model's ``dropout_rngs``.
+        """
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        cfg = self.config
+        x = self.embed_tokens(input_ids, use_adapters=use_adapters)
+        cos, sin = rope_cos_sin(
+            positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        )
+        layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
+        x = self._run_layers(x, cos, sin, segment_ids, layer_keys, use_adapters)
+        return self.norm(x)
+
+    def _layer_dropout_keys(
+        self, use_adapters: bool, deterministic: bool, dropout_key: jax.Array | None
+    ) -> jax.Array | None:
+        if deterministic or not use_adapters or self.lora_dropout <= 0:
+            return None
+        if dropout_key is None:
+            if self.dropout_rngs is None:
+                raise ModelError("deterministic=False with LoRA dropout needs a dropout_key")
+            dropout_key = self.dropout_rngs.dropout()
+        return jax.random.split(dropout_key, self.config.num_hidden_layers)
+
+    def _run_layers(self, x, cos, sin, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
+        def block_fn(block: Block, x, cos, sin, segment_ids, key):
+            return block(x, cos, sin, segment_ids, key, use_adapters=use_adapters)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            # Inside scan the CSE barrier is unnecessary (and costs fusion opportunities).
+            block_fn = nnx.remat(block_fn, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            key_axis = None if layer_keys is None else 0
+            scan = nnx.scan(
+                lambda x, block, cos, sin, seg, key: block_fn(block, x, cos, sin, seg, key),
+                in_axes=(nnx.Carry, 0, None, None, None, key_axis),
+                out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            return scan(x, self.layers, cos, sin, segment_ids, layer_keys)
+        graphdef, state = nnx.split(self.layers)
+        for i in range(self.config.num_hidden_layers):
+            block = nnx.merge(graphdef, jax.tree.map(partial(_take, i=i), state))
+            x = block_fn(block, x, cos, sin, segment_ids, None if layer_keys is None else layer_keys[i])
+        return x
+
+    def construction_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild a model like this one (with ``config`` and ``rngs``)."""
+        return dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers,
+            attention_impl=self.attention_impl,
+        )
+
+    def lm_head_weight(self, *, use_adapters: bool = True) -> jax.Array:
+        """LM-head weight [H, V] in the compute dtype (the embedding transposed when tied)."""
+        if self.lm_head is None:
+            w = self.embed_tokens.table(use_adapters).T
+        else:
+            w = self.lm_head.weight(use_adapters)
+        return w.astype(self.dtype)
+
+    def logits(self, hidden: jax.Array, *, use_adapters: bool = True) -> jax.Array:
+        """Full logits float32 [B, T, V] from hidden [B, T, H]; tests and generation only."""
+        w = self.lm_head_weight(use_adapters=use_adapters)
+        return jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+
+
+def _take(a: jax.Array, *, i: int) -> jax.Array:
+    return a[i]

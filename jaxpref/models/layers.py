@@ -1,0 +1,255 @@
+"""Building blocks of the decoder: projections (with optional LoRA), embedding, RMSNorm, attention,
+MLP and the transformer block.
+
+Every parameter is created with logical axis names in its ``out_sharding`` metadata and with eager
+sharding off, so construction never needs a mesh; ``partitioning`` places arrays later.
+Module and attribute names mirror transformers' (``self_attn.q_proj``, ``mlp.down_proj``, ...) so
+checkpoint key maps are mechanical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpref.models.attention import attention
+from jaxpref.models.config import ModelConfig
+from jaxpref.models.rope import apply_rope
+
+
+def make_param(value: jax.Array, axes: Sequence[str], cls: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A variable of type ``cls`` tagged with logical axis names (no eager sharding)."""
+    return cls(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x . kernel + bias`` with kernel [*in_shape, *out_shape], plus an optional LoRA branch.
+
+    LoRA (attached by ``jaxpref.lora.apply_lora``) adds ``scaling * dropout(x) . lora_a . lora_b``
+    with lora_a [*in_shape, r] and lora_b [r, *out_shape].
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Sequence[str],
+        out_axes: Sequence[str],
+        *,
+        use_bias: bool,
+        init_std: float,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.in_axes, self.out_axes = tuple(in_axes), tuple(out_axes)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.kernel = make_param(
+            _normal(rngs, self.in_shape + self.out_shape, init_std, param_dtype), self.in_axes + self.out_axes
+        )
+        self.bias = (
+            make_param(jnp.zeros(self.out_shape, param_dtype), self.out_axes) if use_bias else nnx.data(None)
+        )
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scaling = 0.0
+        self.lora_dropout = 0.0
+
+    def __call__(
+        self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        """x [..., *in_shape] -> [..., *out_shape] in the compute dtype."""
+        n = len(self.in_shape)
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=n)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if use_adapters and self.lora_a is not None:
+            h = x
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
+            h = jnp.tensordot(h, self.lora_a[...].astype(self.dtype), axes=n)
+            h = jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+            y = y + (h * self.lora_scaling).astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        table = _normal(rngs, (config.vocab_size, config.hidden_size), config.initializer_range, param_dtype)
+        if config.pad_token_id is not None:
+            table = table.at[config.pad_token_id].set(0)
+        self.embedding = make_param(table, ("vocab", "embed"))
+        self.embedding_copy = nnx.data(None)
+        self.dtype = dtype
+
+    def table(self, use_adapters: bool = True) -> jax.Array:
+        """The [V, H] table in use (the trainable copy when present and adapters are on)."""
+        if use_adapters and self.embedding_copy is not None:
+            return self.embedding_copy[...]
+        return self.embedding[...]
+
+    def __call__(self, input_ids: jax.Array, *, use_adapters: bool = True) -> jax.Array:
+        """int [B, T] -> [B, T, H] in the compute dtype."""
+        return jnp.take(self.table(use_adapters), input_ids, axis=0).astype(self.dtype)
+
+
+class LMHead(nnx.Module):
+    """Untied output projection, kernel [H, V]; ``kernel_copy`` as in ``Embed``."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        shape = (config.hidden_size, config.vocab_size)
+        self.kernel = make_param(
+            _normal(rngs, shape, config.initializer_range, param_dtype), ("embed", "vocab")
+        )
+        self.kernel_copy = nnx.data(None)
+        self.dtype = dtype
+
+    def weight(self, use_adapters: bool = True) -> jax.Array:
+        if use_adapters and self.kernel_copy is not None:
+            return self.kernel_copy[...]
+        return self.kernel[...]
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last dim, in float32 (as transformers), then scaled."""
+
+    def __init__(
+        self, dim: int, *, eps: float, axes: Sequence[str] = ("norm",), dtype: Any, param_dtype: Any
+    ):
+        self.scale = make_param(jnp.ones((dim,), param_dtype), axes)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+def _key(keys: jax.Array | None, i: int) -> jax.Array | None:
+    return None if keys is None else keys[i]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
+
+    def __init__(
+        self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs
+    ):
+        h, n, k, d = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        lin = partial(
+            Linear, init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        qkv_bias = config.attention_bias
+        self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
+        self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+        self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+        self.o_proj = lin((n, d), (h,), ("heads", "head_dim"), ("embed",), use_bias=config.o_proj_bias)
+        if config.qk_norm:
+            norm = partial(
+                RMSNorm, d, eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype
+            )
+            self.q_norm, self.k_norm = norm(), norm()
+        else:
+            self.q_norm = self.k_norm = None
+        self.attention_impl = attention_impl
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array | None,
+        *,
+        use_adapters: bool,
+        dropout_keys: jax.Array | None,
+    ) -> jax.Array:
+        """x [B, T, H], cos/sin [B, T, D] -> [B, T, H]."""
+        kw = dict(use_adapters=use_adapters)
+        q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
+        k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
+        v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, segment_ids=segment_ids, impl=self.attention_impl)
+        return self.o_proj(out, dropout_key=_key(dropout_keys, 3), **kw)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        h, i = config.hidden_size, config.intermediate_size
+        lin = partial(
+            Linear,
+            init_std=config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=False,
+            rngs=rngs,
+        )
+        self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
+        self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
+        self.down_proj = lin((i,), (h,), ("mlp",), ("embed",))
+
+    def __call__(self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None) -> jax.Array:
+        kw = dict(use_adapters=use_adapters)
+        gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
+        up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
+        return self.down_proj(jax.nn.silu(gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
+
+
+NUM_DROPOUT_SITES = 7  # one LoRA dropout key per projection of a block
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(
+        self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs
+    ):
+        norm = partial(
+            RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.input_layernorm = norm()
+        self.self_attn = Attention(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array | None,
+        dropout_key: jax.Array | None,
+        *,
+        use_adapters: bool,
+    ) -> jax.Array:
+        """x [B, T, H] -> [B, T, H]; dropout_key (or None) seeds this layer's LoRA dropout."""
+        keys = None if dropout_key is None else jax.random.split(dropout_key, NUM_DROPOUT_SITES)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, use_adapters=use_adapters, dropout_keys=keys
+        )
+        return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=keys)
