@@ -8,6 +8,7 @@ pass its own rules.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,12 +37,14 @@ def logical_to_spec(
 ) -> PartitionSpec:
     """PartitionSpec for an array of ``shape`` whose dims are named ``axes``.
 
-    A dim stays replicated when its rule names no axis present in the mesh, when the mesh axes do
-    not divide it, or when an earlier dim already uses that mesh axis.
+    ``rules`` override ``DEFAULT_RULES`` name by name. A dim stays replicated when its rule names
+    no axis present in the mesh, when the mesh axes do not divide it, or when an earlier dim
+    already uses that mesh axis.
     """
     if not axes:
         return PartitionSpec()
-    table = dict(DEFAULT_RULES if rules is None else rules)
+    table: dict[str, Any] = dict(DEFAULT_RULES)
+    table.update((name, tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules or ())
     used: set[str] = set()
     spec: list[str | tuple[str, ...] | None] = []
     for name, size in zip(axes, shape, strict=True):

@@ -1,0 +1,77 @@
+"""Tiny random transformers models for model tests (built offline with transformers itself)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+# name -> (config class, model class, overrides of TINY)
+CASES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "llama_mha": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 4}),
+    "llama_mqa_bias": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 1, "attention_bias": True}),
+    "llama3_rope": (LlamaConfig, LlamaForCausalLM, {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "llama_linear_rope": (LlamaConfig, LlamaForCausalLM, {"rope_scaling": LINEAR_ROPE}),
+    "llama_tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "qwen3_tied": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 12, "tie_word_embeddings": True}),
+}
+
+
+def build_hf(case: str, seed: int = 0, **overrides):
+    """A tiny transformers model of ``case`` with every parameter (norms and biases too) random."""
+    config_cls, model_cls, case_overrides = CASES[case]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **case_overrides, **overrides})
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def jax_logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
+    return np.asarray(model.logits(model(np.asarray(ids, np.int32), **kwargs)))
+
+
+def random_ids(shape: tuple[int, ...], vocab: int = TINY["vocab_size"], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
