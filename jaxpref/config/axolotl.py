@@ -1,0 +1,433 @@
+"""How jaxpref reads an axolotl config: which keys map to jaxpref fields, which are ignored with one
+warning line each (with the reason), which are rejected, and axolotl's optimizer/scheduler names.
+
+``translate`` runs before schema validation. Keys that are jaxpref fields pass through untouched; keys
+nobody knows are left for the schema to reject with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+from jaxpref.config.notes import warn
+
+
+def _names(text: str) -> list[str]:
+    return text.split()
+
+
+def _by_reason(groups: dict[str, str]) -> dict[str, str]:
+    """``{reason: "key key ..."}`` -> ``{key: reason}``."""
+    out: dict[str, str] = {}
+    for reason, keys in groups.items():
+        for key in keys.split():
+            assert key not in out, f"{key} listed twice"
+            out[key] = reason
+    return out
+
+
+# Accepted, no effect, one warning line each (when set to anything but false/empty).
+IGNORED_KEYS: dict[str, str] = _by_reason(
+    {
+        "a CUDA attention switch; jaxpref uses jax.nn.dot_product_attention": """
+            flash_attention sdp_attention xformers_attention s2_attention flex_attention
+            flex_attn_compile_kwargs sage_attention eager_attention attn_implementation flash_optimum
+            gemma4_hybrid_attn_impl large_head_attention flash_attn_d512 sdpa_varlen heads_k_stride
+            ring_attn_func""",
+        "a CUDA/Triton kernel patch; jaxpref's fused LM-head kernel is chosen by fused_kernel": """
+            flash_attn_cross_entropy flash_attn_rms_norm flash_attn_fuse_qkv flash_attn_fuse_mlp
+            fused_attn_kernel lora_mlp_kernel lora_qkv_kernel lora_o_kernel lora_embedding_kernel
+            chunked_cross_entropy chunked_cross_entropy_num_chunks cut_cross_entropy tiled_mlp
+            tiled_mlp_num_shards tiled_mlp_use_original_mlp dpo_use_liger_kernel use_kernels
+            experts_implementation llama4_linearized_experts dpo_padding_free batch_flattening""",
+        "torch.compile; the jaxpref train step is always compiled with jax.jit": """
+            torch_compile torch_compile_backend torch_compile_mode torch_compile_options deepcompile""",
+        "a CUDA matmul switch; JAX's matmul precision is set with JAX_DEFAULT_MATMUL_PRECISION": "tf32",
+        "FP8 training is not implemented; compute_dtype sets the precision": """
+            fp8 fp8_config fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes""",
+        "a torch distributed setting; jaxpref shards over the mesh (data, fsdp, tensor) on every host": """
+            deepspeed fsdp fsdp_config fsdp_version fsdp_final_state_dict_type ddp world_size local_rank
+            dp_shard_size dp_replicate_size tensor_parallel_size context_parallel_size
+            sequence_parallel_degree accelerator_config use_ray ray_run_name ray_num_workers
+            resources_per_worker""",
+        "torch device placement; JAX places arrays by the mesh and its sharding rules": """
+            device device_map max_memory gpu_memory_limit low_cpu_mem_usage experimental_skip_move_to_device
+            ple_cpu_offload layer_offloading activation_offloading lora_on_cpu""",
+        "a torch checkpointing option; use gradient_checkpointing or remat_policy": """
+            gradient_checkpointing_kwargs selective_checkpointing""",
+        "a HF Trainer column filter; jaxpref's formatters read only the columns they need": ("remove_unused_columns"),
+        "an axolotl packing/sampling tuning knob; jaxpref packs with sample_packing alone": """
+            sample_packing_group_size sample_packing_bin_size sample_packing_sequentially
+            sample_packing_mp_start_method sample_packing_eff_est eval_sample_packing pad_to_multiple_of
+            multipack_real_batches pretrain_multipack_buffer_size pretrain_multipack_attn
+            pretraining_sample_concatenation streaming_multipack_buffer_size min_sample_len group_by_length
+            curriculum_sampling""",
+        "an axolotl dataset-preparation option, not implemented": """
+            dataset_shard_num dataset_shard_idx skip_prepare_dataset num_dataset_shards_to_save
+            push_dataset_to_hub hf_use_auth_token dataset_exact_deduplication dataset_keep_in_memory
+            shuffle_before_merging_datasets is_preprocess preprocess_iterable total_num_tokens
+            total_supervised_tokens eval_sequence_len max_prompt_len""",
+        "jaxpref shuffles the merged training data with seed": "shuffle_merged_datasets",
+        "not implemented; jaxpref logs to TensorBoard, metrics.jsonl and W&B": """
+            use_mlflow mlflow_tracking_uri mlflow_experiment_name mlflow_run_name hf_mlflow_log_artifacts
+            use_comet comet_api_key comet_workspace comet_project_name comet_experiment_key comet_mode
+            comet_online comet_experiment_config use_trackio trackio_project_name trackio_run_name
+            trackio_space_id use_otel_metrics otel_metrics_host otel_metrics_port include_tokens_per_second
+            include_tkps profiler_steps profiler_steps_start""",
+        "W&B gradient watching and model upload are not implemented": "wandb_watch wandb_log_model",
+        "a Gradio inference-UI setting": """
+            gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens
+            gradio_temperature""",
+        "pushing to the Hugging Face Hub is not implemented; upload output_dir yourself": """
+            hub_model_id hub_strategy hub_revision""",
+        "jaxpref always writes safetensors": "save_safetensors",
+        "jaxpref evaluates on eval_steps/evals_per_epoch and checkpoints on save_steps/saves_per_epoch": """
+            eval_strategy evaluation_strategy save_strategy save_first_step save_only_model
+            load_best_model_at_end metric_for_best_model greater_is_better early_stopping_patience""",
+        "generation and benchmark evals during training are not implemented": """
+            do_causal_lm_eval eval_causal_lm_metrics do_bench_eval bench_dataset bench_split eval_table_size
+            eval_max_new_tokens generate_samples num_generation_samples""",
+        "a torch memory/watchdog option; the non-finite guard is skip_nonfinite_steps": """
+            loss_watchdog_threshold loss_watchdog_patience gc_steps torch_empty_cache_steps gc_collect_steps
+            full_determinism""",
+        "jaxpref runs its own JAX model code (Llama family), never a checkpoint's Python code": """
+            trust_remote_code cls_model_config model_type model_kwargs trainer_cls is_falcon_derived_model
+            is_llama_derived_model is_mistral_derived_model is_qwen_derived_model axolotl_config_path""",
+        "jaxpref loads the tokenizer with transformers AutoTokenizer defaults": """
+            tokenizer_use_fast tokenizer_legacy tokenizer_use_mistral_common tokenizer_type processor_type
+            tokenizer_save_jinja_files chat_template_kwargs eot_tokens default_system_message""",
+        "adding tokens and resizing embeddings is not implemented": """
+            tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings
+            shrink_embeddings embeddings_skip_upcast fix_untrained_tokens""",
+        "hub revisions are not supported; download the revision and point base_model at it": ("model_revision"),
+        "quantized loading/merging is not implemented; weights are loaded at param_dtype": """
+            load_in_8bit bnb_config_kwargs qlora_sharded_model_loading model_quantization_config
+            model_quantization_config_kwargs quantize_moe_experts quantization export peft""",
+        "merging LoRA is a separate step after training (export), not a training option": """
+            merge_lora merge_method""",
+        "a PEFT option jaxpref's LoRA does not implement (plain LoRA, B initialised to zero)": """
+            lora_fan_in_fan_out peft_layers_pattern peft_layer_replication peft_init_lora_weights
+            peft_trainable_token_indices peft_ensure_weight_tying peft_autocast_adapter_dtype""",
+        "an optimizer extra jaxpref does not implement; the optimizer uses learning_rate for all weights": """
+            optim_args optim_target_modules torchdistx_path embedding_lr embedding_lr_scale lr_groups
+            loraplus_lr_ratio loraplus_lr_embedding adam_beta3 adam_epsilon2 lr_quadratic_warmup
+            lr_div_factor cosine_constant_lr_ratio""",
+        "batch size is micro_batch_size x gradient_accumulation_steps x data-parallel devices": """
+            batch_size auto_find_batch_size""",
+        "a training-method extra jaxpref does not implement": """
+            neftune_noise_alpha noisy_embedding_alpha use_eaft eaft_alpha eaft_k use_dft
+            center_rewards_coefficient max_packed_sequence_len use_pose scaling_softmax
+            scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
+            num_labels""",
+        "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
+            trl vllm ebft dpo_use_weighting dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval
+            dpo_norm_loss rpo_alpha dynamic_checkpoint kd_temperature_min""",
+        "axolotl plugins do not load in jaxpref; their keys are handled one by one": "plugins",
+    }
+)
+
+# Families of keys (current and future ones) ignored the same way.
+IGNORED_PREFIXES: dict[str, str] = {
+    "liger_": "a Liger Triton kernel patch; jaxpref's fused LM-head kernel is chosen by fused_kernel",
+    "unsloth_": "an Unsloth Triton kernel patch; jaxpref's fused LM-head kernel is chosen by fused_kernel",
+    "cut_cross_entropy_": "a cut-cross-entropy option; jaxpref's fused LM-head kernel is set by fused_kernel",
+    "ddp_": "a torch DDP setting; jaxpref shards over the mesh (data, fsdp, tensor)",
+    "dataloader_": "a torch DataLoader setting; jaxpref's Grain pipeline sets its own workers",
+    "generation_": "generation during training is not implemented",
+    "kd_online_": "online KD from an inference server is not implemented; use offline top-k logprobs",
+    "dion_": "an optimizer jaxpref does not implement",
+    "qgalore_": "an optimizer jaxpref does not implement",
+    "jagged_restart_": "ReLoRA-style restarts are not implemented",
+    "relora_": "ReLoRA is not implemented",
+    "lisa_": "LISA layer sampling is not implemented",
+    "pose_": "PoSE context extension is not implemented",
+}
+
+# Rejected with an error when set to anything but false/empty: ignoring them would silently train a
+# different model than the one asked for.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "load_in_4bit": "4-bit (QLoRA) loading is not supported yet; use adapter: lora on unquantized weights",
+    "gptq": "GPTQ-quantized models are not supported yet",
+    "peft_use_dora": "DoRA is not supported yet; use plain LoRA",
+    "peft_use_rslora": "rank-stabilised LoRA scaling is not supported yet; use plain LoRA",
+    "peft_layers_to_transform": "LoRA on a subset of layers is not supported yet",
+    "lora_target_parameters": "LoRA on raw parameters (MoE experts) is not supported yet",
+    "unfrozen_parameters": "partial freezing by regex is not supported yet",
+    "relora": "ReLoRA is not supported yet",
+    "pretraining_dataset": "streaming pretraining datasets are not supported yet; use datasets",
+    "process_reward_model": "process reward models are not supported yet",
+    "model_config": "overriding the model's config.json is not supported; edit config.json instead",
+    "rope_scaling": "set rope_scaling in the model's config.json",
+    "qat": "quantization-aware training is not supported yet",
+    "diffusion_lm": "diffusion LM training is not supported",
+    "diffusion": "diffusion LM training is not supported",
+}
+
+# Axolotl keys with a JAX meaning, mapped onto jaxpref fields (see ``_MAPPERS`` below).
+MAPPED_KEYS: dict[str, str] = {
+    "bf16": "true/auto/full -> compute_dtype: bfloat16; false -> float32 (compute_dtype, if given, wins)",
+    "fp16": "true -> compute_dtype: bfloat16, with a warning (float16 training is not implemented)",
+    "bfloat16": "true -> param_dtype and compute_dtype bfloat16 (axolotl's no-AMP bfloat16)",
+    "float16": "true -> param_dtype and compute_dtype bfloat16, with a warning",
+    "float32": "true -> param_dtype and compute_dtype float32",
+    "strict": "no effect: key=value overrides are always allowed",
+    "dpo_beta": "-> rl_beta (axolotl's deprecated name)",
+    "kd_top_k_before_softmax": "-> kd_normalize_topk (also readable as cfg.kd_top_k_before_softmax)",
+    "dataset_num_proc": "-> dataset_processes",
+    "reinit_weights": "-> random_init_weights",
+    "use_wandb": "false -> wandb_mode: disabled; true -> no effect (W&B is on when wandb_project is set)",
+    "lr_scheduler_kwargs": "min_lr_rate -> cosine_min_lr_ratio; other keys are ignored with a warning",
+    "streaming": "true -> streaming: true on every datasets/test_datasets entry that does not set it",
+    "auto_resume_from_checkpoints": "true -> resume_from_checkpoint: auto",
+}
+
+# Keys of one datasets/test_datasets entry.
+IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
+    {
+        "axolotl dataset sharding/preprocessing, not implemented": """
+            shards shards_idx preprocess_shards input_transform trust_remote_code skip""",
+        "a legacy axolotl prompt-format key; use type and field_messages": """
+            conversation input_format field_human field_model""",
+        "per-dataset jinja templates are not supported; set chat_template_jinja at the top level": (
+            "chat_template_jinja"
+        ),
+        "tool calls and reasoning traces are not rendered by jaxpref's formatters yet": """
+            field_tools field_thinking template_thinking_key split_thinking""",
+        "per-turn/per-span training flags are not implemented; use roles_to_train": """
+            message_field_training message_field_training_detail""",
+        "a pretraining/stepwise/synthetic dataset option, not supported": """
+            text_column step_separator max_completion_length train_on_last_step_only length
+            sequence_length min_input_id max_input_id seed""",
+    }
+)
+MAPPED_DATASET_KEYS: dict[str, str] = {
+    "message_field_role": "-> message_property_mappings.role (axolotl's deprecated name)",
+    "message_field_content": "-> message_property_mappings.content (axolotl's deprecated name)",
+}
+
+# axolotl/transformers optimizer names -> jaxpref's optax optimizer.
+OPTIMIZERS: dict[str, str] = {
+    **dict.fromkeys(
+        _names(
+            "adamw adamw_torch adamw_torch_fused adamw_hf adamw_apex_fused adamw_anyprecision "
+            "adamw_torch_xla adamw_torch_npu_fused optimi_adamw flash_adamw"
+        ),
+        "adamw",
+    ),
+    **dict.fromkeys(_names("adam flash_adam"), "adam"),
+    "adafactor": "adafactor",
+    **dict.fromkeys(_names("sgd flash_sgd"), "sgd"),
+    **dict.fromkeys(_names("lion lion_32bit flash_lion"), "lion"),
+}
+# 8-bit, 4-bit and paged variants: full-precision optimizer states instead, with a warning.
+LOW_PRECISION_OPTIMIZERS: dict[str, str] = {
+    **dict.fromkeys(
+        _names(
+            "adamw_8bit adamw_bnb_8bit paged_adamw_8bit paged_adamw_32bit adamw_torch_4bit adamw_torch_8bit "
+            "ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8"
+        ),
+        "adamw",
+    ),
+    **dict.fromkeys(_names("lion_8bit paged_lion_8bit paged_lion_32bit"), "lion"),
+}
+
+# axolotl/transformers scheduler names -> cosine | linear | constant (warmup applies to all three).
+LR_SCHEDULERS: dict[str, str] = {
+    "cosine": "cosine",
+    "cosine_with_min_lr": "cosine",
+    "cosine_warmup_with_min_lr": "cosine",
+    "linear": "linear",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+}
+
+
+def normalize_optimizer(name: str) -> str:
+    """The optax optimizer for an axolotl/jaxpref optimizer name (ValueError listing known names)."""
+    key = name.strip().lower()
+    if key in OPTIMIZERS:
+        return OPTIMIZERS[key]
+    if key in LOW_PRECISION_OPTIMIZERS:
+        optax_name = LOW_PRECISION_OPTIMIZERS[key]
+        warn(
+            f"optimizer: {name} -> {optax_name} with full-precision states "
+            "(8-bit/4-bit/paged optimizers are not implemented in JAX)"
+        )
+        return optax_name
+    known = sorted(set(OPTIMIZERS.values())) + sorted(set(OPTIMIZERS) - set(OPTIMIZERS.values()))
+    raise ValueError(
+        f"unknown optimizer {name!r}; use one of {', '.join(known)} "
+        f"(or an 8-bit/paged variant: {', '.join(sorted(LOW_PRECISION_OPTIMIZERS))})"
+    )
+
+
+def normalize_lr_scheduler(name: str) -> str:
+    """cosine | linear | constant for an axolotl/jaxpref scheduler name (ValueError listing names)."""
+    key = name.strip().lower()
+    if key in LR_SCHEDULERS:
+        return LR_SCHEDULERS[key]
+    raise ValueError(f"unknown lr_scheduler {name!r}; use one of {', '.join(LR_SCHEDULERS)}")
+
+
+def ignored_reason(key: str) -> str | None:
+    """Why a top-level axolotl key is ignored, or None if it is not an ignored key."""
+    if key in IGNORED_KEYS:
+        return IGNORED_KEYS[key]
+    for prefix, reason in IGNORED_PREFIXES.items():
+        if key.startswith(prefix):
+            return reason
+    return None
+
+
+def drop_empty(value: Any) -> Any:
+    """Remove mapping entries whose value is None (``key:`` with nothing after it means unset)."""
+    if isinstance(value, dict):
+        return {k: drop_empty(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_empty(v) if isinstance(v, dict) else v for v in value]
+    return value
+
+
+def translate(data: dict[str, Any], own_fields: Collection[str], dataset_fields: Collection[str]) -> list[str]:
+    """Rewrite axolotl keys in ``data`` (in place) into jaxpref fields; return the errors found.
+
+    Ignored keys are removed with one warning each; keys that are neither jaxpref fields nor axolotl
+    keys are left in place for the schema to reject.
+    """
+    errors: list[str] = []
+    for key in [k for k in data if k not in own_fields]:
+        if key in _MAPPERS:
+            _MAPPERS[key](data, key, errors)
+        elif key in UNSUPPORTED_KEYS:
+            value = data.pop(key)
+            if value:
+                errors.append(f"{key}: {UNSUPPORTED_KEYS[key]}")
+        elif (reason := ignored_reason(key)) is not None:
+            _pop_and_warn(data, key, f"ignored: {key} ({reason})")
+    _map_precision(data, errors)
+    for list_name in ("datasets", "test_datasets"):
+        entries = data.get(list_name)
+        if isinstance(entries, list):
+            for entry in entries:
+                if isinstance(entry, dict):
+                    translate_dataset(entry, list_name, dataset_fields)
+    return errors
+
+
+def translate_dataset(entry: dict[str, Any], list_name: str, dataset_fields: Collection[str]) -> None:
+    """Rewrite axolotl keys of one dataset entry in place (warnings for ignored keys)."""
+    for key in [k for k in entry if k not in dataset_fields]:
+        if key in MAPPED_DATASET_KEYS:
+            prop = "role" if key == "message_field_role" else "content"
+            mappings = entry.setdefault("message_property_mappings", {})
+            value = entry.pop(key)
+            if isinstance(mappings, dict):
+                mappings.setdefault(prop, value)
+        elif key in IGNORED_DATASET_KEYS:
+            _pop_and_warn(entry, key, f"ignored: {list_name}[].{key} ({IGNORED_DATASET_KEYS[key]})")
+
+
+def _pop_and_warn(data: dict[str, Any], key: str, message: str) -> None:
+    """Remove an ignored key; warn unless its value is false/empty (then nothing is being ignored)."""
+    if data.pop(key):
+        warn(message)
+
+
+Mapper = Callable[[dict[str, Any], str, list[str]], None]
+
+_PRECISION_KEYS = ("bf16", "fp16", "bfloat16", "float16", "float32")
+
+
+def _rename(dst: str) -> Mapper:
+    def mapper(data: dict[str, Any], key: str, errors: list[str]) -> None:
+        value = data.pop(key)
+        if dst in data and data[dst] != value:
+            errors.append(f"{key} ({value!r}) and {dst} ({data[dst]!r}) disagree; {key} is axolotl's name for {dst}")
+        else:
+            data[dst] = value
+
+    return mapper
+
+
+def _keep_for_precision(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """Precision flags are read together by ``_map_precision``."""
+
+
+def _drop(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    data.pop(key)
+
+
+def _use_wandb(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    if data.pop(key) is False:
+        data.setdefault("wandb_mode", "disabled")
+
+
+def _lr_scheduler_kwargs(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    kwargs = data.pop(key)
+    if not isinstance(kwargs, dict):
+        errors.append(f"lr_scheduler_kwargs: expected a mapping, got {kwargs!r}")
+        return
+    for name, value in kwargs.items():
+        if name == "min_lr_rate":
+            data.setdefault("cosine_min_lr_ratio", value)
+        else:
+            warn(f"ignored: lr_scheduler_kwargs.{name} (only min_lr_rate has a jaxpref equivalent)")
+
+
+def _streaming(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    if not data.pop(key):
+        return
+    for list_name in ("datasets", "test_datasets"):
+        for entry in data.get(list_name) or []:
+            if isinstance(entry, dict):
+                entry.setdefault("streaming", True)
+
+
+def _auto_resume(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    if data.pop(key):
+        data.setdefault("resume_from_checkpoint", "auto")
+
+
+_MAPPERS: dict[str, Mapper] = {
+    **dict.fromkeys(_PRECISION_KEYS, _keep_for_precision),
+    "strict": _drop,
+    "dpo_beta": _rename("rl_beta"),
+    "kd_top_k_before_softmax": _rename("kd_normalize_topk"),
+    "dataset_num_proc": _rename("dataset_processes"),
+    "reinit_weights": _rename("random_init_weights"),
+    "use_wandb": _use_wandb,
+    "lr_scheduler_kwargs": _lr_scheduler_kwargs,
+    "streaming": _streaming,
+    "auto_resume_from_checkpoints": _auto_resume,
+}
+assert set(_MAPPERS) == set(MAPPED_KEYS)
+
+
+def _map_precision(data: dict[str, Any], errors: list[str]) -> None:
+    """bf16/fp16/bfloat16/float16/float32 -> compute_dtype/param_dtype; explicit jaxpref keys win."""
+    flags = {k: data.pop(k) for k in _PRECISION_KEYS if k in data}
+    for key, value in flags.items():
+        allowed = (True, False, "auto", "full") if key == "bf16" else (True, False)
+        if value not in allowed or (value in (0, 1) and not isinstance(value, bool)):
+            names = "true, false or auto" if key == "bf16" else "true or false"
+            errors.append(f"{key}: expected {names}, got {value!r}")
+            return
+    compute = param = None
+    if flags.get("float32"):
+        compute = param = "float32"
+    if flags.get("bfloat16") or flags.get("float16"):
+        compute = param = "bfloat16"
+    if flags.get("float16"):
+        warn("float16: float16 training is not implemented; using bfloat16 parameters and compute")
+    if flags.get("bf16") in (True, "auto", "full"):
+        compute = compute or "bfloat16"
+    elif flags.get("bf16") is False:
+        compute = compute or "float32"
+    if flags.get("fp16"):
+        warn("fp16: float16 training is not implemented; using bfloat16 compute (compute_dtype)")
+        compute = "bfloat16"
+    if compute is not None:
+        data.setdefault("compute_dtype", compute)
+    if param is not None:
+        data.setdefault("param_dtype", param)

@@ -1,0 +1,152 @@
+"""Before-validators for config values that accept more than one YAML shape.
+
+Each turns the accepted shapes into one canonical value, or raises ``ValueError`` with a message that
+says what is allowed, so a bad value gives one clear error instead of one per union member.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jaxpref.config.notes import warn
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _maybe_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string; accept numeric strings like pydantic does for floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def str_list(value: Any) -> Any:
+    """A string or a list of strings -> list of strings (None passes through)."""
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+def count_or_fraction(value: Any) -> Any:
+    """``val_set_size``: a fraction in [0, 1) or a whole number of rows >= 1."""
+    value = _maybe_number(value)
+    if not _is_number(value) or value < 0 or (value >= 1 and not float(value).is_integer()):
+        raise ValueError(f"expected a fraction in [0, 1) or a whole number of rows >= 1, got {value!r}")
+    return float(value) if value < 1 else int(value)
+
+
+def steps_or_fraction(value: Any) -> Any:
+    """``eval_steps``/``save_steps``: every N steps (whole N >= 1) or a fraction (0, 1) of the run."""
+    if value is None:
+        return None
+    value = _maybe_number(value)
+    if not _is_number(value) or value <= 0 or (value >= 1 and not float(value).is_integer()):
+        raise ValueError(f"expected a whole number of steps >= 1 or a fraction in (0, 1), got {value!r}")
+    return float(value) if value < 1 else int(value)
+
+
+def gradient_checkpointing(value: Any) -> Any:
+    """axolotl's ``offload``/``offload_disk`` variants -> plain rematerialisation, with a warning."""
+    if isinstance(value, str) and value.strip().lower() in ("offload", "offload_disk", "unsloth"):
+        warn(
+            f"gradient_checkpointing: {value} -> true (activation offloading is not implemented; "
+            "activations are rematerialised)"
+        )
+        return True
+    return value
+
+
+def adapter(value: Any) -> Any:
+    """``lora`` or empty; ``qlora`` gets its own not-supported-yet message."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        if value.strip().lower() == "qlora":
+            raise ValueError(
+                "qlora is not supported yet (4-bit quantized weights); use adapter: lora, which trains "
+                "LoRA weights on top of unquantized (param_dtype) base weights"
+            )
+        if value.strip().lower() != "lora":
+            raise ValueError(f"must be lora, or empty for full fine-tuning, got {value!r}")
+        return "lora"
+    return value
+
+
+def single_dpo_loss(value: Any) -> Any:
+    """axolotl accepts a list of DPO losses (weighted); jaxpref trains one."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(
+                f"jaxpref trains one DPO loss; give a single loss type, got {value!r} "
+                "(weighted combinations are not supported)"
+            )
+        return value[0]
+    return value
+
+
+# TRL's DPOConfig.loss_type names; the preference objective says which ones it implements.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_pair",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+)
+
+
+def dpo_loss_type(value: Any) -> Any:
+    value = single_dpo_loss(value)
+    if isinstance(value, str) and value not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss {value!r}; TRL's loss types are {', '.join(DPO_LOSS_TYPES)}")
+    return value
+
+
+_NAME = r"[A-Za-z_]\w*"
+_OBJECTIVE = re.compile(rf"^{_NAME}$|^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$")
+
+
+def objective(value: Any) -> Any:
+    """A registered objective name, or ``package.module:builder`` (checked for shape only here)."""
+    if isinstance(value, str) and not _OBJECTIVE.match(value.strip()):
+        raise ValueError(
+            f"expected a registered objective name (e.g. sft, kd, dpo) or 'package.module:builder', got {value!r}"
+        )
+    return value.strip() if isinstance(value, str) else value
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def logical_axis_rules(value: Any) -> Any:
+    """A list of ``[logical_name, mesh_axis | null | [mesh_axis, ...]]`` pairs -> list of tuples."""
+    if value is None:
+        return None
+    shape = "a list of [logical_name, mesh_axis | null | [mesh_axis, ...]] pairs"
+    if not isinstance(value, list):
+        raise ValueError(f"expected {shape}, got {value!r}")
+    rules = []
+    for i, rule in enumerate(value):
+        if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"entry {i}: expected {shape}, got {rule!r}")
+        name, axes = rule
+        names = axes if isinstance(axes, list | tuple) else [] if axes is None else [axes]
+        bad = [a for a in names if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"entry {i} ({name}): mesh axes are {', '.join(MESH_AXES)} (or null), got {bad!r}")
+        rules.append((name, tuple(axes) if isinstance(axes, list | tuple) else axes))
+    return rules

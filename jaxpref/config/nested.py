@@ -1,0 +1,129 @@
+"""Nested config sections: ``mesh``, ``fused_kernel``, ``special_tokens`` and one dataset entry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from jaxpref.config import axolotl, coerce
+
+ChatTemplateName = Literal["chatml", "llama3", "qwen3", "tokenizer_default", "jinja"]
+StrList = Annotated[list[str], BeforeValidator(coerce.str_list)]
+
+
+class Section(BaseModel):
+    """Base of every config model: unknown keys are errors, and ``key:`` with no value means unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty(cls, data: Any) -> Any:
+        return axolotl.drop_empty(data) if isinstance(data, dict) else data
+
+
+class MeshConfig(Section):
+    """The (data, fsdp, tensor) device mesh."""
+
+    data: int | None = Field(
+        None,
+        description="Data-parallel axis. Default: -1 (all remaining devices), or 1 when another axis is -1.",
+    )
+    fsdp: int = Field(1, description="Parameter-sharding (ZeRO-3 style) axis; -1 = all remaining devices.")
+    tensor: int = Field(1, description="Tensor-parallel axis (heads, MLP, vocab); -1 = all remaining devices.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> MeshConfig:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v != -1 and v < 1]
+        if bad:
+            raise ValueError(f"axis sizes must be positive or -1 (all remaining devices), got {', '.join(bad)}")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ValueError("at most one axis may be -1 (all remaining devices)")
+        if self.data is None:
+            self.data = 1 if -1 in (self.fsdp, self.tensor) else -1
+        return self
+
+
+class FusedKernelConfig(Section):
+    """The fused LM-head kernel (log-sum-exp and gathered logits without materialising [N, V])."""
+
+    impl: Literal["auto", "reference", "xla_chunked", "pallas"] = Field(
+        "auto",
+        description="auto: Pallas on GPU/TPU, chunked XLA on CPU; reference materialises full logits.",
+    )
+    block_n: int | None = Field(None, ge=1, description="Rows per block; None = the per-backend table.")
+    block_v: int | None = Field(None, ge=1, description="Vocabulary entries per block; None = the table.")
+
+
+class SpecialTokensConfig(Section):
+    """Special tokens to set on the tokenizer (axolotl's `special_tokens`)."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    additional_special_tokens: list[str] | None = None
+
+
+class DatasetConfig(Section):
+    """One entry of `datasets` / `test_datasets` (axolotl key names)."""
+
+    path: str | None = Field(
+        None, description="Hub dataset id, local file or directory. Relative paths: see Paths at the top."
+    )
+    type: str | None = Field(
+        None,
+        description="Row format, e.g. chat_template, completion, alpaca, chatml.intel, chatml.argilla, "
+        "chat_template.argilla, llama3.ultra (checked by the data pipeline).",
+    )
+    ds_type: str | None = Field(None, description="File type when path/data_files are files: json, csv, parquet, ...")
+    data_files: StrList | None = Field(None, description="File(s) to load (a string or a list; globs allowed).")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to load (axolotl default: train).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the dataset.")
+    field: str | None = Field(None, description="Text column for `completion` datasets (default: text).")
+    field_system: str | None = Field(None, description="Column holding a row-level system prompt (default: system).")
+    field_messages: str = Field("messages", description="Column holding the conversation (axolotl default).")
+    message_property_mappings: dict[str, str] | None = Field(
+        None,
+        description="Message keys to read as role/content, e.g. {role: from, content: value}; unmapped "
+        "properties are read under their own name (axolotl semantics).",
+    )
+    roles: dict[str, list[str]] | None = Field(
+        None,
+        description="Role aliases {target_role: [source_roles]} (default: human->user, gpt->assistant).",
+    )
+    roles_to_train: list[str] = Field(
+        default_factory=lambda: ["assistant"], description="Roles whose tokens are trained (axolotl default)."
+    )
+    train_on_eos: Literal["all", "turn", "last", "none"] = Field(
+        "turn", description="Which end-of-turn tokens are trained (axolotl default: turn)."
+    )
+    drop_system_message: bool = Field(False, description="Drop system turns from the conversations.")
+    chat_template: ChatTemplateName | None = Field(None, description="Per-dataset chat template override.")
+    logprobs_field: str | None = Field(None, description="KD: column holding the teacher's top-k log-probs.")
+    temperature: float = Field(
+        1.0, gt=0, description="KD: temperature the teacher log-probs were generated at (T_gen)."
+    )
+    logprobs_alignment: Literal["token", "prediction"] = Field(
+        "token",
+        description="KD: `token` = row i is the distribution over token i (vLLM prompt_logprobs, leading "
+        "null row); `prediction` = row t already predicts token t+1.",
+    )
+    streaming: bool = Field(False, description="Stream the dataset instead of downloading it first.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_axolotl(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = axolotl.drop_empty(data)
+            axolotl.translate_dataset(data, "datasets", cls.model_fields)
+        return data
+
+    @model_validator(mode="after")
+    def _source(self) -> DatasetConfig:
+        if not self.path and not self.data_files:
+            raise ValueError("give path (hub id, file or directory) or data_files")
+        return self

@@ -1,0 +1,272 @@
+"""Schema validation: defaults, unknown keys, types, ranges, cross-field checks, value mapping."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jaxpref.config import DatasetConfig, JaxprefConfig
+from tests.config.helpers import MINIMAL, make, problem
+
+
+def test_minimal_config_resolves_defaults():
+    cfg = make()
+    assert cfg.optimizer == "adamw" and cfg.lr_scheduler == "cosine"
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("float32", "float32")
+    assert cfg.remat_policy == "none" and cfg.gradient_checkpointing is False
+    assert cfg.eval_batch_size == cfg.micro_batch_size == 1
+    assert cfg.pad_to_sequence_len is False and cfg.dataset_processes >= 1
+    assert cfg.chat_template == "tokenizer_default"
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 1, 1)
+    assert cfg.fused_kernel.impl == "auto"
+    assert cfg.datasets[0].split == "train" and cfg.datasets[0].roles_to_train == ["assistant"]
+    assert cfg.sequence_len == 512 and cfg.output_dir == "./model-out" and cfg.seed == 42
+    assert cfg.use_tensorboard is True and cfg.max_bad_row_fraction == 0.5
+
+
+def test_unknown_key_suggests_the_right_one():
+    msg = problem(lerning_rate=3e-4)
+    assert "unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in msg
+
+
+def test_unknown_key_without_a_close_match():
+    assert "unknown key 'zzz_qqq' (not a jaxpref or axolotl key" in problem(zzz_qqq=1)
+
+
+def test_nested_unknown_keys_name_their_path():
+    msg = problem(mesh={"fdsp": 2}, datasets=[{"path": "a"}, {"pth": "b", "path": "c"}])
+    assert "unknown key 'mesh.fdsp' (did you mean 'fsdp'?)" in msg
+    assert "unknown key 'datasets[1].pth' (did you mean 'path'?)" in msg
+    msg = problem(fused_kernel={"blok_n": 8})
+    assert "unknown key 'fused_kernel.blok_n' (did you mean 'block_n'?)" in msg
+
+
+def test_wrong_types_name_the_key_and_the_value():
+    datasets = [{"path": "a"}, {"path": "b", "type": 5}]
+    msg = problem(micro_batch_size="two", sample_packing="maybe", datasets=datasets)
+    assert "micro_batch_size: expected an integer, got 'two'" in msg
+    assert "sample_packing: expected true or false, got 'maybe'" in msg
+    assert "datasets[1].type: expected a string, got 5" in msg
+    assert "3 problems" in msg
+
+
+def test_literals_list_the_allowed_values():
+    msg = problem(compute_dtype="float16")
+    assert "compute_dtype: must be one of 'float32' or 'bfloat16', got 'float16'" in msg
+    assert "rl: must be one of 'dpo', 'ipo', 'orpo', 'kto' or 'simpo', got 'grpo'" in problem(rl="grpo")
+    assert "fused_kernel.impl: must be one of" in problem(fused_kernel={"impl": "triton"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps: must be >= 1, got 0"),
+        ("kd_beta", 1.5, "kd_beta: must be <= 1, got 1.5"),
+        ("kd_temperature", 0, "kd_temperature: must be > 0, got 0"),
+        ("warmup_ratio", 1.0, "warmup_ratio: must be < 1"),
+        ("learning_rate", -1, "learning_rate: must be >= 0"),
+        ("val_set_size", 1.5, "val_set_size: expected a fraction in [0, 1) or a whole number of rows >= 1"),
+        ("val_set_size", -0.1, "val_set_size: expected a fraction"),
+        ("eval_steps", 0, "eval_steps: expected a whole number of steps >= 1 or a fraction in (0, 1)"),
+        ("max_bad_row_fraction", 2, "max_bad_row_fraction: must be <= 1"),
+    ],
+)
+def test_ranges(key, value, expected):
+    assert expected in problem(**{key: value})
+
+
+def test_val_set_size_is_a_fraction_or_a_count():
+    assert make(val_set_size=0.05).val_set_size == 0.05
+    cfg = make(val_set_size=100)
+    assert cfg.val_set_size == 100 and isinstance(cfg.val_set_size, int)
+    assert isinstance(make(eval_steps=0.25).eval_steps, float) and make(eval_steps=50.0).eval_steps == 50
+
+
+def test_numbers_written_as_strings_are_numbers():
+    # axolotl configs often quote learning rates; YAML 1.1 also reads 1e-4 as a string.
+    assert make(learning_rate="1e-4").learning_rate == pytest.approx(1e-4)
+
+
+def test_missing_required_keys():
+    data = dict(MINIMAL)
+    del data["learning_rate"], data["base_model"]
+    with pytest.raises(Exception) as info:
+        JaxprefConfig.model_validate(data)
+    assert "learning_rate" in str(info.value)
+    msg = problem(base_model=None, datasets=None)
+    assert "base_model: required" in msg and "datasets: required for training" in msg
+
+
+def test_random_init_needs_base_model_config_and_a_tokenizer():
+    cfg = make(base_model=None, random_init_weights=True, base_model_config="cfgdir", tokenizer_config="tok")
+    assert cfg.base_model is None and cfg.random_init_weights
+    msg = problem(base_model=None, random_init_weights=True, base_model_config="c")
+    assert "tokenizer_config: required" in msg
+    assert make(reinit_weights=True).random_init_weights is True  # axolotl's name
+
+
+def test_datasets_optional_when_not_training():
+    data = {k: v for k, v in MINIMAL.items() if k != "datasets"}
+    cfg = JaxprefConfig.model_validate(data, context={"require_datasets": False})
+    assert cfg.datasets is None
+
+
+def test_dataset_entry_needs_a_source_and_accepts_string_data_files():
+    assert "datasets[0]: give path" in problem(datasets=[{"type": "chatml"}])
+    ds = make(datasets=[{"data_files": "a.jsonl", "ds_type": "json"}]).datasets[0]
+    assert ds.data_files == ["a.jsonl"]
+    assert DatasetConfig(path="x", message_field_role="from").message_property_mappings == {"role": "from"}
+
+
+def test_cross_field_exclusions():
+    assert "warmup_steps and warmup_ratio" in problem(warmup_steps=10, warmup_ratio=0.1)
+    assert "eval_steps and evals_per_epoch" in problem(eval_steps=10, evals_per_epoch=2)
+    assert "save_steps and saves_per_epoch" in problem(save_steps=10, saves_per_epoch=2)
+    assert "rl and kd_trainer: choose one training objective" in problem(rl="dpo", kd_trainer=True)
+    assert "val_set_size and test_datasets" in problem(val_set_size=0.1, test_datasets=[{"path": "t"}])
+    assert "chat_template: jinja needs chat_template_jinja" in problem(chat_template="jinja")
+
+
+def test_mesh_sizes():
+    assert "at most one axis may be -1" in problem(mesh={"fsdp": -1, "tensor": -1})
+    assert "axis sizes must be positive or -1" in problem(mesh={"tensor": 0})
+    mesh = make(mesh={"fsdp": -1}).mesh
+    assert (mesh.data, mesh.fsdp, mesh.tensor) == (1, -1, 1)
+    assert make(mesh={"fsdp": 2}).mesh.data == -1
+
+
+def test_logical_axis_rules():
+    cfg = make(logical_axis_rules=[["embed", "fsdp"], ["vocab", None], ["batch", ["data", "fsdp"]]])
+    assert cfg.logical_axis_rules == [("embed", "fsdp"), ("vocab", None), ("batch", ("data", "fsdp"))]
+    assert "mesh axes are data, fsdp, tensor" in problem(logical_axis_rules=[["embed", "model"]])
+    assert "expected a list of [logical_name" in problem(logical_axis_rules={"embed": "fsdp"})
+
+
+def test_objective_names():
+    assert make(objective="sft").objective == "sft"
+    assert make(objective="my_pkg.losses:build").objective == "my_pkg.losses:build"
+    assert "expected a registered objective name" in problem(objective="not a name!")
+
+
+def test_lora():
+    cfg = make(adapter="lora", lora_target_modules="q_proj", lora_r=16, lora_alpha=32)
+    assert cfg.lora_target_modules == ["q_proj"] and cfg.lora_alpha == 32.0
+    assert "adapter: lora needs lora_target_modules" in problem(adapter="lora")
+    assert "qlora is not supported yet" in problem(adapter="qlora", lora_target_linear=True)
+    assert "adapter: must be lora" in problem(adapter="llama-adapter")
+
+
+def test_lora_keys_without_adapter_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxpref.config"):
+        cfg = make(lora_r=32, lora_alpha=16)
+    assert cfg.adapter is None
+    assert cfg.warnings == ("ignored: lora_r, lora_alpha (adapter is not lora: full fine-tuning)",)
+    assert caplog.messages == list(cfg.warnings)
+
+
+def test_precision_mapping():
+    assert (make(bf16=True).compute_dtype, make(bf16=True).param_dtype) == ("bfloat16", "float32")
+    assert make(bf16="auto").compute_dtype == "bfloat16"
+    assert make(bf16=False).compute_dtype == "float32"
+    cfg = make(fp16=True)
+    assert cfg.compute_dtype == "bfloat16" and any("fp16" in w for w in cfg.warnings)
+    cfg = make(bfloat16=True)
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+    cfg = make(bf16=True, compute_dtype="float32", param_dtype="bfloat16")  # jaxpref's own keys win
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("float32", "bfloat16")
+    assert "bf16: expected true, false or auto, got 'yes please'" in problem(bf16="yes please")
+
+
+@pytest.mark.parametrize(
+    ("name", "optax_name", "warns"),
+    [
+        ("adamw_torch", "adamw", False),
+        ("adamw_torch_fused", "adamw", False),
+        ("adamw_hf", "adamw", False),
+        ("adamw_apex_fused", "adamw", False),
+        ("adamw_anyprecision", "adamw", False),
+        ("adamw_8bit", "adamw", True),
+        ("adamw_bnb_8bit", "adamw", True),
+        ("paged_adamw_8bit", "adamw", True),
+        ("paged_adamw_32bit", "adamw", True),
+        ("adafactor", "adafactor", False),
+        ("sgd", "sgd", False),
+        ("lion", "lion", False),
+        ("lion_8bit", "lion", True),
+        ("adam", "adam", False),
+    ],
+)
+def test_optimizer_names(name, optax_name, warns):
+    cfg = make(optimizer=name)
+    assert cfg.optimizer == optax_name
+    assert any("full-precision states" in w for w in cfg.warnings) == warns
+
+
+def test_unknown_optimizer_lists_known_names():
+    msg = problem(optimizer="adamw_foo")
+    assert "optimizer: unknown optimizer 'adamw_foo'" in msg
+    assert "adamw_torch_fused" in msg and "adafactor" in msg
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        ("cosine", "cosine"),
+        ("linear", "linear"),
+        ("constant", "constant"),
+        ("constant_with_warmup", "constant"),
+        ("cosine_with_min_lr", "cosine"),
+    ],
+)
+def test_lr_scheduler_names(name, schedule):
+    assert make(lr_scheduler=name).lr_scheduler == schedule
+
+
+def test_unknown_lr_scheduler_and_scheduler_kwargs():
+    assert "unknown lr_scheduler 'polynomial'; use one of cosine" in problem(lr_scheduler="polynomial")
+    cfg = make(lr_scheduler="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1, "power": 2})
+    assert cfg.cosine_min_lr_ratio == 0.1
+    assert cfg.warnings == ("ignored: lr_scheduler_kwargs.power (only min_lr_rate has a jaxpref equivalent)",)
+
+
+def test_qlora_and_4bit_are_not_supported_yet():
+    msg = problem(load_in_4bit=True, adapter="qlora")
+    assert "load_in_4bit: 4-bit (QLoRA) loading is not supported yet" in msg
+    assert "adapter: qlora is not supported yet" in msg
+    assert make(load_in_4bit=False).adapter is None  # false is fine
+
+
+def test_gradient_checkpointing_variants():
+    cfg = make(gradient_checkpointing="offload")
+    assert cfg.gradient_checkpointing is True and cfg.remat_policy == "full"
+    assert any("activation offloading is not implemented" in w for w in cfg.warnings)
+    cfg = make(remat_policy="dots")
+    assert cfg.gradient_checkpointing is True and cfg.remat_policy == "dots"
+
+
+def test_dpo_loss_type_accepts_axolotl_lists_of_one():
+    assert make(rl="dpo", dpo_loss_type=["ipo"]).dpo_loss_type == "ipo"
+    assert "jaxpref trains one DPO loss" in problem(rl="dpo", dpo_loss_type=["sigmoid", "sft"])
+    assert "unknown DPO loss 'sigmod'" in problem(rl="dpo", dpo_loss_type="sigmod")
+
+
+def test_kd_keys_and_alias():
+    cfg = make(kd_trainer=True, kd_top_k_before_softmax=True, kd_zscore_base_temp=2.0)
+    assert cfg.kd_normalize_topk is True and cfg.kd_top_k_before_softmax is True
+    assert "kd_top_k_before_softmax (True) and kd_normalize_topk (False) disagree" in problem(
+        kd_top_k_before_softmax=True, kd_normalize_topk=False
+    )
+    assert make(dpo_beta=0.3).rl_beta == 0.3
+
+
+def test_chat_template_jinja_implies_jinja():
+    assert make(chat_template_jinja="{{ messages }}").chat_template == "jinja"
+    cfg = make(chat_template="chatml", chat_template_jinja="{{ messages }}")
+    assert cfg.chat_template == "chatml" and any("chat_template_jinja is not used" in w for w in cfg.warnings)
+
+
+def test_direct_construction_translates_axolotl_keys():
+    cfg = JaxprefConfig(**MINIMAL, bf16=True, flash_attention=True, optimizer="adamw_torch_fused")
+    assert cfg.compute_dtype == "bfloat16" and cfg.optimizer == "adamw"
+    assert cfg.model_dump()["compute_dtype"] == "bfloat16"
