@@ -11,7 +11,8 @@ from jaxpref.config import DatasetConfig, JaxprefConfig, validate_config
 from jaxpref.config import axolotl as ax
 from jaxpref.config.axolotl_keys import AXOLOTL_DATASET_KEYS, AXOLOTL_KEYS
 from jaxpref.errors import ConfigError
-from tests.config.helpers import MINIMAL, make
+
+from .helpers import MINIMAL, make
 
 SEED_DIR = Path(__file__).parent / "seed_examples"
 SAME_NAME_KEYS = {

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from jaxpref.config import DatasetConfig, JaxprefConfig
-from tests.config.helpers import MINIMAL, make, problem
+
+from .helpers import MINIMAL, make, problem
 
 
 def test_minimal_config_resolves_defaults():
