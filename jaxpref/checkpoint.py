@@ -1,0 +1,104 @@
+"""Training checkpoints with orbax: trainable parameters, optimizer state, step and data state.
+
+Checkpoints live in ``<output_dir>/checkpoints/<step>``. orbax writes each one to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint
+intact and the partial one is ignored (and cleaned up) on restart. Saves are asynchronous: training
+continues while the arrays are written. Only trainable parameters are saved (the LoRA adapters
+alone, with ``adapter: lora``); frozen weights come back from ``base_model`` on resume.
+
+The JSON ``meta`` item holds the step, the data iterator state of every process and a fingerprint of
+the settings that must not change across a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxpref.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able ``obj``, in process order (a no-op list on one process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([data.size], dtype=np.int32))
+    padded = np.zeros(int(lengths.max()), dtype=np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, lengths.reshape(-1))]
+
+
+class Checkpointer:
+    """Save and restore training state in ``directory`` with an orbax ``CheckpointManager``."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "opt_state", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+        """Start an (async) save of ``step``; returns once the arrays are copied off the devices."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, params_target: Any, opt_target: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Restore ``step`` into arrays shaped and sharded like the targets (abstract or concrete)."""
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(params_target)),
+            opt_state=ocp.args.StandardRestore(abstract(opt_target)),
+            meta=ocp.args.JsonRestore(),
+        )
+        try:
+            out = self.manager.restore(step, args=args)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise UserError(
+                f"cannot restore checkpoint {self.directory / str(step)}: {exc}. The checkpoint does not "
+                "match this config (different model, adapter or optimizer?). Use the config it was "
+                "written with, or a new output_dir."
+            ) from exc
+        return out["params"], out["opt_state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def find_checkpoint_root(path: str | Path) -> tuple[Path, int | None]:
+    """Resolve ``resume_from_checkpoint: PATH``: a checkpoints root or one step directory inside it."""
+    p = Path(path).absolute()
+    if not p.exists():
+        raise UserError(f"resume_from_checkpoint: {p} does not exist; give a checkpoint directory or 'auto'.")
+    if p.name.isdigit() and (p / "meta").exists():
+        return p.parent, int(p.name)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    return p, None

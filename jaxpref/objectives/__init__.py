@@ -1,0 +1,20 @@
+"""Training objectives: batch + model -> (loss, metrics), the glue between models and losses."""
+
+from jaxpref.objectives import sft as _sft  # noqa: F401  (registers "sft")
+from jaxpref.objectives.base import Batch, Metrics, Objective
+from jaxpref.objectives.registry import (
+    build_objective,
+    get_objective_builder,
+    known_objectives,
+    register_objective,
+)
+
+__all__ = [
+    "Batch",
+    "Metrics",
+    "Objective",
+    "build_objective",
+    "get_objective_builder",
+    "known_objectives",
+    "register_objective",
+]

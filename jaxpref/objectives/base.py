@@ -1,0 +1,35 @@
+"""The objective interface: what the trainer needs to know about a training objective.
+
+An objective is a pair of pure functions over a micro-batch. ``count`` says how many items (tokens,
+pairs, examples) the micro-batch contributes to the normaliser; the trainer sums it over every
+micro-batch and device of an optimizer step to get ``num_items``. ``loss`` returns the micro-batch's
+*contribution*: the sum of its per-item losses divided by ``num_items``. Summing contributions over
+micro-batches therefore gives exactly the loss of one big batch, so gradient accumulation and data
+parallelism never change the loss scale. Metrics are contributions in the same sense; eval calls
+``loss`` with ``num_items=1`` to get sums and divides by the summed counts itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+"""``loss(model, batch, num_items, *, train: bool) -> (loss, metrics)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training objective: ``count(batch)`` and ``loss(model, batch, num_items, *, train)``."""
+
+    name: str
+    count: Callable[[Batch], jax.Array]
+    loss: LossFn
+    # Keys of the micro-batch this objective reads; the trainer checks the pipeline provides them.
+    batch_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
+    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)

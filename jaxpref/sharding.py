@@ -1,0 +1,159 @@
+"""Device mesh, logical-axis rules and placement of parameters and batches.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ...) in their ``out_sharding``
+metadata; a rule table maps each logical name to a mesh axis (or to none = replicated). Batches are
+split along the leading batch dimension over the ``data`` and ``fsdp`` axes. Every process feeds its
+own slice of the batch and the global array is assembled with
+``jax.make_array_from_process_local_data``, so single-host and multi-host runs share one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxpref.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int] | None, num_devices: int) -> tuple[int, int, int]:
+    """Resolve ``{data, fsdp, tensor}`` sizes (-1 = all remaining devices) to a full shape.
+
+    Missing axes default to 1, except that with no ``-1`` anywhere and a product smaller than the
+    device count, ``data`` absorbs the rest (plain data parallelism is the safe default).
+    """
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"mesh: unknown axis {sorted(unknown)}; the axes are {list(MESH_AXES)}.")
+    if not any(v == -1 for v in sizes.values()) and "data" not in sizes:
+        sizes["data"] = -1
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if sum(1 for s in shape if s == -1) > 1:
+        raise ConfigError("mesh: at most one axis may be -1 (meaning: all remaining devices).")
+    fixed = math.prod(s for s in shape if s != -1)
+    if num_devices % fixed:
+        raise ConfigError(
+            f"mesh: the fixed axis sizes {dict(zip(MESH_AXES, shape))} multiply to {fixed}, which does "
+            f"not divide the {num_devices} available devices; change the sizes or use -1 for one axis."
+        )
+    shape = [num_devices // fixed if s == -1 else s for s in shape]
+    if math.prod(shape) != num_devices:
+        raise ConfigError(
+            f"mesh: axis sizes {dict(zip(MESH_AXES, shape))} use {math.prod(shape)} devices but "
+            f"{num_devices} are available; set one axis to -1 to use the rest."
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all global devices, in GSPMD (auto) mode."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def _rule_table(rules: Sequence[Sequence[Any]] | None) -> dict[str, Any]:
+    table = dict(DEFAULT_RULES)
+    for name, axis in rules or ():
+        table[name] = tuple(axis) if isinstance(axis, list) else axis
+    return table
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Sequence[Sequence[Any]] | None
+) -> PartitionSpec:
+    """Map one array's logical axis names to a PartitionSpec for ``mesh``.
+
+    A dimension that the mapped mesh axes do not divide, or a mesh axis already used by an earlier
+    dimension, stays replicated (so small test models and odd head counts still work).
+    """
+    if not names:
+        return PartitionSpec()
+    table = _rule_table(rules)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            spec.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(a for a in axes_t if a not in used and mesh.shape.get(a, 1) > 1)
+        size = math.prod(mesh.shape[a] for a in axes_t)
+        if not axes_t or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes_t)
+        spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None) -> Any:
+    """NamedShardings for every array in an ``nnx.State`` (or optimizer state built from one).
+
+    Logical names come from each variable's ``out_sharding`` metadata; arrays without it
+    (optimizer step counters, RNG keys) are replicated.
+    """
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            names = leaf.get_metadata().get("out_sharding")
+            value = leaf.get_value()
+            return leaf.replace(NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put`` a pytree onto matching shardings (both may contain nnx Variables)."""
+    return jax.device_put(tree, shardings)
+
+
+def batch_sharding(mesh: Mesh, *, leading_dims: int = 0) -> NamedSharding:
+    """Sharding of a batch array: ``leading_dims`` unsharded axes, then the batch axis over data+fsdp."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))
+
+
+def data_shard_info(mesh: Mesh) -> tuple[int, int]:
+    """(index, count) of this process's slice of the global batch."""
+    return jax.process_index(), jax.process_count()
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading_dims: int = 0) -> dict[str, jax.Array]:
+    """Assemble per-process numpy arrays into global jax arrays sharded along the batch axis."""
+    sharding = batch_sharding(mesh, leading_dims=leading_dims)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (devices along the batch axes)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,308 @@
+"""``python -m jaxpref.train --config FILE.yaml [key=value ...]``: the training command.
+
+Builds, in order: config -> tokenizer -> data -> model (+ LoRA) -> objective -> optimizer -> mesh and
+trainer -> checkpoints and logs, then trains, evaluates, checkpoints and finally exports a Hugging
+Face model directory (or a PEFT adapter) into ``output_dir``. Bad input is reported as one paragraph
+without a traceback, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from jaxpref import sharding as shd
+from jaxpref.checkpoint import Checkpointer, allgather_json, find_checkpoint_root
+from jaxpref.errors import ConfigError, UserError
+from jaxpref.logs import RunLogger
+from jaxpref.optim import make_optimizer
+from jaxpref.trainer import LoopHooks, LoopSettings, Trainer, fit
+
+logger = logging.getLogger("jaxpref")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CHECKPOINTS = "checkpoints"
+
+
+def objective_name(cfg: Any) -> str:
+    """The objective a config asks for: an explicit ``objective``, else by ``rl``/KD keys, else SFT."""
+    if cfg.objective:
+        return cfg.objective
+    if getattr(cfg, "rl", None) or getattr(cfg, "reward_model", False):
+        return cfg.rl or "reward"
+    if getattr(cfg, "kd_trainer", False):
+        return "kd"
+    return "sft"
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".jaxpref_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir: cannot write to {path} ({exc.strerror}); choose a writable directory."
+        ) from exc
+
+
+def build_model(cfg: Any, vocab_needed: int) -> Any:
+    """The base model (pretrained or random init), with LoRA applied when configured."""
+    from flax import nnx
+
+    from jaxpref import lora, models
+
+    dtype = DTYPES[cfg.compute_dtype]
+    param_dtype = DTYPES[cfg.param_dtype]
+    common = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy(cfg), scan_layers=cfg.scan_layers)
+    if cfg.random_init_weights:
+        mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
+        model = models.from_config(mcfg, seed=cfg.seed, **common)
+    else:
+        model = models.from_pretrained(cfg.base_model, **common)
+    vocab = model.config.vocab_size
+    if vocab_needed > vocab:
+        raise ConfigError(
+            f"the tokenizer has {vocab_needed} tokens but the model's vocab_size is {vocab}; use the "
+            "model's own tokenizer (tokenizer_config) or do not add tokens beyond the embedding size."
+        )
+    if cfg.adapter == "lora":
+        lcfg = lora.LoraConfig(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=tuple(lora.resolve_target_modules(cfg.lora_target_modules, cfg.lora_target_linear)),
+            modules_to_save=tuple(cfg.lora_modules_to_save or ()),
+        )
+        lora.apply_lora(model, lcfg, rngs=nnx.Rngs(cfg.seed + 1))
+        if cfg.lora_model_dir:
+            lora.load_peft_adapter(model, cfg.lora_model_dir)
+    return model
+
+
+def remat_policy(cfg: Any) -> str:
+    if cfg.remat_policy:
+        return cfg.remat_policy
+    return "full" if cfg.gradient_checkpointing else "none"
+
+
+def _every(explicit: int | None, per_epoch: int | None, steps_per_epoch: int) -> int | None:
+    if explicit:
+        return int(explicit)
+    if per_epoch:
+        return max(1, steps_per_epoch // int(per_epoch))
+    return None
+
+
+def plan_steps(cfg: Any, micro_batches_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch). Epochs are a continuous stream of micro-batches."""
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = max(1, micro_batches_per_epoch // accum)
+    if cfg.max_steps:
+        return int(cfg.max_steps), steps_per_epoch
+    total = (cfg.num_epochs * micro_batches_per_epoch) // accum
+    if total < 1:
+        raise ConfigError(
+            f"the training data gives {micro_batches_per_epoch} micro-batches per epoch, fewer than "
+            f"gradient_accumulation_steps={accum} x num_epochs={cfg.num_epochs} needs for one step; add "
+            "data, lower micro_batch_size or gradient_accumulation_steps, or raise num_epochs."
+        )
+    return total, steps_per_epoch
+
+
+def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns final train/eval metrics and paths."""
+    from jaxpref.data import build_lm_data, load_tokenizer
+    from jaxpref.objectives import build_objective
+
+    out_dir = Path(cfg.output_dir).absolute()
+    check_output_dir(out_dir)
+    ckpt_root, resume_step = resolve_resume(cfg, out_dir)
+
+    tokenizer = load_tokenizer(cfg)
+    mesh = shd.make_mesh(cfg.mesh.model_dump() if cfg.mesh is not None else None)
+    divisor = shd.batch_divisor(mesh)
+    global_micro = cfg.micro_batch_size * jax.process_count()
+    if global_micro % divisor:
+        raise ConfigError(
+            f"micro_batch_size={cfg.micro_batch_size} x {jax.process_count()} process(es) must be a "
+            f"multiple of the {divisor} devices on the mesh's data and fsdp axes."
+        )
+    data = build_lm_data(cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
+    logger.info(data.report.summary())
+    total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
+
+    model = build_model(cfg, len(tokenizer))
+    objective = build_objective(cfg, objective_name(cfg))
+    tx, schedule = make_optimizer(cfg, total_steps)
+    from jaxpref import lora
+
+    trainer = Trainer(
+        model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
+        seed=cfg.seed,
+    )
+    del model
+    n_train, n_frozen = trainer.num_params()
+    logger.info("parameters: %s trainable, %s frozen; %d steps", f"{n_train:,}", f"{n_frozen:,}", total_steps)
+
+    settings = LoopSettings(
+        total_steps=total_steps,
+        grad_accum=cfg.gradient_accumulation_steps,
+        logging_steps=max(1, cfg.logging_steps or 1),
+        eval_every=_every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch),
+        save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch) or steps_per_epoch,
+        skip_nonfinite=cfg.skip_nonfinite_steps,
+        fixed_time_dim=cfg.sequence_len if jax.process_count() > 1 else None,
+    )
+    data_iter = data.train_iterator(cfg.num_epochs if not cfg.max_steps else None)
+    ckpt = Checkpointer(ckpt_root, max_to_keep=cfg.save_total_limit)
+    if resume_step is None and ckpt_root == out_dir / CHECKPOINTS and cfg.resume_from_checkpoint == "auto":
+        resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        params, opt_state, meta = ckpt.restore(resume_step, trainer.params, trainer.opt_state)
+        trainer.restore_state(params, opt_state, int(meta["step"]))
+        data_iter.set_state(meta["data_state"][jax.process_index()])
+        logger.info("resumed from %s at step %d", ckpt_root / str(resume_step), trainer.step)
+        if ckpt_root != out_dir / CHECKPOINTS:
+            ckpt.close()
+            ckpt = Checkpointer(out_dir / CHECKPOINTS, max_to_keep=cfg.save_total_limit)
+
+    if jax.process_index() == 0:
+        (out_dir / "jaxpref_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    run_log = RunLogger(
+        out_dir,
+        total_steps=total_steps,
+        start_step=trainer.step,
+        use_tensorboard=cfg.use_tensorboard,
+        wandb=wandb_settings(cfg),
+        show_progress=show_progress,
+    )
+
+    def save(step: int) -> None:
+        states = allgather_json(data_iter.get_state())
+        ckpt.save(step, trainer.params, trainer.opt_state, {"step": step, "data_state": states})
+
+    eval_batches = (lambda: data.eval_batches()) if data.has_eval else None
+    hooks = LoopHooks(
+        eval_batches=eval_batches,
+        save=save,
+        log=run_log.log,
+        progress=run_log.advance,
+        learning_rate=lambda s: float(schedule(s)),
+    )
+    try:
+        result = fit(trainer, data_iter, settings, hooks)
+        if trainer.step and ckpt.latest_step() != trainer.step:
+            save(trainer.step)
+        ckpt.wait()
+        export_final(cfg, trainer, tokenizer, out_dir)
+    finally:
+        ckpt.close()
+        run_log.close()
+    run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
+    return {**result, "output_dir": str(out_dir), "steps": trainer.step}
+
+
+def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:
+    """Where checkpoints are read from, and an explicit step when PATH names one."""
+    root = out_dir / CHECKPOINTS
+    value = cfg.resume_from_checkpoint
+    if value and value != "auto":
+        return find_checkpoint_root(value)
+    has_previous = root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+    if has_previous and value != "auto":
+        raise ConfigError(
+            f"output_dir {out_dir} already holds checkpoints of an earlier run. To continue that run set "
+            "resume_from_checkpoint: auto (or resume_from_checkpoint=auto on the command line); to start "
+            "over, choose another output_dir or delete that one."
+        )
+    return root, None
+
+
+def export_final(cfg: Any, trainer: Trainer, tokenizer: Any, out_dir: Path) -> None:
+    """Write the trained model as a Hugging Face directory (or PEFT adapter) plus the tokenizer."""
+    from jaxpref import lora, models
+
+    if jax.process_index() != 0:
+        return
+    model = trainer.model()
+    if cfg.adapter == "lora":
+        lora.export_peft_adapter(model, out_dir, base_model_name_or_path=cfg.base_model)
+    else:
+        models.save_pretrained(model, out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def wandb_settings(cfg: Any) -> dict[str, Any] | None:
+    if not getattr(cfg, "wandb_project", None):
+        return None
+    return {
+        "project": cfg.wandb_project,
+        "entity": getattr(cfg, "wandb_entity", None),
+        "name": getattr(cfg, "wandb_name", None),
+        "mode": getattr(cfg, "wandb_mode", None),
+    }
+
+
+def dry_run(cfg: Any) -> dict[str, Any]:
+    """Validate the config and report parameter count and per-device memory, without weights."""
+    from jaxpref import models
+
+    mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
+    abstract = jax.eval_shape(lambda: models.from_config(mcfg, seed=0, param_dtype=DTYPES[cfg.param_dtype]))
+    from flax import nnx
+
+    params = nnx.state(abstract, nnx.Param)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    bytes_per = jnp.dtype(DTYPES[cfg.param_dtype]).itemsize
+    devices = jax.device_count()
+    report = {
+        "parameters": n,
+        "param_bytes_per_device": n * bytes_per // devices,
+        "optimizer_bytes_per_device": 2 * n * 4 // devices,
+        "devices": devices,
+    }
+    print(yaml.safe_dump(report, sort_keys=False))
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxpref.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config file (axolotl key names)")
+    p.add_argument("--dry_run", "--dry-run", action="store_true", help="validate and report sizes, then exit")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (mesh.fsdp=4)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JAXPREF_LOG_LEVEL", "INFO"), format="%(message)s")
+    for noisy in ("absl", "jax", "orbax", "urllib3", "httpx", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from jaxpref.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        run(cfg, show_progress=not args.no_progress)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The training loop: one jitted step over stacked micro-batches, eval, checkpoints, logs.
+
+The step takes ``[accum, micro_batch, ...]`` arrays. It sums the objective's ``count`` over all of
+them (and, through the global arrays, over all devices) to get ``num_items``, then scans over the
+micro-batches accumulating float32 gradients of ``objective.loss(model, mb, num_items)``. The result
+is exactly the gradient of the one-big-batch loss. Only the trainable part of the model (all
+parameters, or the LoRA adapters) is differentiated and has optimizer state.
+
+A non-finite loss or gradient norm leaves parameters and optimizer state unchanged inside the step;
+the loop then stops with an error naming the step, or skips it with ``skip_nonfinite_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpref import sharding as shd
+from jaxpref.errors import UserError
+from jaxpref.objectives.base import Objective
+
+logger = logging.getLogger(__name__)
+
+NumpyBatch = Mapping[str, np.ndarray]
+
+
+class NonFiniteError(UserError):
+    """The loss or gradient became NaN/inf."""
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    total_steps: int
+    grad_accum: int = 1
+    logging_steps: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    skip_nonfinite: bool = False
+    time_dim_multiple: int = 1  # pad T of a stacked step to a multiple of this (static shapes)
+    fixed_time_dim: int | None = None  # pad T to exactly this (multi-host: equal shapes per process)
+
+
+def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _zeros_f32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def _reseed(model: nnx.Module, key: jax.Array) -> None:
+    """Fresh dropout keys per step (derived from the step number, so resume is exact)."""
+    if jax.tree.leaves(nnx.state(model, nnx.RngKey)):
+        nnx.reseed(model, dropout=key)
+
+
+class Trainer:
+    """Holds the split model (graph, trainable, frozen), optimizer state and the jitted functions."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        objective: Objective,
+        tx: optax.GradientTransformation,
+        *,
+        mesh: Mesh,
+        trainable: Any = nnx.Param,
+        rules: Any = None,
+        seed: int = 0,
+    ):
+        self.objective = objective
+        self.tx = tx
+        self.mesh = mesh
+        self.rules = rules
+        graphdef, params, frozen = nnx.split(model, trainable, ...)
+        self.graphdef = graphdef
+        self.params_sharding = shd.state_shardings(params, mesh, rules)
+        self.frozen_sharding = shd.state_shardings(frozen, mesh, rules)
+        self.params = shd.place(params, self.params_sharding)
+        self.frozen = shd.place(frozen, self.frozen_sharding)
+        self.opt_sharding = shd.state_shardings(jax.eval_shape(tx.init, self.params), mesh, rules)
+        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
+        self.step = 0
+        self._base_key = jax.random.key(seed)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._train_step = jax.jit(
+            self._train_step_impl,
+            in_shardings=(self.params_sharding, self.frozen_sharding, self.opt_sharding, None, self._replicated),
+            out_shardings=(self.params_sharding, self.opt_sharding, self._replicated),
+            donate_argnums=(0, 2),
+        )
+        self._eval_step = jax.jit(
+            self._eval_step_impl,
+            in_shardings=(self.params_sharding, self.frozen_sharding, None),
+            out_shardings=self._replicated,
+        )
+
+    # ---- model views -------------------------------------------------------------------------
+    def model(self) -> nnx.Module:
+        """The current model (trainable + frozen state merged); for export and tests."""
+        return nnx.merge(self.graphdef, self.params, self.frozen)
+
+    def num_params(self) -> tuple[int, int]:
+        count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+        return count(self.params), count(self.frozen)
+
+    # ---- jitted functions --------------------------------------------------------------------
+    def _micro_loss(self, params, frozen, mb, num_items, key, *, train: bool):
+        model = nnx.merge(self.graphdef, params, frozen)
+        if train:
+            _reseed(model, key)
+        return self.objective.loss(model, mb, num_items, train=train)
+
+    def _train_step_impl(self, params, frozen, opt_state, batch, step):
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        counts = jax.vmap(self.objective.count)(batch)
+        num_items = jnp.maximum(jnp.sum(counts), 1.0)
+        step_key = jax.random.fold_in(self._base_key, step)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def one(carry, xs):
+            grads_acc, loss_acc, metrics_acc = carry
+            mb, i = xs
+            (loss, metrics), grads = grad_fn(
+                params, frozen, mb, num_items, jax.random.fold_in(step_key, i), train=True
+            )
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            metrics_acc = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metrics_acc, metrics)
+            return (grads_acc, loss_acc + loss.astype(jnp.float32), metrics_acc), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        metrics_shape = jax.eval_shape(
+            lambda: self._micro_loss(params, frozen, first, num_items, step_key, train=True)[1]
+        )
+        init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
+        (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params = _tree_where(finite, new_params, params)
+        new_opt_state = _tree_where(finite, new_opt_state, opt_state)
+        stats = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "num_items": jnp.sum(counts),
+            "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+            "trainable_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+            "finite": finite,
+            **metrics,
+        }
+        return new_params, new_opt_state, stats
+
+    def _eval_step_impl(self, params, frozen, batch):
+        loss, metrics = self._micro_loss(params, frozen, batch, jnp.float32(1.0), None, train=False)
+        return {"loss": loss, **metrics, "num_items": self.objective.count(batch)}
+
+    # ---- host-side API -----------------------------------------------------------------------
+    def train_step(self, micro_batches: list[NumpyBatch], settings: LoopSettings) -> dict[str, float]:
+        """Run one optimizer step on ``accum`` micro-batches (numpy, per process)."""
+        stacked = stack_micro_batches(micro_batches, settings)
+        batch = shd.global_batch(stacked, self.mesh, leading_dims=1)
+        self.params, self.opt_state, stats = self._train_step(
+            self.params, self.frozen, self.opt_state, batch, jnp.int32(self.step)
+        )
+        self.step += 1
+        return {k: float(v) for k, v in jax.device_get(stats).items()}
+
+    def evaluate(self, batches: Iterable[NumpyBatch], settings: LoopSettings) -> dict[str, float]:
+        """Count-weighted means of the objective's loss and metrics over ``batches``."""
+        sums: dict[str, float] = {}
+        for mb in batches:
+            stacked = stack_micro_batches([mb], settings)
+            batch = shd.global_batch({k: v[0] for k, v in stacked.items()}, self.mesh)
+            out = jax.device_get(self._eval_step(self.params, self.frozen, batch))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n = sums.pop("num_items", 0.0)
+        if not n:
+            return {}
+        return {k: v / n for k, v in sums.items()}
+
+    def restore_state(self, params: Any, opt_state: Any, step: int) -> None:
+        self.params = shd.place(params, self.params_sharding)
+        self.opt_state = shd.place(opt_state, self.opt_sharding)
+        self.step = step
+
+
+def stack_micro_batches(micro_batches: list[NumpyBatch], settings: LoopSettings) -> dict[str, np.ndarray]:
+    """Stack micro-batches to [accum, B, T, ...], padding the time axis to a common length.
+
+    Padding entries are zeros: segment 0, masks False, so they contribute nothing.
+    """
+    time_len = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    if settings.fixed_time_dim:
+        time_len = max(time_len, settings.fixed_time_dim)
+    m = max(settings.time_dim_multiple, 1)
+    time_len = -(-time_len // m) * m
+    out = {}
+    for key in micro_batches[0]:
+        arrays = []
+        for mb in micro_batches:
+            a = np.asarray(mb[key])
+            if a.ndim >= 2 and a.shape[1] != time_len:
+                pad = [(0, 0)] * a.ndim
+                pad[1] = (0, time_len - a.shape[1])
+                a = np.pad(a, pad)
+            arrays.append(a)
+        out[key] = np.stack(arrays)
+    return out
+
+
+def take_micro_batches(it: Iterator[NumpyBatch], n: int) -> list[NumpyBatch] | None:
+    """The next ``n`` micro-batches, or None when the iterator cannot fill a whole step."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return None
+    return out
+
+
+@dataclasses.dataclass
+class LoopHooks:
+    """Callbacks the loop needs from the outside world (all optional)."""
+
+    eval_batches: Callable[[], Iterable[NumpyBatch]] | None = None
+    save: Callable[[int], None] | None = None  # save a checkpoint at this step
+    log: Callable[[int, str, dict[str, float]], None] | None = None
+    progress: Callable[[int, dict[str, float]], None] | None = None
+    learning_rate: Callable[[int], float] | None = None
+
+
+def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSettings, hooks: LoopHooks) -> dict[str, Any]:
+    """Train from ``trainer.step`` to ``settings.total_steps``; returns the last train/eval metrics."""
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    window: list[dict[str, float]] = []
+    t_window = time.perf_counter()
+    while trainer.step < settings.total_steps:
+        micro = take_micro_batches(data_iter, settings.grad_accum)
+        if micro is None:
+            logger.warning("the data ran out at step %d of %d", trainer.step, settings.total_steps)
+            break
+        step_before = trainer.step
+        lr = hooks.learning_rate(step_before) if hooks.learning_rate else float("nan")
+        stats = trainer.train_step(micro, settings)
+        if not stats.pop("finite"):
+            msg = (
+                f"non-finite loss or gradient at step {trainer.step} (loss={stats['loss']}, "
+                f"grad_norm={stats['grad_norm']}); the update was not applied."
+            )
+            if not settings.skip_nonfinite:
+                raise NonFiniteError(
+                    msg + " Lower the learning rate, check the data, or set skip_nonfinite_steps: true "
+                    "to skip such steps."
+                )
+            logger.warning(msg + " Skipping it (skip_nonfinite_steps).")
+        stats["learning_rate"] = lr
+        window.append(stats)
+        step = trainer.step
+        if step % settings.logging_steps == 0 or step == settings.total_steps:
+            elapsed = time.perf_counter() - t_window
+            last_train = _summarize_window(window, elapsed)
+            if hooks.log:
+                hooks.log(step, "train", last_train)
+            if hooks.progress:
+                hooks.progress(step, {"loss": last_train["loss"], "tok/s": last_train["tokens_per_second"]})
+            window, t_window = [], time.perf_counter()
+        if hooks.eval_batches and settings.eval_every and (
+            step % settings.eval_every == 0 or step == settings.total_steps
+        ):
+            last_eval = trainer.evaluate(hooks.eval_batches(), settings)
+            if hooks.log and last_eval:
+                hooks.log(step, "eval", last_eval)
+        if hooks.save and settings.save_every and step % settings.save_every == 0:
+            hooks.save(step)
+    return {"train": last_train, "eval": last_eval}
+
+
+def _summarize_window(window: list[dict[str, float]], elapsed: float) -> dict[str, float]:
+    """Average per-step metrics over the logging window; sums for token counts."""
+    out = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    tokens = sum(w["tokens"] for w in window)
+    out["tokens"] = tokens
+    out["trainable_tokens"] = sum(w["trainable_tokens"] for w in window)
+    out.pop("num_items", None)
+    out["step_time"] = elapsed / len(window)
+    out["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+    return out
