@@ -1,0 +1,24 @@
+"""Data: tokenizer loading, dataset sources, row formats, the Grain pipeline, the bad-row report.
+
+Trainer-facing API::
+
+    tokenizer = load_tokenizer(cfg)
+    data = build_lm_data(cfg, tokenizer, shard_index=..., shard_count=..., micro_batch_size=...)
+    data.report, data.micro_batches_per_epoch, data.train_iterator(num_epochs), data.eval_batches()
+"""
+
+from jaxpref.data.formats import BadRow, get_format, known_types, register_format
+from jaxpref.data.pipeline import LMData, build_lm_data
+from jaxpref.data.report import DataReport
+from jaxpref.data.tokenizer import load_tokenizer
+
+__all__ = [
+    "BadRow",
+    "DataReport",
+    "LMData",
+    "build_lm_data",
+    "get_format",
+    "known_types",
+    "load_tokenizer",
+    "register_format",
+]

@@ -1,0 +1,320 @@
+"""The language-model data pipeline (SFT now, KD later): datasets -> Grain -> micro-batches.
+
+Stages, in order:
+
+1. load every ``datasets:`` entry (``sources.py``), concatenate, shuffle the rows with ``seed`` and
+   split off ``val_set_size`` rows as the eval set (or use ``test_datasets``);
+2. per row, as a Grain map: format + tokenize (``formats/``), cut to ``sequence_len`` per
+   ``excess_length_strategy``, shift into prediction-aligned ``labels``/``loss_mask``; a row that
+   cannot be used becomes a :class:`Dropped` record, counted per reason in the :class:`DataReport`;
+   it never aborts the run and never moves another row;
+3. ``sample_packing``: pack rows into ``sequence_len`` sequences (Grain best-fit, ``packing.py``),
+   once, in the shuffled row order; otherwise each row is its own example;
+4. batching: each epoch reshuffles the examples (Grain's index shuffle, seeded with ``seed`` + epoch)
+   and cuts them into *global* batches of ``shard_count * micro_batch_size`` examples; shard s gets
+   examples s, s + n, s + 2n, ... of each global batch. The last global batch of an epoch is padded
+   with empty rows (all ``segment_ids`` 0, no loss), so every example is seen exactly once per epoch
+   and every shard yields the same number of micro-batches. The time dimension T is
+   ``sequence_len`` with packing or ``pad_to_sequence_len``, else the longest row of the *global*
+   batch rounded up to a multiple of 64 (capped at ``sequence_len``): the same T on every shard.
+
+Each process tokenizes and packs the whole dataset (packing and bucketing must agree across
+processes) and keeps only its slice for batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from jaxpref.data._cfg import opt
+from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
+from jaxpref.data.packing import bucket_length, collate, pack, single_segment
+from jaxpref.data.report import DataReport
+from jaxpref.data.sources import load_entries
+from jaxpref.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EXCESS_LENGTH_STRATEGIES = ("drop", "truncate", "raise")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A row that the pipeline drops: ``reason`` is the report key, ``row`` the raw row."""
+
+    reason: str
+    detail: str
+    row: Any
+
+
+def shift(example: Example) -> Example:
+    """Token-aligned ``input_ids``/``trainable`` [L] -> prediction-aligned [L] arrays.
+
+    ``labels[t] = input_ids[t + 1]`` and ``loss_mask[t] = trainable[t + 1]``; the last position has
+    no next token: label 0, not trainable.
+    """
+    ids = example["input_ids"]
+    labels = np.zeros_like(ids)
+    labels[:-1] = ids[1:]
+    loss_mask = np.zeros(len(ids), dtype=bool)
+    loss_mask[:-1] = example["trainable"][1:]
+    return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask}
+
+
+class ProcessRow:
+    """Grain map: raw row -> shifted example (with ``truncated`` flag) or :class:`Dropped`."""
+
+    def __init__(self, formatter: RowFormatter, sequence_len: int, excess_length_strategy: str):
+        self.formatter = formatter
+        self.sequence_len = sequence_len
+        self.truncate = excess_length_strategy == "truncate"
+
+    def __call__(self, row: dict[str, Any]) -> tuple[Example, bool] | Dropped:
+        try:
+            example = self.formatter(row)
+        except BadRow as e:
+            return Dropped(e.reason, e.detail, row)
+        except Exception as e:  # a formatter bug or an odd row must not stop the run
+            return Dropped("format_error", f"{type(e).__name__}: {e}", row)
+        length = len(example["input_ids"])
+        truncated = length > self.sequence_len
+        if truncated:
+            if not self.truncate:
+                return Dropped("too_long", f"{length} tokens > sequence_len {self.sequence_len}", row)
+            example = {k: v[: self.sequence_len] for k, v in example.items()}
+        shifted = shift(example)
+        if not shifted["loss_mask"].any():
+            return Dropped("no_trainable_tokens", "no trainable token after the first", row)
+        return shifted, truncated
+
+
+def _process(rows: grain.MapDataset, report: DataReport, excess_length_strategy: str) -> list[Example]:
+    """Run the per-row map over all rows, filling ``report``; the kept examples in row order."""
+    kept = []
+    # One thread: formatting is Python-bound (GIL) and HF fast tokenizers are not safe to share across
+    # threads; worker processes (`dataset_processes`) are the way to parallelise it.
+    for record in rows.to_iter_dataset(grain.ReadOptions(num_threads=0)):
+        if isinstance(record, Dropped):
+            if record.reason == "too_long" and excess_length_strategy == "raise":
+                raise DataError(
+                    f"A {report.name} row is longer than sequence_len ({record.detail}) and "
+                    "excess_length_strategy is 'raise'. Use 'drop' or 'truncate', or raise sequence_len."
+                )
+            report.drop(record.reason, record.detail, record.row)
+            continue
+        example, truncated = record
+        report.keep(len(example["input_ids"]), int(example["loss_mask"].sum()), truncated=truncated)
+        kept.append(example)
+    return kept
+
+
+def _formatted(cfg: Any, tokenizer: PreTrainedTokenizerBase, key: str, process_kwargs: dict) -> grain.MapDataset:
+    """The entries of ``cfg.<key>``, loaded and concatenated, each mapped through its own format."""
+    entries = list(opt(cfg, key, []))
+    # Resolve every type before loading anything: an unknown type fails fast.
+    specs = [get_format(opt(e, "type"), kind="lm", where=f"{key}[{i}]") for i, e in enumerate(entries)]
+    parts = [
+        grain.MapDataset.source(ds).map(ProcessRow(spec.build(entry, cfg, tokenizer), **process_kwargs))
+        for spec, entry, ds in zip(specs, entries, load_entries(entries, key=key))
+    ]
+    return grain.MapDataset.concatenate(parts)
+
+
+def _val_count(val_set_size: float, n: int) -> int:
+    if not val_set_size:
+        return 0
+    if 0 < val_set_size < 1:
+        return math.ceil(val_set_size * n)
+    if val_set_size >= 1 and float(val_set_size).is_integer():
+        return int(val_set_size)
+    raise ConfigError(f"val_set_size: {val_set_size} must be a fraction in (0, 1) or a row count")
+
+
+class MicroBatches:
+    """Grain ``map_with_index`` transform: micro-batch index m -> this shard's micro-batch.
+
+    ``m = epoch * per_epoch + k``; global batch k of an epoch holds examples
+    ``order[k * G : (k + 1) * G]`` (G = shard_count * batch_size), shard s takes every n-th one.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        *,
+        batch_size: int,
+        shard_index: int,
+        shard_count: int,
+        sequence_len: int,
+        fixed_length: bool,
+        seed: int | None,
+    ):
+        self.examples = examples
+        self.lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+        self.batch_size = batch_size
+        self.shard_index = shard_index
+        self.shard_count = shard_count
+        self.sequence_len = sequence_len
+        self.fixed_length = fixed_length
+        n = len(examples)
+        # Epoch e's permutation: order[e * n + g] (Grain reseeds its index shuffle with seed + e).
+        self.order = grain.MapDataset.range(n).shuffle(seed=seed) if seed is not None else None
+        self.global_batch = batch_size * shard_count
+        self.per_epoch = -(-n // self.global_batch)
+
+    def _index(self, epoch: int, g: int) -> int:
+        n = len(self.examples)
+        return int(self.order[epoch * n + g]) if self.order is not None else g
+
+    def __call__(self, m: int, _: Any) -> dict[str, np.ndarray]:
+        epoch, k = divmod(m, self.per_epoch)
+        n = len(self.examples)
+        first = k * self.global_batch
+        real = range(first, min(first + self.global_batch, n))
+        if self.fixed_length:
+            length = self.sequence_len
+        else:
+            longest = max(self.lengths[self._index(epoch, g)] for g in real)
+            length = bucket_length(int(longest), self.sequence_len)
+        mine = [first + b * self.shard_count + self.shard_index for b in range(self.batch_size)]
+        rows = [self.examples[self._index(epoch, g)] if g < n else None for g in mine]
+        return collate(rows, length, template=self.examples[0])
+
+
+class LMData:
+    """Micro-batches of one process's shard. Build with :func:`build_lm_data`.
+
+    Batches are dicts of numpy arrays [B, T] (docs/design.md "Batches"): ``input_ids`` int32,
+    ``labels`` int32, ``loss_mask`` bool, ``positions`` int32, ``segment_ids`` int32 (0 = padding).
+    """
+
+    def __init__(
+        self,
+        train: list[Example],
+        eval_: list[Example],
+        *,
+        report: DataReport,
+        eval_report: DataReport | None,
+        micro_batch_size: int,
+        eval_batch_size: int,
+        shard_index: int,
+        shard_count: int,
+        sequence_len: int,
+        fixed_length: bool,
+        seed: int,
+    ):
+        self.report = report
+        self.eval_report = eval_report
+        self.micro_batch_size = micro_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.shard_index = shard_index
+        self.shard_count = shard_count
+        self.sequence_len = sequence_len
+        common = dict(
+            shard_index=shard_index,
+            shard_count=shard_count,
+            sequence_len=sequence_len,
+            fixed_length=fixed_length,
+        )
+        self._train = MicroBatches(train, batch_size=micro_batch_size, seed=seed, **common)
+        self._eval = MicroBatches(eval_, batch_size=eval_batch_size, seed=None, **common) if eval_ else None
+        self._eval_batches: list[dict[str, np.ndarray]] | None = None
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches per epoch on this shard (the same number on every shard)."""
+        return self._train.per_epoch
+
+    def train_iterator(self, num_epochs: int | None = 1) -> grain.DatasetIterator:
+        """Micro-batches for ``num_epochs`` epochs (``None``: forever), each epoch reshuffled.
+
+        The iterator's ``get_state()`` is a JSON-able dict; ``set_state(state)`` on a fresh
+        ``train_iterator(...)`` continues at the next unseen micro-batch.
+        """
+        ds = grain.MapDataset.range(self._train.per_epoch).repeat(num_epochs).map_with_index(self._train)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        """Every eval row exactly once over all shards, in fixed order; [] without an eval set."""
+        if self._eval is None:
+            return []
+        if self._eval_batches is None:
+            self._eval_batches = [self._eval(m, None) for m in range(self._eval.per_epoch)]
+        return self._eval_batches
+
+
+def build_lm_data(
+    cfg: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    micro_batch_size: int | None = None,
+) -> LMData:
+    """Load, format, filter, pack and shard ``cfg.datasets`` (and the eval set) for SFT/KD training.
+
+    ``micro_batch_size`` is per process (default ``cfg.micro_batch_size``). Raises :class:`DataError`
+    for missing or unreadable datasets and when more than ``cfg.max_bad_row_fraction`` (default 0.5)
+    of the rows are unusable; the per-reason counts are in ``.report`` / ``.eval_report``.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
+    sequence_len = int(opt(cfg, "sequence_len", 2048))
+    strategy = opt(cfg, "excess_length_strategy", "drop")
+    if strategy not in EXCESS_LENGTH_STRATEGIES:
+        raise ConfigError(f"excess_length_strategy: {strategy!r} is not one of {', '.join(EXCESS_LENGTH_STRATEGIES)}")
+    if not opt(cfg, "datasets", []):
+        raise ConfigError("`datasets` is empty: add at least one dataset entry")
+    seed = int(opt(cfg, "seed", 42))
+    max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
+    process_kwargs = dict(sequence_len=sequence_len, excess_length_strategy=strategy)
+
+    rows = _formatted(cfg, tokenizer, "datasets", process_kwargs).shuffle(seed=seed)
+    if opt(cfg, "test_datasets", []):
+        if opt(cfg, "val_set_size", 0):
+            log.warning("Both test_datasets and val_set_size are set; evaluating on test_datasets only")
+        n_val, eval_rows = 0, _formatted(cfg, tokenizer, "test_datasets", process_kwargs)
+    else:
+        n_val = _val_count(float(opt(cfg, "val_set_size", 0)), len(rows))
+        if n_val >= len(rows):
+            raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
+        eval_rows = rows[:n_val]
+
+    report = DataReport("train", sequence_len=sequence_len)
+    train = _process(rows[n_val:], report, strategy)
+    report.check(max_bad)
+    eval_report, evals = None, []
+    if len(eval_rows):
+        eval_report = DataReport("eval", sequence_len=sequence_len)
+        evals = _process(eval_rows, eval_report, strategy)
+        eval_report.check(max_bad)
+
+    packing = bool(opt(cfg, "sample_packing", False))
+    if packing:
+        train, evals = pack(train, sequence_len), pack(evals, sequence_len)
+    else:
+        train, evals = [single_segment(e) for e in train], [single_segment(e) for e in evals]
+    report.sequences = len(train)
+    if eval_report is not None:
+        eval_report.sequences = len(evals)
+
+    micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
+    return LMData(
+        train,
+        evals,
+        report=report,
+        eval_report=eval_report,
+        micro_batch_size=micro_batch_size,
+        eval_batch_size=int(opt(cfg, "eval_batch_size", micro_batch_size)),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        sequence_len=sequence_len,
+        fixed_length=packing or bool(opt(cfg, "pad_to_sequence_len", False)),
+        seed=seed,
+    )
