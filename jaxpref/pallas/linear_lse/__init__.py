@@ -1,0 +1,18 @@
+"""Fused LM-head primitive: log-sum-exp over the vocabulary and logits at a few ids, without [N, V].
+
+``api.linear_logsumexp_gather`` dispatches to ``reference`` (full logits, tests), ``xla`` (chunked, the
+default on CPU) and ``pallas_gpu`` (Triton kernels); ``blocks`` holds the per-backend tile table.
+"""
+
+from .api import IMPLS, linear_logsumexp_gather
+from .blocks import BlockSizes, default_block_sizes, resolve_block_sizes
+from .pallas_gpu import PallasUnsupportedError
+
+__all__ = [
+    "IMPLS",
+    "BlockSizes",
+    "PallasUnsupportedError",
+    "default_block_sizes",
+    "linear_logsumexp_gather",
+    "resolve_block_sizes",
+]

@@ -1,0 +1,147 @@
+"""Dispatcher for ``linear_logsumexp_gather`` over its implementations."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .blocks import resolve_block_sizes
+from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
+from .reference import linear_logsumexp_gather_reference
+from .xla import linear_logsumexp_gather_xla
+
+IMPLS = ("auto", "reference", "xla_chunked", "xla", "pallas", "pallas_gpu")
+
+
+def _backend() -> str:
+    """'cpu', 'gpu' or 'tpu' for the default backend (cuda/rocm count as gpu)."""
+    platform = jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def linear_logsumexp_gather(
+    hidden: jax.Array,
+    weight: jax.Array,
+    ids: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    temperatures: Sequence[float] = (1.0,),
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+    block_h: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-sum-exp over the vocabulary and logits at a few ids of ``hidden @ weight (+ bias)``.
+
+    The [N, V] logits are never materialised (except by ``impl="reference"``); the custom VJP recomputes
+    logits block by block. Math is float32 whatever the input dtypes; gradients come back in the input
+    dtypes and are exact for both outputs (duplicate ids in a row accumulate).
+
+    Args:
+      hidden: [N, H] final hidden states (any float dtype).
+      weight: [H, V] LM-head weight.
+      ids: int [N, K'] vocabulary ids per row, e.g. teacher top-k and/or the label. They must lie in
+        [0, V): callers clip or replace padding ids (e.g. -100) and mask those entries themselves.
+      bias: optional [V] LM-head bias.
+      temperatures: static positive floats; output row t is ``logsumexp(logits / temperatures[t])``.
+      impl: "auto" (Pallas on GPU, falling back to xla_chunked with a warning when the kernel cannot
+        compile for the shape; xla_chunked elsewhere), "reference", "xla_chunked" (alias "xla"),
+        "pallas_gpu" (alias "pallas"; runs in interpret mode on CPU, for tests).
+      block_n, block_v, block_h: tile overrides; defaults come from ``blocks.py`` per backend.
+
+    Returns:
+      (logsumexp [len(temperatures), N] float32, gathered [N, K'] float32 raw logits at ``ids``).
+    """
+    temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
+    ids = ids.astype(jnp.int32)
+    backend = _backend()
+    name = {"auto": "pallas_gpu" if backend == "gpu" else "xla_chunked", "xla": "xla_chunked"}.get(impl, impl)
+    name = "pallas_gpu" if name == "pallas" else name
+    if name == "reference":
+        return linear_logsumexp_gather_reference(hidden, weight, ids, bias=bias, temperatures=temps)
+    if name == "pallas_gpu":
+        sizes = resolve_block_sizes(backend, name, block_n=block_n, block_v=block_v, block_h=block_h)
+        opts = dict(
+            temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v, block_h=sizes.block_h,
+            interpret=backend == "cpu",
+        )  # fmt: skip
+        if impl != "auto":
+            return linear_logsumexp_gather_pallas_gpu(hidden, weight, ids, bias=bias, **opts)
+        reason = _pallas_gpu_failure(_signature(hidden, weight, ids, bias), tuple(sorted(opts.items())))
+        if reason is None:
+            return linear_logsumexp_gather_pallas_gpu(hidden, weight, ids, bias=bias, **opts)
+        warnings.warn(
+            f"jaxpref linear_logsumexp_gather: Pallas GPU kernel unavailable ({reason}); using xla_chunked",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        name = "xla_chunked"
+        block_n = block_v = None  # Pallas tile overrides are not meaningful for the XLA version
+    sizes = resolve_block_sizes(backend, "xla_chunked", block_n=block_n, block_v=block_v)
+    return linear_logsumexp_gather_xla(
+        hidden, weight, ids, bias=bias, temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v
+    )
+
+
+def _check_args(hidden, weight, ids, bias, temperatures, impl) -> tuple[float, ...]:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if hidden.ndim != 2 or weight.ndim != 2 or ids.ndim != 2:
+        raise ValueError(
+            f"expected hidden [N, H], weight [H, V], ids [N, K']; got {hidden.shape}, {weight.shape}, "
+            f"{ids.shape} (flatten leading dims first)"
+        )
+    if hidden.shape[1] != weight.shape[0] or ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"shape mismatch: hidden {hidden.shape}, weight {weight.shape}, ids {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    if bias is not None and bias.shape != (weight.shape[1],):
+        raise ValueError(f"bias must have shape ({weight.shape[1]},), got {bias.shape}")
+    try:
+        temps = tuple(float(t) for t in temperatures)
+    except TypeError as e:  # a tracer: temperatures select the kernel at trace time
+        raise TypeError("temperatures must be static Python floats") from e
+    if not temps or any(not t > 0 for t in temps):
+        raise ValueError(f"temperatures must be a non-empty sequence of positive floats, got {temps}")
+    return temps
+
+
+def _signature(hidden, weight, ids, bias) -> tuple:
+    bias_sig = None if bias is None else (bias.shape, str(bias.dtype))
+    return (hidden.shape, str(hidden.dtype), weight.shape, str(weight.dtype), ids.shape, bias_sig)
+
+
+@functools.lru_cache(maxsize=128)
+def _pallas_gpu_failure(signature: tuple, options: tuple) -> str | None:
+    """None if forward and backward Pallas kernels compile for these shapes, else a one-line reason."""
+    (h_shape, h_dtype, w_shape, w_dtype, ids_shape, bias_sig) = signature
+    opts = dict(options)
+    has_bias = bias_sig is not None
+
+    def vjp(hidden, weight, bias, ids, ct):
+        def f(h, w, b):
+            return linear_logsumexp_gather_pallas_gpu(h, w, ids, bias=b if has_bias else None, **opts)
+
+        out, pullback = jax.vjp(f, hidden, weight, bias)
+        return out, pullback(ct)
+
+    n_t = len(opts["temperatures"])
+    shapes = (
+        jax.ShapeDtypeStruct(h_shape, h_dtype),
+        jax.ShapeDtypeStruct(w_shape, w_dtype),
+        jax.ShapeDtypeStruct(*bias_sig) if has_bias else jax.ShapeDtypeStruct((w_shape[1],), w_dtype),
+        jax.ShapeDtypeStruct(ids_shape, jnp.int32),
+        (jax.ShapeDtypeStruct((n_t, h_shape[0]), jnp.float32), jax.ShapeDtypeStruct(ids_shape, jnp.float32)),
+    )
+    try:
+        jax.jit(vjp).lower(*shapes).compile()
+    except PallasUnsupportedError as e:
+        return str(e)
+    except Exception as e:  # any lowering/compilation failure means: use the XLA path
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:160]}"
+    return None

@@ -1,0 +1,228 @@
+"""Chunked XLA implementation (the default on CPU): rows in chunks, vocabulary in blocks, exact VJP.
+
+Forward, per row chunk: a loop over vocabulary blocks computes one [rows, block_v] logits block with a
+single matmul, folds it into an online (running max, rescaled sum) log-sum-exp per temperature and picks
+the logits at ``ids`` that fall inside the block. Backward recomputes each block, forms
+``dlogits = sum_t g_lse[t] / T_t * softmax_t + scatter(g_gathered)`` and immediately contracts it into
+grad_hidden (accumulated) and the block's grad_weight columns (written in place). Neither pass holds more
+than a few [rows, block_v] float32 buffers; [N, V] never exists.
+
+The weight is never padded or reshaped (both would copy [H, V] per call): full blocks are read with
+``dynamic_slice`` inside a ``fori_loop`` and a ragged last block is handled by a static tail step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def linear_logsumexp_gather_xla(
+    hidden: jax.Array,
+    weight: jax.Array,
+    ids: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    temperatures: tuple[float, ...] = (1.0,),
+    block_n: int = 4096,
+    block_v: int = 2048,
+) -> tuple[jax.Array, jax.Array]:
+    """See ``jaxpref.pallas.linear_logsumexp_gather``. hidden [N, H], weight [H, V], ids int [N, K']."""
+    temps = tuple(float(t) for t in temperatures)
+    return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), temps, int(block_n), int(block_v))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocked loops over the vocabulary.
+
+
+def _vocab_loop(v: int, block_v: int, body: Callable, carry):
+    """Run ``body(carry, v0, width)`` over [0, v) in blocks: a fori_loop over full blocks, then a tail."""
+    num_full, tail = divmod(v, block_v)
+    if num_full == 1:
+        carry = body(carry, 0, block_v)
+    elif num_full > 1:
+        carry = lax.fori_loop(0, num_full, lambda j, c: body(c, j * block_v, block_v), carry)
+    if tail:
+        carry = body(carry, num_full * block_v, tail)
+    return carry
+
+
+def _block_logits(h: jax.Array, weight: jax.Array, bias: jax.Array | None, v0, width: int) -> jax.Array:
+    """float32 logits [n, width] for vocabulary columns [v0, v0 + width)."""
+    w_blk = lax.dynamic_slice_in_dim(weight, v0, width, axis=1)
+    z = jnp.dot(h, w_blk, preferred_element_type=_F32)
+    if bias is not None:
+        z = z + lax.dynamic_slice_in_dim(bias, v0, width).astype(_F32)[None, :]
+    return z
+
+
+def _local_ids(ids: jax.Array, v0, width: int) -> tuple[jax.Array, jax.Array]:
+    """Column of each id inside the block (clipped) and whether the id is in the block."""
+    local = ids - v0
+    inside = (local >= 0) & (local < width)
+    return jnp.clip(local, 0, width - 1), inside
+
+
+def _fwd_chunk(
+    h: jax.Array, weight: jax.Array, bias: jax.Array | None, ids: jax.Array, temps: tuple[float, ...], bv: int
+) -> tuple[jax.Array, jax.Array]:
+    """One row chunk: (lse [T, n], gathered [n, K'])."""
+    n = h.shape[0]
+
+    def body(carry, v0, width):
+        m, s, gathered = carry
+        z = _block_logits(h, weight, bias, v0, width)
+        new_m, new_s = [], []
+        for i, t in enumerate(temps):
+            zt = z if t == 1.0 else z / t
+            mi = jnp.maximum(m[i], jnp.max(zt, axis=1))
+            new_s.append(s[i] * jnp.exp(m[i] - mi) + jnp.sum(jnp.exp(zt - mi[:, None]), axis=1))
+            new_m.append(mi)
+        col, inside = _local_ids(ids, v0, width)
+        gathered = jnp.where(inside, jnp.take_along_axis(z, col, axis=1), gathered)
+        return jnp.stack(new_m), jnp.stack(new_s), gathered
+
+    init = (
+        jnp.full((len(temps), n), -jnp.inf, _F32),
+        jnp.zeros((len(temps), n), _F32),
+        jnp.zeros(ids.shape, _F32),
+    )
+    m, s, gathered = _vocab_loop(weight.shape[1], bv, body, init)
+    return m + jnp.log(s), gathered
+
+
+def _bwd_chunk(
+    h: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    ids: jax.Array,
+    lse: jax.Array,
+    g_lse: jax.Array,
+    g_gathered: jax.Array,
+    gw: jax.Array,
+    gb: jax.Array | None,
+    temps: tuple[float, ...],
+    bv: int,
+    accumulate: bool,
+):
+    """One row chunk of the VJP: returns (grad_h [n, H] f32, gw [H, V], gb [V] or None).
+
+    ``gw``/``gb`` receive this chunk's contribution per vocabulary block: added when ``accumulate``
+    (several row chunks, float32 buffers), otherwise written directly (one chunk, final dtype).
+    """
+    n = h.shape[0]
+    coef = [g_lse[i] / t for i, t in enumerate(temps)]  # d lse_t / d z = softmax(z / t) / t
+    rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+
+    def body(carry, v0, width):
+        gh, gw, gb = carry
+        z = _block_logits(h, weight, bias, v0, width)
+        dz = None
+        for i, t in enumerate(temps):
+            zt = z if t == 1.0 else z / t
+            term = coef[i][:, None] * jnp.exp(zt - lse[i][:, None])
+            dz = term if dz is None else dz + term
+        col, inside = _local_ids(ids, v0, width)
+        # Scatter-add: duplicate ids in a row accumulate, as the gradient of a gather must.
+        dz = dz.at[rows, col].add(jnp.where(inside, g_gathered, 0.0), mode="promise_in_bounds")
+        w_blk = lax.dynamic_slice_in_dim(weight, v0, width, axis=1)
+        gh = gh + lax.dot_general(dz, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        gw_blk = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+        if accumulate:
+            gw_blk = gw_blk + lax.dynamic_slice_in_dim(gw, v0, width, axis=1)
+        gw = lax.dynamic_update_slice_in_dim(gw, gw_blk.astype(gw.dtype), v0, axis=1)
+        if gb is not None:
+            gb_blk = jnp.sum(dz, axis=0)
+            if accumulate:
+                gb_blk = gb_blk + lax.dynamic_slice_in_dim(gb, v0, width)
+            gb = lax.dynamic_update_slice_in_dim(gb, gb_blk.astype(gb.dtype), v0, axis=0)
+        return gh, gw, gb
+
+    init = (jnp.zeros(h.shape, _F32), gw, gb)
+    return _vocab_loop(weight.shape[1], bv, body, init)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row chunking and the custom VJP.
+
+
+def _chunking(n: int, block_n: int) -> tuple[int, int]:
+    """(chunk rows, number of chunks): balanced chunks, rows rounded up to a multiple of 8."""
+    num = max(1, -(-n // block_n))
+    if num == 1:
+        return n, 1
+    rows = -(-n // num)
+    rows = -(-rows // 8) * 8
+    return rows, -(-n // rows)
+
+
+def _pad_rows(x: jax.Array, total: int) -> jax.Array:
+    pad = total - x.shape[0]
+    return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _forward(hidden, weight, bias, ids, temps, block_n, block_v):
+    n = hidden.shape[0]
+    rows, num = _chunking(n, block_n)
+    if num == 1:
+        return _fwd_chunk(hidden, weight, bias, ids, temps, block_v)
+    h = _pad_rows(hidden, rows * num).reshape(num, rows, -1)
+    i = _pad_rows(ids, rows * num).reshape(num, rows, -1)
+    lse, gathered = lax.map(lambda xs: _fwd_chunk(xs[0], weight, bias, xs[1], temps, block_v), (h, i))
+    lse = jnp.moveaxis(lse, 0, 1).reshape(len(temps), rows * num)[:, :n]
+    return lse, gathered.reshape(rows * num, -1)[:n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lse_gather(hidden, weight, bias, ids, temps, block_n, block_v):
+    return _forward(hidden, weight, bias, ids, temps, block_n, block_v)
+
+
+def _lse_gather_fwd(hidden, weight, bias, ids, temps, block_n, block_v):
+    lse, gathered = _forward(hidden, weight, bias, ids, temps, block_n, block_v)
+    return (lse, gathered), (hidden, weight, bias, ids, lse)
+
+
+def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
+    hidden, weight, bias, ids, lse = res
+    g_lse, g_gathered = (c.astype(_F32) for c in cotangents)
+    n, v = hidden.shape[0], weight.shape[1]
+    rows, num = _chunking(n, block_n)
+    if num == 1:
+        gh, gw, gb = _bwd_chunk(
+            hidden, weight, bias, ids, lse, g_lse, g_gathered,
+            jnp.zeros(weight.shape, weight.dtype),
+            None if bias is None else jnp.zeros((v,), _F32),
+            temps, block_v, accumulate=False,
+        )  # fmt: skip
+    else:
+        total = rows * num
+        xs = (
+            _pad_rows(hidden, total).reshape(num, rows, -1),
+            _pad_rows(ids, total).reshape(num, rows, -1),
+            _pad_rows(lse.T, total).reshape(num, rows, -1),
+            _pad_rows(g_lse.T, total).reshape(num, rows, -1),  # zero cotangent on padded rows
+            _pad_rows(g_gathered, total).reshape(num, rows, -1),
+        )
+
+        def step(carry, x):
+            h, i, lse_c, gl, gg = x
+            gw, gb = carry
+            gh, gw, gb = _bwd_chunk(h, weight, bias, i, lse_c.T, gl.T, gg, gw, gb, temps, block_v, True)
+            return (gw, gb), gh
+
+        init = (jnp.zeros(weight.shape, _F32), None if bias is None else jnp.zeros((v,), _F32))
+        (gw, gb), gh = lax.scan(step, init, xs)
+        gh = gh.reshape(total, -1)[:n]
+    grad_bias = None if bias is None else gb.astype(bias.dtype)
+    return gh.astype(hidden.dtype), gw.astype(weight.dtype), grad_bias, None
+
+
+_lse_gather.defvjp(_lse_gather_fwd, _lse_gather_bwd)

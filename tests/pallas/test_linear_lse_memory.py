@@ -1,0 +1,43 @@
+"""No [N, V] buffer in the fused paths: compiled memory analysis, HLO shapes, Triton lowering."""
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.pallas import linear_logsumexp_gather
+from jaxpref.pallas.linear_lse.pallas_gpu import linear_logsumexp_gather_pallas_gpu
+
+N, H, V, K = 512, 64, 32768, 9
+NV_BYTES = N * V * 4
+S = jax.ShapeDtypeStruct
+ARGS = (S((N, H), jnp.float32), S((H, V), jnp.float32), S((N, K), jnp.int32))
+
+
+def loss_and_grads(impl, fn=linear_logsumexp_gather, **kw):
+    def loss(h, w, ids):
+        lse, gathered = fn(h, w, ids, temperatures=(2.0, 1.0), **({"impl": impl} if impl else {}), **kw)
+        return jnp.sum(lse) - jnp.sum(gathered)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def test_xla_chunked_temporaries_are_a_small_fraction_of_the_logits():
+    ref = loss_and_grads("reference").lower(*ARGS).compile()
+    fused = loss_and_grads("xla_chunked", block_v=512).lower(*ARGS).compile()
+    ref_temp = ref.memory_analysis().temp_size_in_bytes
+    fused_temp = fused.memory_analysis().temp_size_in_bytes
+    assert ref_temp >= NV_BYTES  # the check below is meaningful: the reference holds [N, V]
+    assert fused_temp < NV_BYTES / 10, (fused_temp, NV_BYTES)
+    assert f"f32[{N},{V}]" in ref.as_text()
+    assert f"f32[{N},{V}]" not in fused.as_text()
+
+
+def test_pallas_gpu_lowers_to_three_triton_kernels_without_nv_buffers():
+    """Lower (not run) the GPU path for CUDA on this CPU machine: every op in the kernels must have a
+    Triton lowering, and the surrounding program must not create [N, V]."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        args = (S((N, H), dtype), S((H, V), dtype), S((N, K), jnp.int32))
+        fn = loss_and_grads(None, linear_logsumexp_gather_pallas_gpu, interpret=False)
+        lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+        text = lowered.as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3  # forward, grad_hidden, grad_weight
+        assert f"{N}x{V}x" not in text
