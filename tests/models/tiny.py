@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -66,11 +70,18 @@ def build_hf(case: str, seed: int = 0, **overrides):
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits.float().numpy()
+        return model(torch.tensor(np.array(ids))).logits.float().numpy()
 
 
-def jax_logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
-    return np.asarray(model.logits(model(np.asarray(ids, np.int32), **kwargs)))
+@partial(nnx.jit, static_argnames=("use_adapters",))
+def _jax_logits(model, ids, positions, segment_ids, use_adapters):
+    hidden = model(ids, positions=positions, segment_ids=segment_ids, use_adapters=use_adapters)
+    return model.logits(hidden, use_adapters=use_adapters)
+
+
+def jax_logits(model, ids, *, positions=None, segment_ids=None, use_adapters: bool = True) -> np.ndarray:
+    """jaxpref logits, float32 [B, T, V] (jitted: eager scans would recompile on every call)."""
+    return np.asarray(_jax_logits(model, jnp.asarray(ids, jnp.int32), positions, segment_ids, use_adapters))
 
 
 def random_ids(shape: tuple[int, ...], vocab: int = TINY["vocab_size"], seed: int = 0) -> np.ndarray:
