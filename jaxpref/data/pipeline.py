@@ -231,13 +231,19 @@ class LMData:
         """Micro-batches per epoch on this shard (the same number on every shard)."""
         return self._train.per_epoch
 
-    def train_iterator(self, num_epochs: int | None = 1) -> grain.DatasetIterator:
+    @property
+    def has_eval(self) -> bool:
+        return self._eval is not None
+
+    def train_iterator(self, num_epochs: float | None = 1) -> grain.DatasetIterator:
         """Micro-batches for ``num_epochs`` epochs (``None``: forever), each epoch reshuffled.
 
+        A fractional ``num_epochs`` rounds up to whole epochs (the trainer stops at its step count).
         The iterator's ``get_state()`` is a JSON-able dict; ``set_state(state)`` on a fresh
         ``train_iterator(...)`` continues at the next unseen micro-batch.
         """
-        ds = grain.MapDataset.range(self._train.per_epoch).repeat(num_epochs).map_with_index(self._train)
+        epochs = None if num_epochs is None else math.ceil(num_epochs)
+        ds = grain.MapDataset.range(self._train.per_epoch).repeat(epochs).map_with_index(self._train)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from jaxpref.config import DatasetConfig, JaxprefConfig, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "demo" / "tiny-llama"
@@ -90,33 +91,19 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-def dataset(**kw: Any) -> SimpleNamespace:
-    """A ``datasets:`` entry (the attributes of jaxpref.config's DatasetConfig that the pipeline reads)."""
-    return SimpleNamespace(**{"split": "train", **kw})
+def dataset(**kw: Any) -> dict[str, Any]:
+    """A ``datasets:`` entry as written in YAML (a placeholder ``path`` when no source is given)."""
+    return kw if "path" in kw or "data_files" in kw else {"path": "unused.jsonl", **kw}
 
 
-def config(**kw: Any) -> SimpleNamespace:
-    """A stand-in for ``JaxprefConfig`` with the data-related keys the pipeline reads."""
-    defaults = dict(
-        base_model=None,
-        tokenizer_config=None,
-        chat_template=None,
-        chat_template_jinja=None,
-        special_tokens=None,
-        datasets=[],
-        test_datasets=None,
-        val_set_size=0,
-        sequence_len=512,
-        sample_packing=False,
-        pad_to_sequence_len=None,
-        excess_length_strategy="drop",
-        train_on_inputs=False,
-        max_bad_row_fraction=0.5,
-        micro_batch_size=1,
-        eval_batch_size=None,
-        seed=42,
-    )
-    return SimpleNamespace(**{**defaults, **kw})
+def config(**kw: Any) -> JaxprefConfig:
+    """A validated ``JaxprefConfig`` with the given keys (datasets as YAML dicts)."""
+    return validate_config({"base_model": str(DEMO_MODEL), "learning_rate": 1e-4, **kw}, require_datasets=False)
+
+
+def ds_config(**kw: Any) -> DatasetConfig:
+    """One validated ``DatasetConfig``."""
+    return config(datasets=[dataset(**kw)]).datasets[0]
 
 
 def real_rows(batch: dict[str, np.ndarray]) -> list[list[int]]:

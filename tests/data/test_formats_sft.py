@@ -17,7 +17,7 @@ from tests.data.helpers import (
     START_HEADER,
     chatml_tokenizer,
     config,
-    dataset,
+    ds_config,
     ids,
     llama3_tokenizer,
     spec,
@@ -35,7 +35,7 @@ CONV = [
 def formatter(type_: str, tokenizer, template: str | None = None, cfg=None, **ds_kw):
     if template is not None:
         tokenizer.chat_template = shipped_template(template)
-    return get_format(type_).build(dataset(type=type_, **ds_kw), cfg or config(), tokenizer)
+    return get_format(type_).build(ds_config(type=type_, **ds_kw), cfg or config(), tokenizer)
 
 
 def check(example, expected):
@@ -57,9 +57,13 @@ def chatml_turn(role: str, content: str, train_content: bool, train_eot: bool):
 
 @pytest.mark.parametrize(
     "train_on_eos, eot_after",
-    [("turn", (False, False, True, False, True)), ("last", (False, False, False, False, True)),
-     ("all", (True, True, True, True, True)), ("none", (False,) * 5)],
-)  # fmt: skip
+    [
+        ("turn", (False, False, True, False, True)),
+        ("last", (False, False, False, False, True)),
+        ("all", (True, True, True, True, True)),
+        ("none", (False,) * 5),
+    ],
+)
 def test_chatml_train_on_eos_modes(train_on_eos, eot_after):
     f = formatter("chat_template", chatml_tokenizer(), "chatml", train_on_eos=train_on_eos)
     parts = []
@@ -104,10 +108,18 @@ def test_llama3_single_bos_trimmed_content_and_eot():
     row = {"messages": [{"role": "user", "content": "  Q1 "}, {"role": "assistant", "content": "A1\n"}]}
     expected = spec(
         (BOT, False),
-        (START_HEADER, False), ("user", False), (END_HEADER, False), ("\n\nQ1", False), (EOT, False),
-        (START_HEADER, False), ("assistant", False), (END_HEADER, False), ("\n\n", False), ("A1", True),
+        (START_HEADER, False),
+        ("user", False),
+        (END_HEADER, False),
+        ("\n\nQ1", False),
+        (EOT, False),
+        (START_HEADER, False),
+        ("assistant", False),
+        (END_HEADER, False),
+        ("\n\n", False),
+        ("A1", True),
         (EOT, True),
-    )  # fmt: skip
+    )
     check(f(row), expected)
 
 
@@ -132,24 +144,30 @@ def test_qwen3_think_blocks():
         *chatml_turn("user", "Q1", False, False),
         *chatml_turn("assistant", "A1", True, True),
         *chatml_turn("user", "Q2", False, False),
-        (IM_START, False), ("assistant\n<think>\n", False), ("r2\n</think>\n\nA2", True), (IM_END, True),
+        (IM_START, False),
+        ("assistant\n<think>\n", False),
+        ("r2\n</think>\n\nA2", True),
+        (IM_END, True),
         ("\n", False),
-    )  # fmt: skip
+    )
     check(f({"messages": conv}), expected)
 
     # Without reasoning the last turn gets Qwen3's empty think block, which is template, not content.
     ex = f({"messages": conv[:1] + [{"role": "assistant", "content": "A1"}]})
     expected = spec(
         *chatml_turn("user", "Q1", False, False),
-        (IM_START, False), ("assistant\n<think>\n\n</think>\n\n", False), ("A1", True), (IM_END, True),
+        (IM_START, False),
+        ("assistant\n<think>\n\n</think>\n\n", False),
+        ("A1", True),
+        (IM_END, True),
         ("\n", False),
-    )  # fmt: skip
+    )
     check(ex, expected)
 
 
 def test_content_merged_with_template_text_by_bpe(demo_tokenizer):
     # Real BPE merges: every content token is trainable, every header token is not, the text round-trips.
-    f = get_format("chat_template").build(dataset(type="chat_template"), config(), demo_tokenizer)
+    f = get_format("chat_template").build(ds_config(type="chat_template"), config(), demo_tokenizer)
     conv = [{"role": "user", "content": "Reverse the word apple"}, {"role": "assistant", "content": " elppa x"}]
     ex = f({"messages": conv})
     trained = ex["input_ids"][ex["trainable"]]
@@ -178,7 +196,7 @@ def test_chat_template_bad_rows(row, reason):
 def test_template_error_is_a_bad_row():
     tok = chatml_tokenizer()
     tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x"
-    f = get_format("chat_template").build(dataset(type="chat_template"), config(), tok)
+    f = get_format("chat_template").build(ds_config(type="chat_template"), config(), tok)
     with pytest.raises(BadRow) as e:
         f({"messages": [{"role": "assistant", "content": "A"}]})
     assert e.value.reason == "template_error" and "user first" in e.value.detail

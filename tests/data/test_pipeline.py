@@ -81,8 +81,9 @@ def test_packing_keeps_segments_apart_and_every_row_once(tmp_path):
 
 def test_bucketing_without_packing(tmp_path):
     lengths = [10, 70, 130, 20, 5, 199, 64, 65, 30, 12]
-    data = completion_data(tmp_path, text_rows(lengths), sequence_len=160, excess_length_strategy="truncate",
-                           micro_batch_size=2, seed=3)  # fmt: skip
+    data = completion_data(
+        tmp_path, text_rows(lengths), sequence_len=160, excess_length_strategy="truncate", micro_batch_size=2, seed=3
+    )
     for batch in epoch(data):
         longest = int((batch["segment_ids"] > 0).sum(axis=1).max())
         assert batch["input_ids"].shape[1] == min(160, -(-longest // 64) * 64)
@@ -97,8 +98,10 @@ def test_shards_partition_each_global_batch(tmp_path, packing):
     rows = text_rows([5 + (7 * i) % 40 for i in range(23)])
     kw = dict(sequence_len=64, sample_packing=packing, seed=5)
     single = epoch(completion_data(tmp_path, rows, micro_batch_size=6, **kw), 2)
-    shards = [epoch(completion_data(tmp_path, rows, micro_batch_size=2, shard_index=s, shard_count=3, **kw), 2)
-              for s in range(3)]  # fmt: skip
+    shards = [
+        epoch(completion_data(tmp_path, rows, micro_batch_size=2, shard_index=s, shard_count=3, **kw), 2)
+        for s in range(3)
+    ]
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) == len(single)
     for step, whole in enumerate(single):
         parts = [s[step] for s in shards]
@@ -124,8 +127,14 @@ def test_epochs_reshuffle_deterministically(tmp_path):
 
 @pytest.mark.parametrize("consumed", [1, 3, 4, 5, 7])  # per epoch: 4 micro-batches
 def test_resume_mid_epoch_and_across_epochs(tmp_path, consumed):
-    data = completion_data(tmp_path, text_rows([6, 9, 12, 7, 30, 8, 11, 10, 5, 14, 13, 6]), micro_batch_size=3,
-                           sample_packing=False, sequence_len=64, seed=11)  # fmt: skip
+    data = completion_data(
+        tmp_path,
+        text_rows([6, 9, 12, 7, 30, 8, 11, 10, 5, 14, 13, 6]),
+        micro_batch_size=3,
+        sample_packing=False,
+        sequence_len=64,
+        seed=11,
+    )
     assert data.micro_batches_per_epoch == 4
     full = epoch(data, 2)
     it = data.train_iterator(2)
@@ -143,8 +152,12 @@ def test_resume_mid_epoch_and_across_epochs(tmp_path, consumed):
 
 def test_eval_split_and_padded_eval_batches(tmp_path):
     rows = text_rows([6 + i for i in range(23)])
-    shards = [completion_data(tmp_path, rows, val_set_size=0.2, micro_batch_size=2, shard_index=s, shard_count=2)
-              for s in range(2)]  # fmt: skip
+    shards = [
+        completion_data(
+            tmp_path, rows, val_set_size=0.2, eval_batch_size=2, micro_batch_size=2, shard_index=s, shard_count=2
+        )
+        for s in range(2)
+    ]
     assert shards[0].eval_report.rows_in == 5 and shards[0].report.rows_in == 18
     evals = [b for d in shards for b in d.eval_batches()]
     assert len(shards[0].eval_batches()) == len(shards[1].eval_batches()) == 2  # ceil(5 / (2 * 2))
@@ -160,15 +173,24 @@ def test_eval_split_and_padded_eval_batches(tmp_path):
 def test_test_datasets_are_the_eval_set(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", text_rows([8] * 6))
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "zz-test"}])
-    cfg = config(datasets=[dataset(path=train, type="completion")], val_set_size=0.5,
-                 test_datasets=[dataset(path=test, type="completion")])  # fmt: skip
+    cfg = config(
+        datasets=[dataset(path=train, type="completion")], test_datasets=[dataset(path=test, type="completion")]
+    )
     data = build_lm_data(cfg, chatml_tokenizer())
     assert data.report.rows_in == 6
     assert [r for b in data.eval_batches() for r in real_rows(b)] == [[*b"zz-test", IM_END]]
 
 
 def test_no_eval_set_gives_no_eval_batches(tmp_path):
-    assert completion_data(tmp_path, text_rows([8] * 3)).eval_batches() == []
+    data = completion_data(tmp_path, text_rows([8] * 3))
+    assert data.eval_batches() == [] and not data.has_eval and data.eval_report is None
+
+
+def test_fractional_and_endless_epochs(tmp_path):
+    data = completion_data(tmp_path, text_rows([8] * 4), micro_batch_size=2)
+    assert len(epoch(data, 1.5)) == 4
+    it = data.train_iterator(None)
+    assert len([next(it) for _ in range(7)]) == 7
 
 
 def chat(q: str, a: str) -> dict:

@@ -10,7 +10,7 @@ import pytest
 from jaxpref.data import build_lm_data
 from jaxpref.data.sources import load_entry
 from jaxpref.errors import DataError
-from tests.data.helpers import chatml_tokenizer, config, dataset, real_rows, write_jsonl
+from tests.data.helpers import chatml_tokenizer, config, dataset, ds_config, real_rows, write_jsonl
 
 ROWS = [{"text": f"row {i}"} for i in range(5)]
 
@@ -21,42 +21,42 @@ def texts(ds) -> list[str]:
 
 def test_local_file_types(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", ROWS)
-    assert texts(load_entry(dataset(path=jsonl))) == texts(ROWS)
+    assert texts(load_entry(ds_config(path=jsonl))) == texts(ROWS)
     frame = datasets.Dataset.from_list(ROWS)
     frame.to_parquet(tmp_path / "a.parquet")
     frame.to_csv(tmp_path / "a.csv", index=False)
-    assert texts(load_entry(dataset(path=str(tmp_path / "a.parquet")))) == texts(ROWS)
-    assert texts(load_entry(dataset(path=str(tmp_path / "a.csv")))) == texts(ROWS)
+    assert texts(load_entry(ds_config(path=str(tmp_path / "a.parquet")))) == texts(ROWS)
+    assert texts(load_entry(ds_config(path=str(tmp_path / "a.csv")))) == texts(ROWS)
     # ds_type wins over the extension
     other = tmp_path / "rows.data"
     other.write_text((tmp_path / "a.jsonl").read_text())
-    assert texts(load_entry(dataset(path=str(other), ds_type="json"))) == texts(ROWS)
+    assert texts(load_entry(ds_config(path=str(other), ds_type="json"))) == texts(ROWS)
 
 
 def test_data_files_without_path_and_directories(tmp_path):
     a = write_jsonl(tmp_path / "d" / "a.jsonl", ROWS[:2])
     b = write_jsonl(tmp_path / "d" / "b.jsonl", ROWS[2:])
     # axolotl's local_dataset example: ds_type + data_files, no path
-    assert texts(load_entry(dataset(ds_type="json", data_files=[a, b]))) == texts(ROWS)
-    assert sorted(texts(load_entry(dataset(path=str(tmp_path / "d"))))) == texts(ROWS)
-    assert sorted(texts(load_entry(dataset(path=str(tmp_path / "d"), ds_type="json")))) == texts(ROWS)
+    assert texts(load_entry(ds_config(ds_type="json", data_files=[a, b]))) == texts(ROWS)
+    assert sorted(texts(load_entry(ds_config(path=str(tmp_path / "d"))))) == texts(ROWS)
+    assert sorted(texts(load_entry(ds_config(path=str(tmp_path / "d"), ds_type="json")))) == texts(ROWS)
     datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "saved")
-    assert texts(load_entry(dataset(path=str(tmp_path / "saved")))) == texts(ROWS)
+    assert texts(load_entry(ds_config(path=str(tmp_path / "saved")))) == texts(ROWS)
 
 
 def test_missing_local_paths(tmp_path):
     with pytest.raises(DataError, match=r"datasets\[0\]: path 'data/missing.jsonl' does not exist"):
-        load_entry(dataset(path="data/missing.jsonl"))
+        load_entry(ds_config(path="data/missing.jsonl"))
     with pytest.raises(DataError, match=r"datasets\[2\]: data file\(s\) not found: .*nope.jsonl"):
-        load_entry(dataset(ds_type="json", data_files=str(tmp_path / "nope.jsonl")), where="datasets[2]")
+        load_entry(ds_config(ds_type="json", data_files=str(tmp_path / "nope.jsonl")), where="datasets[2]")
     with pytest.raises(DataError, match='Unknown split "validation"'):
-        load_entry(dataset(path=write_jsonl(tmp_path / "a.jsonl", ROWS), split="validation"))
+        load_entry(ds_config(path=write_jsonl(tmp_path / "a.jsonl", ROWS), split="validation"))
 
 
 def test_offline_hub_id_is_a_data_error_naming_the_dataset():
     # tests/conftest.py sets HF_DATASETS_OFFLINE=1: the hub cannot be reached.
     with pytest.raises(DataError) as e:
-        load_entry(dataset(path="Intel/orca_dpo_pairs", type="chatml.intel"), where="datasets[1]")
+        load_entry(ds_config(path="Intel/orca_dpo_pairs", type="chatml.intel"), where="datasets[1]")
     msg = str(e.value)
     assert "datasets[1]" in msg and "'Intel/orca_dpo_pairs'" in msg and "could not be downloaded" in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback for the CLI
@@ -66,7 +66,7 @@ def test_malformed_file_is_a_data_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(DataError, match="could not load"):
-        load_entry(dataset(path=str(bad)))
+        load_entry(ds_config(path=str(bad)))
 
 
 def test_several_datasets_are_concatenated_and_shuffled_with_seed(tmp_path):
@@ -74,8 +74,11 @@ def test_several_datasets_are_concatenated_and_shuffled_with_seed(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "o"} for i in range(6)])
 
     def order(seed):
-        cfg = config(datasets=[dataset(path=a, type="completion"), dataset(path=b, type="alpaca")],
-                     micro_batch_size=12, seed=seed)  # fmt: skip
+        cfg = config(
+            datasets=[dataset(path=a, type="completion"), dataset(path=b, type="alpaca")],
+            micro_batch_size=12,
+            seed=seed,
+        )
         data = build_lm_data(cfg, chatml_tokenizer())
         assert data.report.rows_in == 12
         decoded = [tok.decode(r) for r in real_rows(next(data.train_iterator()))]

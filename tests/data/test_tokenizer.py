@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,7 +94,8 @@ def test_missing_chat_template_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"datasets\[0\] has type 'chat_template'.*has none.*chat_template: chatml"):
         load_tokenizer(config(base_model=path, datasets=[dataset(path="x.jsonl", type="chat_template")]))
     assert load_tokenizer(config(base_model=path, datasets=[dataset(path="x.jsonl", type="completion")]))
-    assert load_tokenizer(config(base_model=path, chat_template="chatml", datasets=[dataset(type="chat_template")]))
+    cfg = config(base_model=path, chat_template="chatml", datasets=[dataset(path="x.jsonl", type="chat_template")])
+    assert load_tokenizer(cfg).chat_template == shipped_template("chatml")
 
 
 def test_special_tokens_and_pad_fallback(tmp_path, caplog):
@@ -114,7 +116,7 @@ def test_missing_tokenizer_paths_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'org/some-model'.*could not be downloaded"):
         load_tokenizer(config(base_model="org/some-model"))  # offline in tests
     with pytest.raises(ConfigError, match="base_model"):
-        load_tokenizer(config())
+        load_tokenizer(SimpleNamespace(base_model=None, tokenizer_config=None))
 
 
 def test_end_of_turn_ids():

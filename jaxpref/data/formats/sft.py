@@ -51,12 +51,14 @@ class _TextEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
-        with_specials = tokenizer("x", add_special_tokens=True)["input_ids"]
-        plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-        # What the tokenizer's post-processor prepends (e.g. Llama's BOS); what it appends is dropped
-        # because the formats place EOS themselves.
-        start = next(i for i in range(len(with_specials)) if with_specials[i : i + len(plain)] == plain)
-        self.prefix = list(with_specials[:start])
+        # The special tokens the tokenizer's post-processor prepends (e.g. Llama's BOS); what it
+        # appends is left out because the formats place EOS themselves.
+        special = set(tokenizer.all_special_ids)
+        self.prefix: list[int] = []
+        for token in tokenizer("x", add_special_tokens=True)["input_ids"]:
+            if token not in special:
+                break
+            self.prefix.append(token)
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ConfigError("The tokenizer has no eos token; set `special_tokens: {eos_token: ...}`")
