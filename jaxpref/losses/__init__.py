@@ -1,0 +1,56 @@
+"""jaxpref.losses: pure JAX loss functions for distillation and preference training.
+
+Every loss takes arrays, computes in float32 whatever the input dtype, masks with ``where`` and returns
+``(loss, metrics)`` with ``metrics`` a dict of float32 scalars; everything is jit/grad/vmap-safe and
+imports nothing from the rest of jaxpref. See docs/losses.md for one example per loss.
+"""
+
+from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores
+from .fused import fused_kd_loss, fused_token_logps
+from .kd import kd_loss, kd_loss_from_gathered, kd_topk_loss, kd_topk_loss_from_gathered
+from .kto import KTO_LOSS_TYPES, kto_loss
+from .logps import (
+    cross_entropy_from_gathered,
+    cross_entropy_loss,
+    gather_logits,
+    sequence_logps,
+    sequence_logps_from_gathered,
+    token_logps,
+    token_logps_from_gathered,
+)
+from .orpo import log1mexp, orpo_loss
+from .registry import UnknownLossError, get_loss, list_losses, register_loss
+from .reward import reward_loss
+from .simpo import CPO_LOSS_TYPES, cpo_loss, simpo_loss
+
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCE_TYPES",
+    "KTO_LOSS_TYPES",
+    "UnknownLossError",
+    "cpo_loss",
+    "cross_entropy_from_gathered",
+    "cross_entropy_loss",
+    "dpo_loss",
+    "f_divergence_scores",
+    "fused_kd_loss",
+    "fused_token_logps",
+    "gather_logits",
+    "get_loss",
+    "kd_loss",
+    "kd_loss_from_gathered",
+    "kd_topk_loss",
+    "kd_topk_loss_from_gathered",
+    "kto_loss",
+    "list_losses",
+    "log1mexp",
+    "orpo_loss",
+    "register_loss",
+    "reward_loss",
+    "sequence_logps",
+    "sequence_logps_from_gathered",
+    "simpo_loss",
+    "token_logps",
+    "token_logps_from_gathered",
+]
