@@ -53,9 +53,7 @@ class ModulesToSaveParam(nnx.LoRAParam):
     """Full trainable copy of a module's weight (PEFT ``modules_to_save``); trained like an adapter."""
 
 
-def resolve_target_modules(
-    target_modules: str | Iterable[str] | None, target_linear: bool = False
-) -> tuple[str, ...]:
+def resolve_target_modules(target_modules: str | Iterable[str] | None, target_linear: bool = False) -> tuple[str, ...]:
     """PEFT target names from ``lora_target_modules`` / ``lora_target_linear``.
 
     ``target_linear=True`` or "all-linear" selects every linear projection of the blocks.
@@ -73,8 +71,7 @@ def resolve_target_modules(
         )
     if not names:
         raise ModelError(
-            "lora_target_modules is empty: list projections (e.g. [q_proj, v_proj]) or set "
-            "lora_target_linear: true"
+            "lora_target_modules is empty: list projections (e.g. [q_proj, v_proj]) or set lora_target_linear: true"
         )
     return tuple(n for n in PEFT_TARGET_NAMES if n in names)
 
@@ -106,11 +103,7 @@ class LoraConfig:
 
 
 def _lora_linears(model: CausalLM, targets: Sequence[str]) -> list[tuple[tuple[str, ...], Linear]]:
-    return [
-        (p, m)
-        for p, m in iter_modules(model)
-        if isinstance(m, Linear) and p[0] == "layers" and p[-1] in targets
-    ]
+    return [(p, m) for p, m in iter_modules(model) if isinstance(m, Linear) and p[0] == "layers" and p[-1] in targets]
 
 
 def _place_new(var: nnx.Variable, mesh: Mesh | None, rules: Rules | None) -> None:
@@ -254,9 +247,7 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
     """LoraConfig from a PEFT ``adapter_config.json``; ModelError for PEFT features jaxpref lacks."""
     path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG)
     if not os.path.isfile(path):
-        raise ModelError(
-            f"{adapter_dir}: no {ADAPTER_CONFIG} (lora_model_dir must be a PEFT adapter directory)"
-        )
+        raise ModelError(f"{adapter_dir}: no {ADAPTER_CONFIG} (lora_model_dir must be a PEFT adapter directory)")
     with open(path) as f:
         d = json.load(f)
     if d.get("peft_type", "LORA") != "LORA":
@@ -277,9 +268,7 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
         raise ModelError(f"{path}: bias={d['bias']!r} is not supported (only 'none')")
     targets = d.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
-        raise ModelError(
-            f"{path}: target_modules as a regex ({targets!r}) is not supported; list module names"
-        )
+        raise ModelError(f"{path}: target_modules as a regex ({targets!r}) is not supported; list module names")
     return LoraConfig(
         r=int(d["r"]),
         alpha=float(d.get("lora_alpha", 8)),

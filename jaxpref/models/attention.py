@@ -6,6 +6,8 @@ elsewhere. A TPU splash-attention path would be one more branch in ``attention``
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -58,6 +60,13 @@ def attention(
         mask, is_causal = None, True
     else:
         mask, is_causal = segment_mask(segment_ids), False
+    run = partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=is_causal)
     if impl == "auto":
-        impl = "cudnn" if _cudnn_applies(q) else "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+        if not _cudnn_applies(q):
+            return run(implementation="xla")
+        try:
+            return run(implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            # cuDNN's trace-time checks (version, layout) failed: fall back rather than fail.
+            return run(implementation="xla")
+    return run(implementation=impl)

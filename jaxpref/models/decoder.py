@@ -101,9 +101,7 @@ class CausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         cfg = self.config
         x = self.embed_tokens(input_ids, use_adapters=use_adapters)
-        cos, sin = rope_cos_sin(
-            positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        )
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
         x = self._run_layers(x, cos, sin, segment_ids, layer_keys, use_adapters)
         return self.norm(x)

@@ -238,9 +238,7 @@ def load_specs(
         for i, name in enumerate(spec.hf_names()):
             t = reader.get(name)
             if tuple(t.shape) != spec.hf_shape:
-                raise ModelError(
-                    f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {spec.hf_shape}"
-                )
+                raise ModelError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {spec.hf_shape}")
             if spec.num_layers is None:
                 host[...] = spec.to_jax(t)
             else:
@@ -354,11 +352,7 @@ def write_safetensors(
         os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0
     for s, idx in enumerate(shards):
-        fname = (
-            f"{base}.safetensors"
-            if len(shards) == 1
-            else f"{base}-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
+        fname = f"{base}.safetensors" if len(shards) == 1 else f"{base}-{s + 1:05d}-of-{len(shards):05d}.safetensors"
         arrays = {}
         for i in idx:
             name, _, dt, fetch = tensors[i]

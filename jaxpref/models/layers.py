@@ -57,17 +57,13 @@ class Linear(nnx.Module):
         self.kernel = make_param(
             _normal(rngs, self.in_shape + self.out_shape, init_std, param_dtype), self.in_axes + self.out_axes
         )
-        self.bias = (
-            make_param(jnp.zeros(self.out_shape, param_dtype), self.out_axes) if use_bias else nnx.data(None)
-        )
+        self.bias = make_param(jnp.zeros(self.out_shape, param_dtype), self.out_axes) if use_bias else nnx.data(None)
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
 
-    def __call__(
-        self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
         """x [..., *in_shape] -> [..., *out_shape] in the compute dtype."""
         n = len(self.in_shape)
         x = x.astype(self.dtype)
@@ -112,9 +108,7 @@ class LMHead(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         shape = (config.hidden_size, config.vocab_size)
-        self.kernel = make_param(
-            _normal(rngs, shape, config.initializer_range, param_dtype), ("embed", "vocab")
-        )
+        self.kernel = make_param(_normal(rngs, shape, config.initializer_range, param_dtype), ("embed", "vocab"))
         self.kernel_copy = nnx.data(None)
         self.dtype = dtype
 
@@ -127,9 +121,7 @@ class LMHead(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMS normalisation over the last dim, in float32 (as transformers), then scaled."""
 
-    def __init__(
-        self, dim: int, *, eps: float, axes: Sequence[str] = ("norm",), dtype: Any, param_dtype: Any
-    ):
+    def __init__(self, dim: int, *, eps: float, axes: Sequence[str] = ("norm",), dtype: Any, param_dtype: Any):
         self.scale = make_param(jnp.ones((dim,), param_dtype), axes)
         self.eps, self.dtype = eps, dtype
 
@@ -146,18 +138,14 @@ def _key(keys: jax.Array | None, i: int) -> jax.Array | None:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
 
-    def __init__(
-        self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs
-    ):
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
         h, n, k, d = (
             config.hidden_size,
             config.num_attention_heads,
             config.num_key_value_heads,
             config.head_dim,
         )
-        lin = partial(
-            Linear, init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        lin = partial(Linear, init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = config.attention_bias
         self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
         self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
@@ -224,12 +212,8 @@ NUM_DROPOUT_SITES = 7  # one LoRA dropout key per projection of a block
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(
-        self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs
-    ):
-        norm = partial(
-            RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
-        )
+    def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
+        norm = partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(
             config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs

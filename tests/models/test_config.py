@@ -42,17 +42,13 @@ def test_rope_spellings_parse_the_same():
 def test_defaults_and_derived_fields():
     cfg = ModelConfig.from_hf_dict({**BASE, "num_key_value_heads": None, "head_dim": None})
     assert cfg.num_key_value_heads == 4 and cfg.head_dim == 8
-    qwen2 = ModelConfig.from_hf_dict(
-        {**BASE, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 32}
-    )
+    qwen2 = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 32})
     assert qwen2.attention_bias and not qwen2.o_proj_bias
     qwen3 = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen3", "head_dim": 16, "attention_bias": True})
     assert qwen3.qk_norm and qwen3.o_proj_bias and qwen3.head_dim == 16
     mistral = ModelConfig.from_hf_dict({**BASE, "model_type": "mistral", "sliding_window": 64})
     assert not mistral.attention_bias  # a window covering max_position_embeddings never matters
-    assert hash(cfg) == hash(
-        ModelConfig.from_hf_dict({**BASE, "num_key_value_heads": None, "head_dim": None})
-    )
+    assert hash(cfg) == hash(ModelConfig.from_hf_dict({**BASE, "num_key_value_heads": None, "head_dim": None}))
 
 
 def test_old_spelling_checkpoint_matches_transformers(hf_checkpoint):

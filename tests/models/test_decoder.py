@@ -56,9 +56,7 @@ def test_trace_size_does_not_grow_with_depth():
 
 
 def test_from_config_follows_hf_init():
-    cfg = ModelConfig.from_hf_dict(
-        {**TINY, "model_type": "qwen2", "hidden_size": 64, "initializer_range": 0.05}
-    )
+    cfg = ModelConfig.from_hf_dict({**TINY, "model_type": "qwen2", "hidden_size": 64, "initializer_range": 0.05})
     model = from_config(cfg, seed=3)
     emb = np.asarray(model.embed_tokens.embedding[...])
     assert abs(emb.std() - 0.05) < 0.005 and abs(emb.mean()) < 0.005
@@ -70,9 +68,7 @@ def test_from_config_follows_hf_init():
     k = np.asarray(attn.k_proj.kernel[...])
     assert not np.allclose(k[0], k[1])
     again = from_config(cfg, seed=3)
-    np.testing.assert_array_equal(
-        np.asarray(again.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...])
-    )
+    np.testing.assert_array_equal(np.asarray(again.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
 
 
 def test_every_param_has_logical_axes():

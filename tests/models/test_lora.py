@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +68,7 @@ EXPORT_CASES = [
 @pytest.mark.parametrize(("case", "targets", "saved"), EXPORT_CASES)
 def test_peft_export_loads_in_peft_with_same_logits(case, targets, saved, hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint(case)
-    model = _lora_model(
-        path, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=targets, modules_to_save=saved)
-    )
+    model = _lora_model(path, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=targets, modules_to_save=saved))
     ids = random_ids((2, 12))
     adapter_dir = tmp_path / "adapter"
     export_peft_adapter(model, adapter_dir, base_model_name_or_path=str(path))
@@ -77,9 +76,7 @@ def test_peft_export_loads_in_peft_with_same_logits(case, targets, saved, hf_che
     lora_logits = jax_logits(model, ids)
     np.testing.assert_allclose(lora_logits, _peft_logits(path, adapter_dir, ids), rtol=0, atol=ATOL)
     # Adapters off = the base model (the DPO reference without a second copy).
-    np.testing.assert_allclose(
-        jax_logits(model, ids, use_adapters=False), hf_logits(hf, ids), rtol=0, atol=ATOL
-    )
+    np.testing.assert_allclose(jax_logits(model, ids, use_adapters=False), hf_logits(hf, ids), rtol=0, atol=ATOL)
     assert np.abs(lora_logits - hf_logits(hf, ids)).max() > 1e-3
 
 
@@ -110,9 +107,7 @@ def test_adapter_made_by_peft_loads(hf_checkpoint, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     peft_model = get_peft_model(
         base,
-        PeftLoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], modules_to_save=["lm_head"]
-        ),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], modules_to_save=["lm_head"]),
     )
     torch.manual_seed(1)
     with torch.no_grad():
@@ -144,9 +139,7 @@ def test_train_step_then_export_both_formats(case, hf_checkpoint, tmp_path):
     model = from_pretrained(path)
     ids = jnp.asarray(random_ids((2, 12)))
     np.testing.assert_allclose(jax_logits(model, ids), hf_logits(hf, np.asarray(ids)), rtol=0, atol=ATOL)
-    cfg = LoraConfig(
-        r=4, alpha=8.0, dropout=0.1, target_modules=PEFT_TARGET_NAMES, modules_to_save=("lm_head",)
-    )
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=PEFT_TARGET_NAMES, modules_to_save=("lm_head",))
     apply_lora(model, cfg, rngs=nnx.Rngs(0))
     filt = trainable_filter(model)
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=filt)
@@ -163,9 +156,7 @@ def test_train_step_then_export_both_formats(case, hf_checkpoint, tmp_path):
 
     # Base weights untouched, every adapter tensor and the lm_head copy moved.
     jax.tree.map(np.testing.assert_array_equal, _snapshot(model, BASE_PARAMS), base_before)
-    changed = jax.tree.map(
-        lambda a, b: bool(np.any(a != b)), _snapshot(model, nnx.LoRAParam), adapters_before
-    )
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), _snapshot(model, nnx.LoRAParam), adapters_before)
     assert all(jax.tree.leaves(changed))
     assert isinstance(model.lm_head.kernel_copy, ModulesToSaveParam)
     # Optimizer state (adam mu, nu) exists for the adapters only.
@@ -176,9 +167,7 @@ def test_train_step_then_export_both_formats(case, hf_checkpoint, tmp_path):
     check = random_ids((1, 9), seed=5)
     lora_logits = jax_logits(model, check)
     export_peft_adapter(model, tmp_path / "adapter")
-    np.testing.assert_allclose(
-        _peft_logits(path, tmp_path / "adapter", check), lora_logits, rtol=0, atol=ATOL
-    )
+    np.testing.assert_allclose(_peft_logits(path, tmp_path / "adapter", check), lora_logits, rtol=0, atol=ATOL)
     save_pretrained(merge_lora(model), tmp_path / "merged")
     merged_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     np.testing.assert_allclose(hf_logits(merged_hf, check), lora_logits, rtol=0, atol=ATOL)
@@ -187,25 +176,28 @@ def test_train_step_then_export_both_formats(case, hf_checkpoint, tmp_path):
 def test_dropout_only_when_not_deterministic(hf_checkpoint):
     path, _ = hf_checkpoint("llama")
     model = _lora_model(path, LoraConfig(r=4, alpha=8.0, dropout=0.5, target_modules=("q_proj", "up_proj")))
-    ids = random_ids((1, 8))
-    det = np.asarray(model(ids))
+    ids = jnp.asarray(random_ids((1, 8)))
+
+    @partial(nnx.jit, static_argnames=("use_adapters", "deterministic"))
+    def hidden(model, key=None, use_adapters=True, deterministic=True):
+        return model(ids, use_adapters=use_adapters, deterministic=deterministic, dropout_key=key)
+
+    det = np.asarray(hidden(model))
     key = jax.random.key(3)
-    drop = np.asarray(model(ids, deterministic=False, dropout_key=key))
+    drop = np.asarray(hidden(model, key, deterministic=False))
     assert not np.allclose(det, drop)
-    np.testing.assert_array_equal(drop, np.asarray(model(ids, deterministic=False, dropout_key=key)))
+    np.testing.assert_array_equal(drop, np.asarray(hidden(model, key, deterministic=False)))
     # Without a key the model's own dropout stream advances.
-    a, b = (np.asarray(model(ids, deterministic=False)) for _ in range(2))
+    a, b = (np.asarray(hidden(model, deterministic=False)) for _ in range(2))
     assert not np.allclose(a, b)
-    base = np.asarray(model(ids, use_adapters=False))
-    np.testing.assert_array_equal(np.asarray(model(ids, use_adapters=False, deterministic=False)), base)
+    base = np.asarray(hidden(model, use_adapters=False))
+    np.testing.assert_array_equal(np.asarray(hidden(model, key, use_adapters=False, deterministic=False)), base)
 
 
 def test_fresh_adapters_do_not_change_the_model(hf_checkpoint):
     path, hf = hf_checkpoint("qwen2")
     model = from_pretrained(path)
-    apply_lora(
-        model, LoraConfig(r=8, alpha=16.0, dropout=0.0, target_modules=PEFT_TARGET_NAMES), rngs=nnx.Rngs(0)
-    )
+    apply_lora(model, LoraConfig(r=8, alpha=16.0, dropout=0.0, target_modules=PEFT_TARGET_NAMES), rngs=nnx.Rngs(0))
     a = model.layers.mlp.down_proj.lora_a[...]
     assert a.shape == (2, 64, 8) and np.abs(np.asarray(a)).max() <= 1 / np.sqrt(64)
     assert np.all(np.asarray(model.layers.mlp.down_proj.lora_b[...]) == 0)
