@@ -292,12 +292,12 @@ def build_lm_data(
             raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
         eval_rows = rows[:n_val]
 
-    report = DataReport("train", sequence_len=sequence_len)
+    report = DataReport("train")
     train = _process(rows[n_val:], report, strategy)
     report.check(max_bad)
     eval_report, evals = None, []
     if len(eval_rows):
-        eval_report = DataReport("eval", sequence_len=sequence_len)
+        eval_report = DataReport("eval")
         evals = _process(eval_rows, eval_report, strategy)
         eval_report.check(max_bad)
 
@@ -306,9 +306,10 @@ def build_lm_data(
         train, evals = pack(train, sequence_len), pack(evals, sequence_len)
     else:
         train, evals = [single_segment(e) for e in train], [single_segment(e) for e in evals]
-    report.sequences = len(train)
-    if eval_report is not None:
-        eval_report.sequences = len(evals)
+    for rep, examples in ((report, train), (eval_report, evals)):
+        if rep is not None:
+            rep.sequences = len(examples)
+            rep.sequence_len = sequence_len if packing else 0
 
     micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
     return LMData(

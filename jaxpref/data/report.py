@@ -25,7 +25,8 @@ class DataReport:
 
     ``tokens``: tokens of the kept rows (after truncation), template tokens included;
     ``trainable_tokens``: positions whose ``loss_mask`` is set (what the loss averages over);
-    ``sequences``: examples after packing (= ``rows_out`` without packing); ``examples``: the first
+    ``sequences``: examples after packing (= ``rows_out`` without packing), ``sequence_len`` their
+    length (0 without packing); ``examples``: the first
     dropped row of each reason, as ``"<detail> | <row as JSON, shortened>"``.
     """
 

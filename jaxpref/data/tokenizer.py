@@ -140,7 +140,7 @@ def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
         log.warning("The tokenizer has no pad token; using its eos token %r as pad", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        from jaxpref.data.formats import needs_chat_template
+        from jaxpref.data.formats import needs_chat_template  # lazy: the formats import this module
 
         for key in ("datasets", "test_datasets"):
             for i, ds in enumerate(opt(cfg, key, []) or []):

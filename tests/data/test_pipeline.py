@@ -77,6 +77,7 @@ def test_packing_keeps_segments_apart_and_every_row_once(tmp_path):
     assert sum(int(b["loss_mask"].sum()) for b in batches) == sum(len(tokens(r)) - 1 for r in rows)
     assert data.report.trainable_tokens == sum(len(tokens(r)) - 1 for r in rows)
     assert data.report.tokens == sum(len(tokens(r)) for r in rows)
+    assert f"{data.report.sequences} sequences of 64 tokens" in data.report.summary()
 
 
 def test_bucketing_without_packing(tmp_path):
@@ -88,7 +89,7 @@ def test_bucketing_without_packing(tmp_path):
         longest = int((batch["segment_ids"] > 0).sum(axis=1).max())
         assert batch["input_ids"].shape[1] == min(160, -(-longest // 64) * 64)
         check_batch(batch, batch["input_ids"].shape)
-    assert data.report.truncated == 1
+    assert data.report.truncated == 1 and "sequences of" not in data.report.summary()
     data = completion_data(tmp_path, text_rows(lengths), sequence_len=256, pad_to_sequence_len=True, micro_batch_size=2)
     assert {b["input_ids"].shape for b in epoch(data)} == {(2, 256)}
 
