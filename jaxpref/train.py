@@ -96,9 +96,10 @@ def remat_policy(cfg: Any) -> str:
     return "full" if cfg.gradient_checkpointing else "none"
 
 
-def _every(explicit: int | None, per_epoch: int | None, steps_per_epoch: int) -> int | None:
+def _every(explicit: float | None, per_epoch: int | None, steps_per_epoch: int, total: int) -> int | None:
+    """Cadence in steps from ``*_steps`` (a count, or a fraction < 1 of the run) or ``*_per_epoch``."""
     if explicit:
-        return int(explicit)
+        return max(1, math.ceil(explicit * total)) if explicit < 1 else int(explicit)
     if per_epoch:
         return max(1, steps_per_epoch // int(per_epoch))
     return None
@@ -159,10 +160,9 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         total_steps=total_steps,
         grad_accum=cfg.gradient_accumulation_steps,
         logging_steps=max(1, cfg.logging_steps or 1),
-        eval_every=_every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch),
-        save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch) or steps_per_epoch,
+        eval_every=_every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch, total_steps),
+        save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch, total_steps) or steps_per_epoch,
         skip_nonfinite=cfg.skip_nonfinite_steps,
-        fixed_time_dim=cfg.sequence_len if jax.process_count() > 1 else None,
     )
     data_iter = data.train_iterator(cfg.num_epochs if not cfg.max_steps else None)
     ckpt = Checkpointer(ckpt_root, max_to_keep=cfg.save_total_limit)

@@ -46,8 +46,6 @@ class LoopSettings:
     eval_every: int | None = None
     save_every: int | None = None
     skip_nonfinite: bool = False
-    time_dim_multiple: int = 1  # pad T of a stacked step to a multiple of this (static shapes)
-    fixed_time_dim: int | None = None  # pad T to exactly this (multi-host: equal shapes per process)
 
 
 def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -167,9 +165,9 @@ class Trainer:
         return {"loss": loss, **metrics, "num_items": self.objective.count(batch)}
 
     # ---- host-side API -----------------------------------------------------------------------
-    def train_step(self, micro_batches: list[NumpyBatch], settings: LoopSettings) -> dict[str, float]:
+    def train_step(self, micro_batches: list[NumpyBatch]) -> dict[str, float]:
         """Run one optimizer step on ``accum`` micro-batches (numpy, per process)."""
-        stacked = stack_micro_batches(micro_batches, settings)
+        stacked = stack_micro_batches(micro_batches)
         batch = shd.global_batch(stacked, self.mesh, leading_dims=1)
         self.params, self.opt_state, stats = self._train_step(
             self.params, self.frozen, self.opt_state, batch, jnp.int32(self.step)
@@ -177,11 +175,11 @@ class Trainer:
         self.step += 1
         return {k: float(v) for k, v in jax.device_get(stats).items()}
 
-    def evaluate(self, batches: Iterable[NumpyBatch], settings: LoopSettings) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[NumpyBatch]) -> dict[str, float]:
         """Count-weighted means of the objective's loss and metrics over ``batches``."""
         sums: dict[str, float] = {}
         for mb in batches:
-            stacked = stack_micro_batches([mb], settings)
+            stacked = stack_micro_batches([mb])
             batch = shd.global_batch({k: v[0] for k, v in stacked.items()}, self.mesh)
             out = jax.device_get(self._eval_step(self.params, self.frozen, batch))
             for k, v in out.items():
@@ -197,16 +195,13 @@ class Trainer:
         self.step = step
 
 
-def stack_micro_batches(micro_batches: list[NumpyBatch], settings: LoopSettings) -> dict[str, np.ndarray]:
-    """Stack micro-batches to [accum, B, T, ...], padding the time axis to a common length.
+def stack_micro_batches(micro_batches: list[NumpyBatch]) -> dict[str, np.ndarray]:
+    """Stack micro-batches to [accum, B, T, ...], padding the time axis to their longest T.
 
-    Padding entries are zeros: segment 0, masks False, so they contribute nothing.
+    Padding entries are zeros: segment 0, masks False, so they contribute nothing. (The pipeline
+    already gives every process the same T for a given micro-batch.)
     """
     time_len = max(mb["input_ids"].shape[1] for mb in micro_batches)
-    if settings.fixed_time_dim:
-        time_len = max(time_len, settings.fixed_time_dim)
-    m = max(settings.time_dim_multiple, 1)
-    time_len = -(-time_len // m) * m
     out = {}
     for key in micro_batches[0]:
         arrays = []
@@ -256,7 +251,7 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
             break
         step_before = trainer.step
         lr = hooks.learning_rate(step_before) if hooks.learning_rate else float("nan")
-        stats = trainer.train_step(micro, settings)
+        stats = trainer.train_step(micro)
         if not stats.pop("finite"):
             msg = (
                 f"non-finite loss or gradient at step {trainer.step} (loss={stats['loss']}, "
@@ -282,7 +277,7 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
         if hooks.eval_batches and settings.eval_every and (
             step % settings.eval_every == 0 or step == settings.total_steps
         ):
-            last_eval = trainer.evaluate(hooks.eval_batches(), settings)
+            last_eval = trainer.evaluate(hooks.eval_batches())
             if hooks.log and last_eval:
                 hooks.log(step, "eval", last_eval)
         if hooks.save and settings.save_every and step % settings.save_every == 0:

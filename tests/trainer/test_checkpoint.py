@@ -9,7 +9,7 @@ from flax import nnx
 from jaxpref.checkpoint import Checkpointer
 from jaxpref.logs import RunLogger
 from jaxpref.sharding import make_mesh
-from jaxpref.trainer import LoopSettings, Trainer
+from jaxpref.trainer import Trainer
 
 from .test_trainer import TinyLM, ce_objective, make_batches
 
@@ -20,14 +20,13 @@ def _trainer():
 
 def test_save_restore_continues_identically(tmp_path):
     batches = make_batches(6)
-    settings = LoopSettings(total_steps=6)
     ref = _trainer()
-    ref_losses = [ref.train_step([b], settings)["loss"] for b in batches]
+    ref_losses = [ref.train_step([b])["loss"] for b in batches]
 
     a = _trainer()
     ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
     for b in batches[:3]:
-        a.train_step([b], settings)
+        a.train_step([b])
     ckpt.save(3, a.params, a.opt_state, {"step": 3, "data_state": [{"next_index": 3}]})
     ckpt.wait()
 
@@ -35,7 +34,7 @@ def test_save_restore_continues_identically(tmp_path):
     params, opt, meta = ckpt.restore(ckpt.latest_step(), b_tr.params, b_tr.opt_state)
     b_tr.restore_state(params, opt, meta["step"])
     assert meta["data_state"] == [{"next_index": 3}]
-    resumed = [b_tr.train_step([b], settings)["loss"] for b in batches[3:]]
+    resumed = [b_tr.train_step([b])["loss"] for b in batches[3:]]
     np.testing.assert_array_equal(resumed, ref_losses[3:])
     ckpt.close()
 

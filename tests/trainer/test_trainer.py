@@ -66,8 +66,8 @@ def fresh_trainer(tx=None):
 def test_grad_accumulation_equals_one_big_batch():
     micro = make_batches(8)
     a, b = fresh_trainer(), fresh_trainer()
-    sa = a.train_step(micro, LoopSettings(total_steps=1, grad_accum=8))
-    sb = b.train_step([concat(micro)], LoopSettings(total_steps=1, grad_accum=1))
+    sa = a.train_step(micro)
+    sb = b.train_step([concat(micro)])
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-6)
     assert sa["num_items"] == sb["num_items"] == sum(m["loss_mask"].sum() for m in micro)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -78,7 +78,7 @@ def test_loss_is_token_mean_over_the_whole_step():
     micro = make_batches(3, seed=1)
     t = fresh_trainer()
     model = fresh_trainer().model()  # same initial weights (t's buffers are donated by the step)
-    stats = t.train_step(micro, LoopSettings(total_steps=1, grad_accum=3))
+    stats = t.train_step(micro)
     big = concat(micro)
     logits = np.asarray(model(jnp.asarray(big["input_ids"])), np.float64)
     lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -102,7 +102,7 @@ def test_nonfinite_step_is_not_applied_and_stops_or_skips():
                        mesh=make_mesh(None))
 
     t2 = nan_trainer()
-    stats = t2.train_step(bad, LoopSettings(total_steps=1))
+    stats = t2.train_step(bad)
     assert stats["finite"] == 0.0
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(t2.params)):
         np.testing.assert_array_equal(x, np.asarray(y))
@@ -118,7 +118,7 @@ def test_nonfinite_step_is_not_applied_and_stops_or_skips():
 def test_evaluate_is_count_weighted_mean():
     t = fresh_trainer()
     batches = make_batches(5, seed=3)
-    got = t.evaluate(batches, LoopSettings(total_steps=1))
+    got = t.evaluate(batches)
     big = concat(batches)
     logits = np.asarray(t.model()(jnp.asarray(big["input_ids"])), np.float64)
     lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -129,8 +129,8 @@ def test_evaluate_is_count_weighted_mean():
 
 def test_stack_pads_time_with_masked_zeros():
     a, b = make_batches(1, T=4)[0], make_batches(1, T=7)[0]
-    out = stack_micro_batches([a, b], LoopSettings(total_steps=1, time_dim_multiple=8))
-    assert out["input_ids"].shape == (2, 1, 8)
+    out = stack_micro_batches([a, b])
+    assert out["input_ids"].shape == (2, 1, 7)
     assert not out["loss_mask"][0, :, 4:].any() and (out["segment_ids"][0, :, 4:] == 0).all()
 
 
