@@ -15,6 +15,7 @@ N, H, V, K = 37, 32, 203, 5  # V and N not multiples of any block used below
 
 XLA = ("xla_chunked", dict(block_n=16, block_v=64))
 PALLAS = ("pallas", dict(block_n=16, block_v=32, block_h=16))  # Triton kernels, interpret mode on CPU
+TPU = ("pallas_tpu", dict(block_n=16, block_v=128))  # Mosaic kernels, interpret mode on CPU
 # (impl, block overrides, temperatures): several row chunks, a ragged last vocabulary block, a block
 # wider than V, several vocabulary splits per row block, three temperatures.
 CASES = [
@@ -23,6 +24,8 @@ CASES = [
     ("xla_chunked", dict(block_n=8, block_v=1024), (0.5, 1.0, 3.0)),
     (*PALLAS, (2.0, 1.0)),
     ("pallas", dict(block_n=32, block_v=64, block_h=32), (0.5, 1.0, 3.0)),
+    (*TPU, (2.0, 1.0)),
+    ("pallas_tpu", dict(block_n=8, block_v=256), (0.5, 1.0, 3.0)),
 ]
 
 
@@ -78,7 +81,7 @@ def test_matches_reference(impl, blocks, temps):
         assert_close(a, e)
 
 
-@pytest.mark.parametrize("impl,blocks", [XLA, PALLAS])
+@pytest.mark.parametrize("impl,blocks", [XLA, PALLAS, TPU])
 def test_without_bias_and_single_cotangent(impl, blocks):
     """No bias; a loss of lse only, and one of gathered only (the other cotangent is zero)."""
     hidden, weight, _, ids, g_lse, g_gathered = make_inputs(seed=1)
@@ -111,7 +114,7 @@ def test_duplicate_ids_accumulate():
     assert_close(twice, 2 * once)
 
 
-@pytest.mark.parametrize("impl,blocks", [XLA, PALLAS])
+@pytest.mark.parametrize("impl,blocks", [XLA, PALLAS, TPU])
 def test_bfloat16_inputs(impl, blocks):
     hidden, weight, bias, ids, g_lse, g_gathered = make_inputs(seed=3, dtype=jnp.bfloat16)
     temps = (2.0, 1.0)
@@ -134,7 +137,7 @@ def test_large_logits_stay_finite():
         return linear_logsumexp_gather(hidden, weight, ids, temperatures=(1.0, 0.5), impl=name, **kw)[0]
 
     expected = lse("reference")
-    for impl, blocks in [XLA, PALLAS]:
+    for impl, blocks in [XLA, PALLAS, TPU]:
         actual = jax.jit(lambda impl=impl, blocks=blocks: lse(impl, **blocks))()
         assert bool(jnp.all(jnp.isfinite(actual)))
         assert_close(actual, expected, rtol=1e-5, atol=1e-3)
@@ -148,10 +151,11 @@ def test_auto_uses_xla_on_cpu_and_matches():
         assert_close(a, e)
 
 
-def test_auto_falls_back_with_one_warning_when_pallas_cannot_compile(monkeypatch):
-    """Pretend to be on a GPU: the Triton kernel cannot compile on CPU, so auto warns and uses XLA."""
-    monkeypatch.setattr(api, "_backend", lambda: "gpu")
-    api._pallas_gpu_failure.cache_clear()
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_falls_back_with_one_warning_when_pallas_cannot_compile(monkeypatch, backend):
+    """Pretend to be on a GPU/TPU: its kernel cannot compile on CPU, so auto warns and uses XLA."""
+    monkeypatch.setattr(api, "_backend", lambda: backend)
+    api._pallas_failure.cache_clear()
     hidden, weight, _, ids, _, _ = make_inputs(seed=6, n=24)
     expected = linear_logsumexp_gather(hidden, weight, ids, impl="reference")
     with warnings.catch_warnings(record=True) as caught:
@@ -161,7 +165,7 @@ def test_auto_falls_back_with_one_warning_when_pallas_cannot_compile(monkeypatch
     assert len(messages) == 1 and "using xla_chunked" in messages[0] and "\n" not in messages[0]
     for a, e in zip(out, expected):
         assert_close(a, e)
-    api._pallas_gpu_failure.cache_clear()
+    api._pallas_failure.cache_clear()
 
 
 def test_argument_errors():

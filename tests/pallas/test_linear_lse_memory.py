@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from jaxpref.pallas import linear_logsumexp_gather
 from jaxpref.pallas.linear_lse.pallas_gpu import linear_logsumexp_gather_pallas_gpu
+from jaxpref.pallas.linear_lse.pallas_tpu import linear_logsumexp_gather_pallas_tpu
 
 N, H, V, K = 512, 64, 32768, 9
 NV_BYTES = N * V * 4
@@ -40,4 +41,14 @@ def test_pallas_gpu_lowers_to_three_triton_kernels_without_nv_buffers():
         lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
         text = lowered.as_text()
         assert text.count("__gpu$xla.gpu.triton") == 3  # forward, grad_hidden, grad_weight
+        assert f"{N}x{V}x" not in text
+
+
+def test_pallas_tpu_lowers_to_three_mosaic_kernels_without_nv_buffers():
+    """Lower (not run) the TPU path on this CPU machine: the kernels must lower to Mosaic."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        args = (S((N, H), dtype), S((H, V), dtype), S((N, K), jnp.int32))
+        fn = loss_and_grads(None, linear_logsumexp_gather_pallas_tpu, interpret=False, block_n=128, block_v=512)
+        text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") == 3  # forward, grad_hidden, grad_weight
         assert f"{N}x{V}x" not in text

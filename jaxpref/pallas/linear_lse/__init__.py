@@ -1,7 +1,8 @@
 """Fused LM-head primitive: log-sum-exp over the vocabulary and logits at a few ids, without [N, V].
 
 ``api.linear_logsumexp_gather`` dispatches to ``reference`` (full logits, tests), ``xla`` (chunked, the
-default on CPU) and ``pallas_gpu`` (Triton kernels); ``blocks`` holds the per-backend tile table.
+default on CPU), ``pallas_gpu`` (Triton kernels) and ``pallas_tpu`` (Mosaic kernels); ``blocks`` holds
+the per-backend tile table. docs/kernels.md describes the design.
 """
 
 from .api import IMPLS, linear_logsumexp_gather

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 
 from .blocks import resolve_block_sizes
 from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
+from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
 from .reference import linear_logsumexp_gather_reference
 from .xla import linear_logsumexp_gather_xla
 
-IMPLS = ("auto", "reference", "xla_chunked", "xla", "pallas", "pallas_gpu")
+IMPLS = ("auto", "reference", "xla_chunked", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+_PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linear_logsumexp_gather_pallas_tpu}
 
 
 def _backend() -> str:
@@ -48,10 +50,12 @@ def linear_logsumexp_gather(
         [0, V): callers clip or replace padding ids (e.g. -100) and mask those entries themselves.
       bias: optional [V] LM-head bias.
       temperatures: static positive floats; output row t is ``logsumexp(logits / temperatures[t])``.
-      impl: "auto" (Pallas on GPU, falling back to xla_chunked with a warning when the kernel cannot
-        compile for the shape; xla_chunked elsewhere), "reference", "xla_chunked" (alias "xla"),
-        "pallas_gpu" (alias "pallas"; runs in interpret mode on CPU, for tests).
-      block_n, block_v, block_h: tile overrides; defaults come from ``blocks.py`` per backend.
+      impl: "auto" (Pallas on GPU/TPU, falling back to xla_chunked with a one-line warning when the
+        kernel cannot compile for the shape; xla_chunked on CPU), "reference", "xla_chunked" (alias
+        "xla"), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic), "pallas" (the one for this backend;
+        pallas_gpu on CPU). On CPU the Pallas kernels run in interpret mode (tests only).
+      block_n, block_v, block_h: tile overrides; defaults come from ``blocks.py`` per backend
+        (``block_h`` is used by pallas_gpu only).
 
     Returns:
       (logsumexp [len(temperatures), N] float32, gathered [N, K'] float32 raw logits at ``ids``).
@@ -59,32 +63,39 @@ def linear_logsumexp_gather(
     temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
     ids = ids.astype(jnp.int32)
     backend = _backend()
-    name = {"auto": "pallas_gpu" if backend == "gpu" else "xla_chunked", "xla": "xla_chunked"}.get(impl, impl)
-    name = "pallas_gpu" if name == "pallas" else name
+    name = _resolve(impl, backend)
     if name == "reference":
         return linear_logsumexp_gather_reference(hidden, weight, ids, bias=bias, temperatures=temps)
-    if name == "pallas_gpu":
+    if name in _PALLAS:
         sizes = resolve_block_sizes(backend, name, block_n=block_n, block_v=block_v, block_h=block_h)
-        opts = dict(
-            temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v, block_h=sizes.block_h,
-            interpret=backend == "cpu",
-        )  # fmt: skip
+        opts = dict(temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v, interpret=backend == "cpu")
+        if name == "pallas_gpu":
+            opts["block_h"] = sizes.block_h
+        kernel = _PALLAS[name]
         if impl != "auto":
-            return linear_logsumexp_gather_pallas_gpu(hidden, weight, ids, bias=bias, **opts)
-        reason = _pallas_gpu_failure(_signature(hidden, weight, ids, bias), tuple(sorted(opts.items())))
+            return kernel(hidden, weight, ids, bias=bias, **opts)
+        reason = _pallas_failure(name, _signature(hidden, weight, ids, bias), tuple(sorted(opts.items())))
         if reason is None:
-            return linear_logsumexp_gather_pallas_gpu(hidden, weight, ids, bias=bias, **opts)
+            return kernel(hidden, weight, ids, bias=bias, **opts)
         warnings.warn(
-            f"jaxpref linear_logsumexp_gather: Pallas GPU kernel unavailable ({reason}); using xla_chunked",
+            f"jaxpref linear_logsumexp_gather: {name} kernel unavailable ({reason}); using xla_chunked",
             RuntimeWarning,
             stacklevel=2,
         )
-        name = "xla_chunked"
         block_n = block_v = None  # Pallas tile overrides are not meaningful for the XLA version
     sizes = resolve_block_sizes(backend, "xla_chunked", block_n=block_n, block_v=block_v)
     return linear_logsumexp_gather_xla(
         hidden, weight, ids, bias=bias, temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v
     )
+
+
+def _resolve(impl: str, backend: str) -> str:
+    """Implementation name for ``impl`` on ``backend``."""
+    if impl == "auto":
+        return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla_chunked")
+    if impl == "pallas":
+        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+    return "xla_chunked" if impl == "xla" else impl
 
 
 def _check_args(hidden, weight, ids, bias, temperatures, impl) -> tuple[float, ...]:
@@ -116,15 +127,15 @@ def _signature(hidden, weight, ids, bias) -> tuple:
 
 
 @functools.lru_cache(maxsize=128)
-def _pallas_gpu_failure(signature: tuple, options: tuple) -> str | None:
-    """None if forward and backward Pallas kernels compile for these shapes, else a one-line reason."""
+def _pallas_failure(name: str, signature: tuple, options: tuple) -> str | None:
+    """None if the forward and backward Pallas kernels compile for these shapes, else a one-line reason."""
     (h_shape, h_dtype, w_shape, w_dtype, ids_shape, bias_sig) = signature
     opts = dict(options)
     has_bias = bias_sig is not None
 
     def vjp(hidden, weight, bias, ids, ct):
         def f(h, w, b):
-            return linear_logsumexp_gather_pallas_gpu(h, w, ids, bias=b if has_bias else None, **opts)
+            return _PALLAS[name](h, w, ids, bias=b if has_bias else None, **opts)
 
         out, pullback = jax.vjp(f, hidden, weight, bias)
         return out, pullback(ct)

@@ -23,13 +23,17 @@ class BlockSizes:
 # xla_chunked on CPU: one big row chunk keeps each weight block read once per pass, and a wide vocabulary
 #   block keeps the per-block matmul efficient; [block_n, block_v] float32 is the largest temporary.
 # pallas_gpu: Triton tiles; powers of two (Triton block shapes), sized for ~100 KB of shared memory.
-# pallas_gpu on CPU: interpret mode (tests only), small tiles so the Python-level interpreter stays quick.
+# pallas_tpu: (8, 128)-aligned tiles holding the whole hidden dimension; sized to stay within the default
+#   16 MiB scoped VMEM at H = 4096 in bfloat16 (double-buffered h, W and grad tiles).
+# pallas_* on CPU: interpret mode (tests only), small tiles so the interpreter stays quick.
 _TABLE: dict[tuple[str, str], BlockSizes] = {
     ("cpu", "xla_chunked"): BlockSizes(block_n=4096, block_v=2048),
     ("gpu", "xla_chunked"): BlockSizes(block_n=8192, block_v=8192),
     ("tpu", "xla_chunked"): BlockSizes(block_n=8192, block_v=8192),
     ("gpu", "pallas_gpu"): BlockSizes(block_n=64, block_v=128, block_h=64),
     ("cpu", "pallas_gpu"): BlockSizes(block_n=16, block_v=32, block_h=16),
+    ("tpu", "pallas_tpu"): BlockSizes(block_n=128, block_v=256),
+    ("cpu", "pallas_tpu"): BlockSizes(block_n=16, block_v=128),
 }
 
 _FALLBACK = BlockSizes(block_n=4096, block_v=4096, block_h=64)

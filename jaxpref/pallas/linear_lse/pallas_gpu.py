@@ -35,7 +35,7 @@ _TARGET_PROGRAMS = 1024  # forward grid size to aim for (a few waves on a 100+ S
 
 
 class PallasUnsupportedError(ValueError):
-    """The Pallas GPU kernels cannot handle this shape / dtype / block configuration."""
+    """A Pallas kernel (GPU or TPU) cannot handle this shape / dtype / block configuration."""
 
 
 @dataclass(frozen=True)
@@ -153,11 +153,12 @@ def _fwd_kernel(*refs, cfg: _Config):
     def v_step(j, carry):
         v0 = j * bv
         z, cols, _ = _logits_tile(h_ref, w_ref, b_ref, r0, v0, cfg)
+        z_max = jnp.max(z, axis=1)  # max(z / t) == max(z) / t exactly: rounding is monotonic
         new = []
         for t, temp in enumerate(cfg.temps):
             m, s = carry[t]
             zt = z if temp == 1.0 else z / temp
-            m_new = jnp.maximum(m, jnp.max(zt, axis=1))
+            m_new = jnp.maximum(m, z_max if temp == 1.0 else z_max / temp)
             new.append((m_new, s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(zt - m_new[:, None]), axis=1)))
 
         def k_step(k, _):

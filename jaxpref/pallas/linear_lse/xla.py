@@ -79,10 +79,11 @@ def _fwd_chunk(
     def body(carry, v0, width):
         m, s, gathered = carry
         z = _block_logits(h, weight, bias, v0, width)
+        z_max = jnp.max(z, axis=1)  # max(z / t) == max(z) / t exactly: rounding is monotonic
         new_m, new_s = [], []
         for i, t in enumerate(temps):
             zt = z if t == 1.0 else z / t
-            mi = jnp.maximum(m[i], jnp.max(zt, axis=1))
+            mi = jnp.maximum(m[i], z_max if t == 1.0 else z_max / t)
             new_s.append(s[i] * jnp.exp(m[i] - mi) + jnp.sum(jnp.exp(zt - mi[:, None]), axis=1))
             new_m.append(mi)
         col, inside = _local_ids(ids, v0, width)
