@@ -147,7 +147,8 @@ def apply_lora(
         )
     model.lora_config = cfg
     model.lora_dropout = cfg.dropout
-    model.dropout_rngs = nnx.Rngs(dropout=rngs.params())
+    if cfg.dropout > 0:  # no RNG state (nothing to reseed or thread through jit) without dropout
+        model.dropout_rngs = nnx.Rngs(dropout=rngs.params())
 
 
 def trainable_filter(model: CausalLM) -> Any:

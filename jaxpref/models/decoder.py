@@ -1,4 +1,4 @@
-"""The causal decoder: embeddings, a stack of blocks run under ``nnx.scan``, final norm, LM head.
+"""The causal decoder: embeddings, a stack of blocks run under ``lax.scan``, final norm, LM head.
 
 Layer parameters are always stored stacked along a leading ``layers`` axis (one traced block, so
 compile time does not grow with depth). ``scan_layers=False`` runs the same stacked parameters in a
@@ -37,7 +37,7 @@ class CausalLM(nnx.Module):
       dtype: compute dtype (activations, matmul inputs); norms, RoPE and softmax run in float32.
       param_dtype: storage dtype of parameters.
       remat_policy: "none", "full", "dots" or "dots_with_no_batch_dims" (per block).
-      scan_layers: run blocks under ``nnx.scan`` (True) or unrolled (False; same parameters).
+      scan_layers: run blocks under ``lax.scan`` (True) or unrolled (False; same parameters).
       attention_impl: "auto", "xla" or "cudnn" (see ``attention.attention``).
     """
 
@@ -118,26 +118,24 @@ class CausalLM(nnx.Module):
         return jax.random.split(dropout_key, self.config.num_hidden_layers)
 
     def _run_layers(self, x, cos, sin, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
-        def block_fn(block: Block, x, cos, sin, segment_ids, key):
-            return block(x, cos, sin, segment_ids, key, use_adapters=use_adapters)
+        # A plain lax.scan over the split layer state (not nnx.scan): every block is re-merged from
+        # arrays inside the scan, so the forward also works when callers hand in a model merged from
+        # state of an outer trace (nnx transforms reject Variables from a different trace level).
+        graphdef, state = nnx.split(self.layers)
 
-        policy = REMAT_POLICIES[self.remat_policy]
+        def body(x, xs):
+            layer_state, key = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, cos, sin, segment_ids, key, use_adapters=use_adapters), None
+
         if self.remat_policy != "none":
             # Inside scan the CSE barrier is unnecessary (and costs fusion opportunities).
-            block_fn = nnx.remat(block_fn, policy=policy, prevent_cse=not self.scan_layers)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            key_axis = None if layer_keys is None else 0
-            scan = nnx.scan(
-                lambda x, block, cos, sin, seg, key: block_fn(block, x, cos, sin, seg, key),
-                in_axes=(nnx.Carry, 0, None, None, None, key_axis),
-                out_axes=nnx.Carry,
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            return scan(x, self.layers, cos, sin, segment_ids, layer_keys)
-        graphdef, state = nnx.split(self.layers)
+            return jax.lax.scan(body, x, (state, layer_keys))[0]
         for i in range(self.config.num_hidden_layers):
-            block = nnx.merge(graphdef, jax.tree.map(partial(_take, i=i), state))
-            x = block_fn(block, x, cos, sin, segment_ids, None if layer_keys is None else layer_keys[i])
+            layer_state = jax.tree.map(partial(_take, i=i), state)
+            x, _ = body(x, (layer_state, None if layer_keys is None else layer_keys[i]))
         return x
 
     def construction_kwargs(self) -> dict[str, Any]:

@@ -139,3 +139,30 @@ def test_positions_default_to_arange(hf_checkpoint):
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids, positions=pos)))
     shifted = np.asarray(model(ids, positions=pos + 3))
     assert not np.allclose(shifted, np.asarray(model(ids)))
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_forward_works_on_a_model_merged_from_outer_trace_state(policy):
+    """Trainer pattern: split once, merge inside nested transforms (scan over micro-batches, grad)."""
+    from jaxpref.lora import LoraConfig, apply_lora
+
+    model = from_config(QWEN3, remat_policy=policy)
+    apply_lora(model, LoraConfig(r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj",)), rngs=nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    ids = jnp.asarray(random_ids((1, 6)))
+
+    @jax.jit
+    def step(params, frozen):
+        def one(carry, i):
+            def loss(params):
+                m = nnx.merge(graphdef, params, frozen)
+                return m(ids, deterministic=False, dropout_key=jax.random.key(i)).sum()
+
+            return carry, jax.grad(loss)(params)
+
+        shape = jax.eval_shape(lambda: nnx.merge(graphdef, params, frozen)(ids))
+        return shape.shape, jax.lax.scan(one, 0, jnp.arange(2))[1]
+
+    shape, grads = step(params, frozen)
+    assert tuple(shape) == (1, 6, 32)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
