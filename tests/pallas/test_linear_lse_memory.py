@@ -32,6 +32,18 @@ def test_xla_chunked_temporaries_are_a_small_fraction_of_the_logits():
     assert f"f32[{N},{V}]" not in fused.as_text()
 
 
+def test_xla_chunked_bfloat16_weight_is_not_upcast_whole():
+    """XLA's CPU compiler likes to hoist a float32 copy of a bf16 weight out of the loop; it must not.
+
+    What remains on CPU is a 16-bit (uint16) view of W and of its gradient buffer.
+    """
+    args = (S((N, H), jnp.bfloat16), S((H, V), jnp.bfloat16), S((N, K), jnp.int32))
+    fused = loss_and_grads("xla_chunked", block_v=512).lower(*args).compile()
+    text = fused.as_text()
+    assert f"f32[{H},{V}]" not in text and f"f32[{N},{V}]" not in text and f"bf16[{N},{V}]" not in text
+    assert fused.memory_analysis().temp_size_in_bytes < NV_BYTES / 10 + 2 * (H * V * 2)
+
+
 def test_pallas_gpu_lowers_to_three_triton_kernels_without_nv_buffers():
     """Lower (not run) the GPU path for CUDA on this CPU machine: every op in the kernels must have a
     Triton lowering, and the surrounding program must not create [N, V]."""

@@ -54,9 +54,28 @@ def _vocab_loop(v: int, block_v: int, body: Callable, carry):
     return carry
 
 
-def _block_logits(h: jax.Array, weight: jax.Array, bias: jax.Array | None, v0, width: int) -> jax.Array:
-    """float32 logits [n, width] for vocabulary columns [v0, v0 + width)."""
-    w_blk = lax.dynamic_slice_in_dim(weight, v0, width, axis=1)
+def _to_bits(x: jax.Array) -> jax.Array:
+    """16-bit floats as uint16 (a free bitcast), other dtypes unchanged.
+
+    XLA's CPU compiler upcasts bfloat16 slices and updates to float32 and then hoists the convert of the
+    whole weight out of the loop (a float32 copy of W, and a full-buffer convert per grad_W update).
+    Moving 16-bit weights as integers keeps every slice/update a plain copy of one block.
+    """
+    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _weight_block(weight_bits: jax.Array, dtype, v0, width: int) -> jax.Array:
+    """Columns [v0, v0 + width) of the weight (given as ``_to_bits(weight)``), in ``dtype``."""
+    w_blk = lax.dynamic_slice_in_dim(weight_bits, v0, width, axis=1)
+    return _from_bits(lax.optimization_barrier(w_blk), dtype)
+
+
+def _block_logits(h: jax.Array, w_blk: jax.Array, bias: jax.Array | None, v0, width: int) -> jax.Array:
+    """float32 logits [n, width] for the weight block of vocabulary columns [v0, v0 + width)."""
     z = jnp.dot(h, w_blk, preferred_element_type=_F32)
     if bias is not None:
         z = z + lax.dynamic_slice_in_dim(bias, v0, width).astype(_F32)[None, :]
@@ -75,10 +94,11 @@ def _fwd_chunk(
 ) -> tuple[jax.Array, jax.Array]:
     """One row chunk: (lse [T, n], gathered [n, K'])."""
     n = h.shape[0]
+    w_bits = _to_bits(weight)
 
     def body(carry, v0, width):
         m, s, gathered = carry
-        z = _block_logits(h, weight, bias, v0, width)
+        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width)
         z_max = jnp.max(z, axis=1)  # max(z / t) == max(z) / t exactly: rounding is monotonic
         new_m, new_s = [], []
         for i, t in enumerate(temps):
@@ -116,15 +136,18 @@ def _bwd_chunk(
     """One row chunk of the VJP: returns (grad_h [n, H] f32, gw [H, V], gb [V] or None).
 
     ``gw``/``gb`` receive this chunk's contribution per vocabulary block: added when ``accumulate``
-    (several row chunks, float32 buffers), otherwise written directly (one chunk, final dtype).
+    (several row chunks, float32 buffers), otherwise written directly (one chunk, final dtype; a 16-bit
+    ``gw`` is passed and returned as ``_to_bits``).
     """
     n = h.shape[0]
+    w_bits = _to_bits(weight)
     coef = [g_lse[i] / t for i, t in enumerate(temps)]  # d lse_t / d z = softmax(z / t) / t
     rows = jnp.arange(n, dtype=jnp.int32)[:, None]
 
     def body(carry, v0, width):
         gh, gw, gb = carry
-        z = _block_logits(h, weight, bias, v0, width)
+        w_blk = _weight_block(w_bits, weight.dtype, v0, width)
+        z = _block_logits(h, w_blk, bias, v0, width)
         dz = None
         for i, t in enumerate(temps):
             zt = z if t == 1.0 else z / t
@@ -133,12 +156,13 @@ def _bwd_chunk(
         col, inside = _local_ids(ids, v0, width)
         # Scatter-add: duplicate ids in a row accumulate, as the gradient of a gather must.
         dz = dz.at[rows, col].add(jnp.where(inside, g_gathered, 0.0), mode="promise_in_bounds")
-        w_blk = lax.dynamic_slice_in_dim(weight, v0, width, axis=1)
         gh = gh + lax.dot_general(dz, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
         gw_blk = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
-        if accumulate:
+        if accumulate:  # float32 accumulator over row chunks
             gw_blk = gw_blk + lax.dynamic_slice_in_dim(gw, v0, width, axis=1)
-        gw = lax.dynamic_update_slice_in_dim(gw, gw_blk.astype(gw.dtype), v0, axis=1)
+        else:
+            gw_blk = _to_bits(gw_blk.astype(weight.dtype))
+        gw = lax.dynamic_update_slice_in_dim(gw, gw_blk, v0, axis=1)
         if gb is not None:
             gb_blk = jnp.sum(dz, axis=0)
             if accumulate:
@@ -199,10 +223,11 @@ def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
     if num == 1:
         gh, gw, gb = _bwd_chunk(
             hidden, weight, bias, ids, lse, g_lse, g_gathered,
-            jnp.zeros(weight.shape, weight.dtype),
+            _to_bits(jnp.zeros(weight.shape, weight.dtype)),
             None if bias is None else jnp.zeros((v,), _F32),
             temps, block_v, accumulate=False,
         )  # fmt: skip
+        gw = _from_bits(gw, weight.dtype)
     else:
         total = rows * num
         xs = (
