@@ -287,7 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=os.environ.get("JAXPREF_LOG_LEVEL", "INFO"), format="%(message)s")
+    # force: importing orbax already ran absl's logging.basicConfig() with its own format.
+    logging.basicConfig(level=os.environ.get("JAXPREF_LOG_LEVEL", "INFO"), format="%(message)s", force=True)
     for noisy in ("absl", "jax", "orbax", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from jaxpref.config import load_config

@@ -114,7 +114,9 @@ class Trainer:
 
     # ---- jitted functions --------------------------------------------------------------------
     def _micro_loss(self, params, frozen, mb, num_items, key, *, train: bool):
-        model = nnx.merge(self.graphdef, params, frozen)
+        # copy=True: the merged model must own its variables, since reseeding mutates RNG state
+        # that otherwise belongs to an outer trace.
+        model = nnx.merge(self.graphdef, params, frozen, copy=True)
         if train:
             _reseed(model, key)
         return self.objective.loss(model, mb, num_items, train=train)
@@ -288,6 +290,7 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
 def _summarize_window(window: list[dict[str, float]], elapsed: float) -> dict[str, float]:
     """Average per-step metrics over the logging window; sums for token counts."""
     out = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    out["learning_rate"] = window[-1]["learning_rate"]
     tokens = sum(w["tokens"] for w in window)
     out["tokens"] = tokens
     out["trainable_tokens"] = sum(w["trainable_tokens"] for w in window)

@@ -47,6 +47,6 @@ def build_sft(cfg: Any) -> Objective:
         logps = fused_token_logps(h, model.lm_head_weight(), batch["labels"].reshape(-1), **kopts)
         mask = batch["loss_mask"].reshape(-1)
         nll = -jnp.sum(jnp.where(mask, logps, 0.0)) / num_items
-        return nll, {"ce": nll}
+        return nll, {}
 
     return Objective(name="sft", count=trainable_tokens, loss=loss)

@@ -1,0 +1,211 @@
+"""``python -m jaxpref.train`` end to end on the embedded default: outputs, resume after SIGKILL, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxpref.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(sequence_len=128, micro_batch_size=4, logging_steps=1, eval_steps=0.5, save_total_limit=3, warmup_steps=2)
+
+
+def small_config(tmp_path: Path, **overrides) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
+    cfg["base_model"] = str(REPO / "demo" / "tiny-llama")
+    cfg["datasets"][0]["path"] = str(REPO / "demo" / "data" / "sft_train.jsonl")
+    cfg["test_datasets"][0]["path"] = str(REPO / "demo" / "data" / "sft_eval.jsonl")
+    cfg["output_dir"] = str(tmp_path / "out")
+    cfg.update(SMALL)
+    cfg.update(overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(out: Path, split: str = "train") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["split"] == split}
+
+
+def run_cli(args, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxpref.train", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )
+
+
+@pytest.mark.slow
+def test_sft_run_writes_logs_checkpoints_and_a_transformers_model(tmp_path):
+    cfg = small_config(tmp_path)
+    proc = run_cli(["--config", str(cfg), "max_steps=6", "save_steps=3"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    out = tmp_path / "out"
+    assert "train: 100%" in err  # the progress bar
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+    train = read_metrics(out)
+    assert sorted(train) == list(range(1, 7))
+    for key in ("loss", "learning_rate", "grad_norm", "tokens", "trainable_tokens", "step_time", "tokens_per_second"):
+        assert np.isfinite(train[6][key]), key
+    assert set(read_metrics(out, "eval")) == {3, 6}
+
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxpref import models
+
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Compute 2+2"}], add_generation_prompt=True,
+                                  return_dict=True)["input_ids"]
+    ours = models.from_pretrained(out)
+    logits_ours = np.asarray(ours.logits(ours(np.asarray([ids], np.int32))))
+    with torch.no_grad():
+        logits_hf = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(logits_ours, logits_hf, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_gives_the_uninterrupted_loss_curve(tmp_path):
+    steps = ["max_steps=24", "save_steps=4"]
+    ref_cfg = small_config(tmp_path / "ref")
+    ref = run_cli(["--config", str(ref_cfg), *steps, "--no_progress"])
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    reference = read_metrics(tmp_path / "ref" / "out")
+
+    cfg = small_config(tmp_path / "killed")
+    out = tmp_path / "killed" / "out"
+    proc = run_cli(["--config", str(cfg), *steps, "--no_progress"])
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "8").is_dir():  # a finished checkpoint (written atomically)
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(read_metrics(out))
+    assert killed_at < 24, "the run finished before it could be killed"
+
+    again = run_cli(["--config", str(cfg), *steps, "--no_progress"])
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert "resumed from" in err
+    resumed = read_metrics(out)
+    assert sorted(resumed) == list(range(1, 25))  # rewound: no step logged twice, none missing
+    for step in range(1, 25):
+        assert resumed[step]["loss"] == reference[step]["loss"], step
+    final_ref, final = read_metrics(tmp_path / "ref" / "out", "eval"), read_metrics(out, "eval")
+    assert final[24]["loss"] == final_ref[24]["loss"]
+
+
+def _bad(tmp_path, capsys, args):
+    code = main(["--no_progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_key_and_wrong_type_exit_2(tmp_path, capsys):
+    cfg = small_config(tmp_path)
+    err = _bad(tmp_path, capsys, ["--config", str(cfg), "lerning_rate=1e-3"])
+    assert "learning_rate" in err
+    err = _bad(tmp_path, capsys, ["--config", str(cfg), "micro_batch_size=two"])
+    assert "micro_batch_size" in err
+    err = _bad(tmp_path, capsys, ["--config", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in err
+
+
+def test_missing_model_and_dataset_paths_exit_2(tmp_path, capsys):
+    cfg = small_config(tmp_path, base_model=str(tmp_path / "no-such-model"))
+    err = _bad(tmp_path, capsys, ["--config", str(cfg)])
+    assert "no-such-model" in err
+    cfg = small_config(tmp_path)
+    err = _bad(tmp_path, capsys, ["--config", str(cfg), f"datasets.0.path={tmp_path / 'nope.jsonl'}"])
+    assert "nope.jsonl" in err
+
+
+def test_tokenizer_without_chat_template_exit_2(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(REPO / "demo" / "tiny-llama", model_dir)
+    (model_dir / "chat_template.jinja").unlink()
+    cfg = small_config(tmp_path, base_model=str(model_dir), chat_template="tokenizer_default")
+    err = _bad(tmp_path, capsys, ["--config", str(cfg)])
+    assert "chat template" in err.lower() or "chat_template" in err
+
+
+def test_unwritable_output_dir_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = small_config(tmp_path, output_dir=str(blocker / "out"))
+    err = _bad(tmp_path, capsys, ["--config", str(cfg)])
+    assert "output_dir" in err
+
+
+def test_existing_checkpoints_without_resume_exit_2(tmp_path, capsys):
+    cfg = small_config(tmp_path, resume_from_checkpoint=None)
+    (tmp_path / "out" / "checkpoints" / "5").mkdir(parents=True)
+    err = _bad(tmp_path, capsys, ["--config", str(cfg)])
+    assert "resume_from_checkpoint: auto" in err
+
+
+def test_cli_subprocess_exit_code_is_2(tmp_path):
+    cfg = small_config(tmp_path)
+    proc = run_cli(["--config", str(cfg), "not_a_key=1"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "not_a_key" in err and "Traceback" not in err
+
+
+def test_plugin_objective_by_import_path(tmp_path):
+    cfg = small_config(tmp_path, objective="tests.trainer.plugin_example:build")
+    assert main(["--no_progress", "--config", str(cfg), "max_steps=2", "eval_steps=2"]) == 0
+    train = read_metrics(tmp_path / "out")
+    assert train[2]["plugin_tokens"] == pytest.approx(1.0)  # a contribution: sums to 1 over the step
+    assert read_metrics(tmp_path / "out", "eval")[2]["plugin_tokens"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_lora_sft_run_exports_a_peft_adapter(tmp_path):
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxpref import lora, models
+
+    cfg = small_config(
+        tmp_path, adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_linear=True,
+        random_init_weights=False, base_model=str(tmp_path / "base"), learning_rate=1e-2,
+        tokenizer_config=str(REPO / "demo" / "tiny-llama"),
+    )
+    base = models.from_config(models.load_model_config(REPO / "demo" / "tiny-llama"), seed=3)
+    models.save_pretrained(base, tmp_path / "base")
+    assert main(["--no_progress", "--config", str(cfg), "max_steps=3", "save_steps=3"]) == 0
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+
+    ours = models.from_pretrained(tmp_path / "base")
+    lora.load_peft_adapter(ours, out)
+    ids = np.arange(1, 20, dtype=np.int32)[None]
+    logits_ours = np.asarray(ours.logits(ours(ids)))
+    base_logits = np.asarray(base.logits(base(ids)))
+    assert np.abs(logits_ours - base_logits).max() > 1e-4  # the adapter learned something
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out).eval()
+    with torch.no_grad():
+        logits_hf = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits_ours, logits_hf, atol=1e-4)
