@@ -9,6 +9,7 @@ than a few [rows, block_v] float32 buffers; [N, V] never exists.
 
 The weight is never padded or reshaped (both would copy [H, V] per call): full blocks are read with
 ``dynamic_slice`` inside a ``fori_loop`` and a ragged last block is handled by a static tail step.
+16-bit weights travel as uint16 bit patterns (see ``_to_bits``).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def _vocab_loop(v: int, block_v: int, body: Callable, carry):
 
 
 def _to_bits(x: jax.Array) -> jax.Array:
-    """16-bit floats as uint16 (a free bitcast), other dtypes unchanged.
+    """16-bit floats as uint16 (a bitcast), other dtypes unchanged.
 
     XLA's CPU compiler upcasts bfloat16 slices and updates to float32 and then hoists the convert of the
     whole weight out of the loop (a float32 copy of W, and a full-buffer convert per grad_W update).
-    Moving 16-bit weights as integers keeps every slice/update a plain copy of one block.
+    Moving 16-bit weights as integers keeps every slice/update a plain copy of one block; at worst XLA
+    materialises the uint16 view once (half the size of the float32 copy).
     """
     return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
