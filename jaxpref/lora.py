@@ -37,7 +37,7 @@ from jaxpref.models.hf_io import (
     write_safetensors,
 )
 from jaxpref.models.layers import Linear, make_param
-from jaxpref.models.partitioning import Rules, variable_sharding
+from jaxpref.sharding import Rules, variable_sharding
 
 PEFT_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVEABLE_MODULES = ("embed_tokens", "lm_head")

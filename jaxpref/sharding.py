@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The logical axis names model parameters carry.
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "lora_rank")
+
+Rules = Sequence[Sequence[Any]]
+"""(logical name, mesh axis | tuple/list of mesh axes | None) pairs; they override the defaults by name."""
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -80,7 +85,7 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     )
 
 
-def _rule_table(rules: Sequence[Sequence[Any]] | None) -> dict[str, Any]:
+def _rule_table(rules: Rules | None) -> dict[str, Any]:
     table = dict(DEFAULT_RULES)
     for name, axis in rules or ():
         table[name] = tuple(axis) if isinstance(axis, list) else axis
@@ -88,7 +93,7 @@ def _rule_table(rules: Sequence[Sequence[Any]] | None) -> dict[str, Any]:
 
 
 def logical_to_spec(
-    names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Sequence[Sequence[Any]] | None
+    names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules | None = None
 ) -> PartitionSpec:
     """Map one array's logical axis names to a PartitionSpec for ``mesh``.
 
@@ -100,7 +105,7 @@ def logical_to_spec(
     table = _rule_table(rules)
     used: set[str] = set()
     spec: list[Any] = []
-    for name, dim in zip(names, shape):
+    for name, dim in zip(names, shape, strict=True):
         axes = table.get(name) if name is not None else None
         if axes is None:
             spec.append(None)
@@ -116,21 +121,33 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None) -> Any:
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+    """NamedSharding for one variable from its ``out_sharding`` metadata (replicated without it)."""
+    names = var.get_metadata().get("out_sharding")
+    return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """NamedShardings for every array in an ``nnx.State`` (or optimizer state built from one).
 
-    Logical names come from each variable's ``out_sharding`` metadata; arrays without it
-    (optimizer step counters, RNG keys) are replicated.
+    The result has the structure of ``state`` (variables keep their metadata, holding a sharding as
+    value), so it serves as ``jax.jit`` in/out shardings and for ``jax.device_put``. Arrays without
+    logical names (optimizer step counters, RNG keys) are replicated.
     """
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, nnx.Variable):
-            names = leaf.get_metadata().get("out_sharding")
-            value = leaf.get_value()
-            return leaf.replace(NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules)))
+            return leaf.replace(variable_sharding(leaf, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> None:
+    """Move every array variable of ``module`` (in place) into the sharding its logical axes give."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Variable) and hasattr(node.get_value(), "shape"):
+            node.set_value(jax.device_put(node.get_value(), variable_sharding(node, mesh, rules)))
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -141,11 +158,6 @@ def place(tree: Any, shardings: Any) -> Any:
 def batch_sharding(mesh: Mesh, *, leading_dims: int = 0) -> NamedSharding:
     """Sharding of a batch array: ``leading_dims`` unsharded axes, then the batch axis over data+fsdp."""
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))
-
-
-def data_shard_info(mesh: Mesh) -> tuple[int, int]:
-    """(index, count) of this process's slice of the global batch."""
-    return jax.process_index(), jax.process_count()
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading_dims: int = 0) -> dict[str, jax.Array]:

@@ -56,15 +56,24 @@ def check_output_dir(path: Path) -> None:
         ) from exc
 
 
-def build_model(cfg: Any, vocab_needed: int) -> Any:
-    """The base model (pretrained or random init), with LoRA applied when configured."""
+def build_model(cfg: Any, vocab_needed: int, mesh: Any = None) -> Any:
+    """The base model (pretrained or random init), with LoRA applied when configured.
+
+    With a mesh, every parameter is created (or read) straight into its shard.
+    """
     from flax import nnx
 
     from jaxpref import lora, models
 
-    dtype = DTYPES[cfg.compute_dtype]
-    param_dtype = DTYPES[cfg.param_dtype]
-    common = dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy(cfg), scan_layers=cfg.scan_layers)
+    rules = cfg.logical_axis_rules
+    common = dict(
+        dtype=DTYPES[cfg.compute_dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        remat_policy=remat_policy(cfg),
+        scan_layers=cfg.scan_layers,
+        mesh=mesh,
+        rules=rules,
+    )
     if cfg.random_init_weights:
         mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
         model = models.from_config(mcfg, seed=cfg.seed, **common)
@@ -84,9 +93,9 @@ def build_model(cfg: Any, vocab_needed: int) -> Any:
             target_modules=tuple(lora.resolve_target_modules(cfg.lora_target_modules, cfg.lora_target_linear)),
             modules_to_save=tuple(cfg.lora_modules_to_save or ()),
         )
-        lora.apply_lora(model, lcfg, rngs=nnx.Rngs(cfg.seed + 1))
+        lora.apply_lora(model, lcfg, rngs=nnx.Rngs(cfg.seed + 1), mesh=mesh, rules=rules)
         if cfg.lora_model_dir:
-            lora.load_peft_adapter(model, cfg.lora_model_dir)
+            lora.load_peft_adapter(model, cfg.lora_model_dir, mesh=mesh, rules=rules)
     return model
 
 
@@ -143,7 +152,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     logger.info(data.report.summary())
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
-    model = build_model(cfg, len(tokenizer))
+    model = build_model(cfg, len(tokenizer), mesh)
     objective = build_objective(cfg, objective_name(cfg))
     tx, schedule = make_optimizer(cfg, total_steps)
     from jaxpref import lora

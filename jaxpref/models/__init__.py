@@ -8,7 +8,7 @@ from jaxpref.models.attention import attention
 from jaxpref.models.config import ModelConfig, load_model_config
 from jaxpref.models.decoder import REMAT_POLICIES, CausalLM
 from jaxpref.models.hf_io import from_config, from_pretrained, save_pretrained
-from jaxpref.models.partitioning import DEFAULT_RULES, logical_to_spec, shard_module, state_shardings
+from jaxpref.sharding import DEFAULT_RULES, logical_to_spec, shard_module, state_shardings
 
 __all__ = [
     "DEFAULT_RULES",

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.errors import ModelError
 from jaxpref.models import REMAT_POLICIES, ModelConfig, from_config, from_pretrained
-from jaxpref.models.partitioning import LOGICAL_AXES, logical_to_spec
+from jaxpref.sharding import LOGICAL_AXES, logical_to_spec
 from tests.models.tiny import TINY, random_ids
 
 QWEN3 = ModelConfig.from_hf_dict({**TINY, "model_type": "qwen3", "head_dim": 16})
