@@ -209,3 +209,15 @@ def test_lora_sft_run_exports_a_peft_adapter(tmp_path):
     with torch.no_grad():
         logits_hf = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits_ours, logits_hf, atol=1e-4)
+
+
+def test_dry_run_reports_sizes_without_weights(tmp_path, capsys):
+    cfg = small_config(tmp_path)
+    assert main(["--config", str(cfg), "--dry_run"]) == 0
+    report = yaml.safe_load(capsys.readouterr().out)
+    # tiny-llama: tied 512 x 128 embedding, 4 layers of (q 128x128, k/v 128x64, o 128x128, mlp 3 x 128x384,
+    # 2 norms), final norm
+    layer = 128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384 + 2 * 128
+    assert report["parameters"] == 512 * 128 + 4 * layer + 128
+    assert report["param_bytes_per_device"] == report["parameters"] * 4
+    assert not (tmp_path / "out").exists()
