@@ -120,7 +120,11 @@ def plan_steps(cfg: Any, micro_batches_per_epoch: int) -> tuple[int, int]:
     steps_per_epoch = max(1, micro_batches_per_epoch // accum)
     if cfg.max_steps:
         return int(cfg.max_steps), steps_per_epoch
-    total = (cfg.num_epochs * micro_batches_per_epoch) // accum
+    micro_total = int(cfg.num_epochs * micro_batches_per_epoch)
+    total, leftover = divmod(micro_total, accum)
+    if leftover:
+        logger.info("the last %d micro-batch(es) of the last epoch do not fill an optimizer step and are not used",
+                    leftover)
     if total < 1:
         raise ConfigError(
             f"the training data gives {micro_batches_per_epoch} micro-batches per epoch, fewer than "

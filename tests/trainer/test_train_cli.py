@@ -221,3 +221,18 @@ def test_dry_run_reports_sizes_without_weights(tmp_path, capsys):
     assert report["parameters"] == 512 * 128 + 4 * layer + 128
     assert report["param_bytes_per_device"] == report["parameters"] * 4
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_steps_counts_micro_batches_as_one_stream():
+    from types import SimpleNamespace
+
+    from jaxpref.errors import ConfigError
+    from jaxpref.train import plan_steps
+
+    cfg = lambda **kw: SimpleNamespace(**{"gradient_accumulation_steps": 4, "max_steps": None, "num_epochs": 1, **kw})
+    assert plan_steps(cfg(), 10) == (2, 2)  # 10 micro-batches: 2 full steps, 2 left over
+    assert plan_steps(cfg(num_epochs=3), 10) == (7, 2)  # epochs continue the stream: 30 // 4
+    assert plan_steps(cfg(num_epochs=0.5), 10) == (1, 2)
+    assert plan_steps(cfg(max_steps=50), 10) == (50, 2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        plan_steps(cfg(), 3)
