@@ -42,11 +42,13 @@ class DataReport:
     sequences: int = 0
     sequence_len: int = 0
 
-    def keep(self, length: int, trainable: int, *, truncated: bool = False) -> None:
+    def keep(self, length: int, trainable: int, *, truncated: bool = False, tokens: int | None = None) -> None:
+        """A kept row: ``length`` its longest sequence, ``tokens`` all its tokens (default ``length``;
+        a preference pair has two sequences)."""
         self.rows_in += 1
         self.rows_out += 1
         self.truncated += int(truncated)
-        self.tokens += length
+        self.tokens += length if tokens is None else tokens
         self.trainable_tokens += trainable
         self.max_length = max(self.max_length, length)
 
