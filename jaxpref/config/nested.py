@@ -67,16 +67,23 @@ class SpecialTokensConfig(Section):
     additional_special_tokens: list[str] | None = None
 
 
+def _format_type(value: Any) -> Any:
+    if value is None or isinstance(value, str | dict):
+        return value
+    raise ValueError(f"expected a format name or a user_defined mapping, got {value!r}")
+
+
 class DatasetConfig(Section):
     """One entry of `datasets` / `test_datasets` (axolotl key names)."""
 
     path: str | None = Field(
         None, description="Hub dataset id, local file or directory. Relative paths: see Paths at the top."
     )
-    type: str | None = Field(
+    type: Annotated[str | dict[str, Any] | None, BeforeValidator(_format_type)] = Field(
         None,
         description="Row format, e.g. chat_template, completion, alpaca, chatml.intel, chatml.argilla, "
-        "chat_template.argilla, llama3.ultra (checked by the data pipeline).",
+        "chat_template.argilla, llama3.ultra (checked by the data pipeline); a mapping of field names and "
+        "format strings means user_defined.default (axolotl).",
     )
     ds_type: str | None = Field(None, description="File type when path/data_files are files: json, csv, parquet, ...")
     data_files: StrList | None = Field(None, description="File(s) to load (a string or a list; globs allowed).")
@@ -86,6 +93,12 @@ class DatasetConfig(Section):
     field: str | None = Field(None, description="Text column for `completion` datasets (default: text).")
     field_system: str | None = Field(None, description="Column holding a row-level system prompt (default: system).")
     field_messages: str = Field("messages", description="Column holding the conversation (axolotl default).")
+    field_chosen: str | None = Field(
+        None, description="Preference chat_template types: column of the chosen response (default: chosen)."
+    )
+    field_rejected: str | None = Field(
+        None, description="Preference chat_template types: column of the rejected response (default: rejected)."
+    )
     message_property_mappings: dict[str, str] | None = Field(
         None,
         description="Message keys to read as role/content, e.g. {role: from, content: value}; unmapped "

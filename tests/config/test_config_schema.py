@@ -48,7 +48,7 @@ def test_wrong_types_name_the_key_and_the_value():
     msg = problem(micro_batch_size="two", sample_packing="maybe", datasets=datasets)
     assert "micro_batch_size: expected an integer, got 'two'" in msg
     assert "sample_packing: expected true or false, got 'maybe'" in msg
-    assert "datasets[1].type: expected a string, got 5" in msg
+    assert "datasets[1].type: expected a format name or a user_defined mapping, got 5" in msg
     assert "3 problems" in msg
 
 
