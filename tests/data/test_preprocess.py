@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,29 @@ def test_length_histogram():
     assert len(lines) == 8 and lines[0].split()[0] == "1-2" and lines[0].endswith(" 2")
     assert lines[-1].split()[0] == "15-16" and lines[-1].endswith(" 2")
     assert length_histogram([]) == ["  (no rows)"]
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("rl,fixture,type_", [("dpo", "orca_dpo_pairs.jsonl", "chatml.intel"),
+                                              ("kto", "ultrafeedback_kto.jsonl", "chatml.ultra")])
+def test_preference_data_goes_through_the_cache_and_the_cli(tmp_path, tok, monkeypatch, capsys, rl, fixture, type_):
+    from jaxpref.data.preference import build_preference_data
+
+    prepared = tmp_path / "prepared"
+    cfg = config(datasets=[dataset(path=str(FIXTURES / fixture), type=type_)], rl=rl, micro_batch_size=2,
+                 dataset_prepared_path=str(prepared))
+    first = build_preference_data(cfg, tok)
+    monkeypatch.setattr(pipeline_module, "_load_examples", lambda *a, **k: pytest.fail("cache miss"))
+    second = build_preference_data(cfg, tok)
+    assert all(same(a, b) for a, b in zip(first.train_iterator(1), second.train_iterator(1), strict=True))
+    monkeypatch.undo()
+    path = write_config(tmp_path, FIXTURES / fixture, kd_trainer=False, rl=rl,
+                        datasets=[{"path": str(FIXTURES / fixture), "type": type_}])
+    assert main(["--config", path, f"dataset_prepared_path={prepared}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{'kto' if rl == 'kto' else 'preference'} data:" in out and "(written)" in out
+    assert "row lengths (tokens):" in out and "0 dropped" in out
+    assert main(["--config", path, f"dataset_prepared_path={prepared}"]) == 0
+    assert "(already prepared, loaded)" in capsys.readouterr().out
