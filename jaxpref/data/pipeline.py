@@ -1,13 +1,15 @@
-"""The language-model data pipeline (SFT now, KD later): datasets -> Grain -> micro-batches.
+"""The language-model data pipeline (SFT and KD): datasets -> Grain -> micro-batches.
 
 Stages, in order:
 
 1. load every ``datasets:`` entry (``sources.py``), concatenate, shuffle the rows with ``seed`` and
    split off ``val_set_size`` rows as the eval set (or use ``test_datasets``);
 2. per row, as a Grain map: format + tokenize (``formats/``), cut to ``sequence_len`` per
-   ``excess_length_strategy``, shift into prediction-aligned ``labels``/``loss_mask``; a row that
-   cannot be used becomes a :class:`Dropped` record, counted per reason in the :class:`DataReport`;
-   it never aborts the run and never moves another row;
+   ``excess_length_strategy``, shift into prediction-aligned ``labels``/``loss_mask`` (KD: and the
+   teacher rows into ``target_*``, ``kd_targets.py``); a row that cannot be used becomes a
+   :class:`Dropped` record, counted per reason in the :class:`DataReport`; it never aborts the run
+   and never moves another row. Stages 1-2 go through the ``dataset_prepared_path`` cache
+   (``cache.py``);
 3. ``sample_packing``: pack rows into ``sequence_len`` sequences (Grain best-fit, ``packing.py``),
    once, in the shuffled row order; otherwise each row is its own example;
 4. batching: each epoch reshuffles the examples (Grain's index shuffle, seeded with ``seed`` + epoch)
@@ -24,8 +26,10 @@ processes) and keeps only its slice for batching.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +38,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from jaxpref.data._cfg import opt
+from jaxpref.data.cache import cached_examples
 from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
+from jaxpref.data.formats.kd import lm_kind
+from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
 from jaxpref.data.packing import bucket_length, collate, pack, single_segment
 from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entries
@@ -65,7 +72,10 @@ def shift(example: Example) -> Example:
     labels[:-1] = ids[1:]
     loss_mask = np.zeros(len(ids), dtype=bool)
     loss_mask[:-1] = example["trainable"][1:]
-    return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask}
+    shifted = {"input_ids": ids, "labels": labels, "loss_mask": loss_mask}
+    if "teacher_token_ids" in example:  # KD: teacher rows [L, K] shift like the labels (kd_targets.py)
+        shifted.update(shift_teacher(example, loss_mask))
+    return shifted
 
 
 class ProcessRow:
@@ -95,7 +105,18 @@ class ProcessRow:
         return shifted, truncated
 
 
-def _process(rows: grain.MapDataset, report: DataReport, excess_length_strategy: str) -> list[Example]:
+def lm_measure(example: Example) -> tuple[int, int, int]:
+    """(longest sequence, trainable positions, tokens) of a kept example, for the report."""
+    length = len(example["input_ids"])
+    return length, int(example["loss_mask"].sum()), length
+
+
+def _process(
+    rows: grain.MapDataset,
+    report: DataReport,
+    excess_length_strategy: str,
+    measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
+) -> list[Example]:
     """Run the per-row map over all rows, filling ``report``; the kept examples in row order."""
     kept = []
     # One thread: formatting is Python-bound (GIL) and HF fast tokenizers are not safe to share across
@@ -110,18 +131,26 @@ def _process(rows: grain.MapDataset, report: DataReport, excess_length_strategy:
             report.drop(record.reason, record.detail, record.row)
             continue
         example, truncated = record
-        report.keep(len(example["input_ids"]), int(example["loss_mask"].sum()), truncated=truncated)
+        longest, trainable, tokens = measure(example)
+        report.keep(longest, trainable, truncated=truncated, tokens=tokens)
         kept.append(example)
     return kept
 
 
-def _formatted(cfg: Any, tokenizer: PreTrainedTokenizerBase, key: str, process_kwargs: dict) -> grain.MapDataset:
-    """The entries of ``cfg.<key>``, loaded and concatenated, each mapped through its own format."""
+def _formatted(
+    cfg: Any, tokenizer: PreTrainedTokenizerBase, key: str, make_processor: Callable, kind: str
+) -> grain.MapDataset:
+    """The entries of ``cfg.<key>``, loaded and concatenated, each mapped through its own format.
+
+    ``make_processor(formatter)`` is the per-row Grain map (raw row -> example or :class:`Dropped`).
+    """
     entries = list(opt(cfg, key, []))
     # Resolve every type before loading anything: an unknown type fails fast.
-    specs = [get_format(opt(e, "type"), kind="lm", where=f"{key}[{i}]") for i, e in enumerate(entries)]
+    specs = [get_format(opt(e, "type"), kind=kind, where=f"{key}[{i}]") for i, e in enumerate(entries)]
+    # range + map, not MapDataset.source: a source estimates the byte size of every row it reads (a
+    # tree walk over nested lists: 30-50 ms for a 1k-token KD row, more than formatting it).
     parts = [
-        grain.MapDataset.source(ds).map(ProcessRow(spec.build(entry, cfg, tokenizer), **process_kwargs))
+        grain.MapDataset.range(len(ds)).map(ds.__getitem__).map(make_processor(spec.build(entry, cfg, tokenizer)))
         for spec, entry, ds in zip(specs, entries, load_entries(entries, key=key))
     ]
     return grain.MapDataset.concatenate(parts)
@@ -135,6 +164,10 @@ def _val_count(val_set_size: float, n: int) -> int:
     if val_set_size >= 1 and float(val_set_size).is_integer():
         return int(val_set_size)
     raise ConfigError(f"val_set_size: {val_set_size} must be a fraction in (0, 1) or a row count")
+
+
+def _longest_input_ids(rows: list[Example]) -> int:
+    return max(len(e["input_ids"]) for e in rows)
 
 
 class MicroBatches:
@@ -154,9 +187,14 @@ class MicroBatches:
         sequence_len: int,
         fixed_length: bool,
         seed: int | None,
+        longest: Callable[[list[Example]], int] | None = None,
+        collate_fn: Callable[[list[Example | None], int], dict[str, np.ndarray]] | None = None,
     ):
+        """``longest(rows of a global batch) -> T before bucketing`` (default: longest ``input_ids``);
+        ``collate_fn(rows, T) -> micro-batch`` (None rows are padding; default: :func:`packing.collate`)."""
         self.examples = examples
-        self.lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+        self.longest = longest or _longest_input_ids
+        self.collate = collate_fn or functools.partial(collate, template=examples[0] if examples else {})
         self.batch_size = batch_size
         self.shard_index = shard_index
         self.shard_count = shard_count
@@ -180,11 +218,11 @@ class MicroBatches:
         if self.fixed_length:
             length = self.sequence_len
         else:
-            longest = max(self.lengths[self._index(epoch, g)] for g in real)
+            longest = self.longest([self.examples[self._index(epoch, g)] for g in real])
             length = bucket_length(int(longest), self.sequence_len)
         mine = [first + b * self.shard_count + self.shard_index for b in range(self.batch_size)]
         rows = [self.examples[self._index(epoch, g)] if g < n else None for g in mine]
-        return collate(rows, length, template=self.examples[0])
+        return self.collate(rows, length)
 
 
 class LMData:
@@ -208,7 +246,9 @@ class LMData:
         sequence_len: int,
         fixed_length: bool,
         seed: int,
+        batching: dict[str, Any] | None = None,
     ):
+        """``batching``: :class:`MicroBatches` hooks (``longest``, ``collate_fn``) of non-LM kinds."""
         self.report = report
         self.eval_report = eval_report
         self.micro_batch_size = micro_batch_size
@@ -221,6 +261,7 @@ class LMData:
             shard_count=shard_count,
             sequence_len=sequence_len,
             fixed_length=fixed_length,
+            **(batching or {}),
         )
         self._train = MicroBatches(train, batch_size=micro_batch_size, seed=seed, **common)
         self._eval = MicroBatches(eval_, batch_size=eval_batch_size, seed=None, **common) if eval_ else None
@@ -255,6 +296,62 @@ class LMData:
         return self._eval_batches
 
 
+def load_examples(
+    cfg: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    kind: str,
+    make_processor: Callable,
+    measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
+) -> tuple[list[Example], list[Example], DataReport, DataReport | None]:
+    """:func:`_load_examples` through the ``dataset_prepared_path`` cache (``cache.py``: hit = no
+    re-tokenizing); KD examples get the run's one top-k K (``kd_targets.fit_common_top_k``) first."""
+
+    def prepare() -> tuple[list[Example], list[Example], DataReport, DataReport | None]:
+        train, evals, report, eval_report = _load_examples(
+            cfg, tokenizer, kind=kind, make_processor=make_processor, measure=measure
+        )
+        return *fit_common_top_k(train, evals), report, eval_report
+
+    return cached_examples(cfg, tokenizer, kind, prepare)
+
+
+def _load_examples(
+    cfg: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    kind: str,
+    make_processor: Callable,
+    measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
+) -> tuple[list[Example], list[Example], DataReport, DataReport | None]:
+    """Stages 1-2 for any kind: load, shuffle, split off the eval set, format and filter every row.
+
+    Returns (train examples, eval examples, train report, eval report or None), each list in row order.
+    """
+    strategy = opt(cfg, "excess_length_strategy", "drop")
+    max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
+    rows = _formatted(cfg, tokenizer, "datasets", make_processor, kind).shuffle(seed=int(opt(cfg, "seed", 42)))
+    if opt(cfg, "test_datasets", []):
+        if opt(cfg, "val_set_size", 0):
+            log.warning("Both test_datasets and val_set_size are set; evaluating on test_datasets only")
+        n_val, eval_rows = 0, _formatted(cfg, tokenizer, "test_datasets", make_processor, kind)
+    else:
+        n_val = _val_count(float(opt(cfg, "val_set_size", 0)), len(rows))
+        if n_val >= len(rows):
+            raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
+        eval_rows = rows[:n_val]
+
+    report = DataReport("train")
+    train = _process(rows[n_val:], report, strategy, measure)
+    report.check(max_bad)
+    eval_report, evals = None, []
+    if len(eval_rows):
+        eval_report = DataReport("eval")
+        evals = _process(eval_rows, eval_report, strategy, measure)
+        eval_report.check(max_bad)
+    return train, evals, report, eval_report
+
+
 def build_lm_data(
     cfg: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -278,28 +375,9 @@ def build_lm_data(
     if not opt(cfg, "datasets", []):
         raise ConfigError("`datasets` is empty: add at least one dataset entry")
     seed = int(opt(cfg, "seed", 42))
-    max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
-    process_kwargs = dict(sequence_len=sequence_len, excess_length_strategy=strategy)
-
-    rows = _formatted(cfg, tokenizer, "datasets", process_kwargs).shuffle(seed=seed)
-    if opt(cfg, "test_datasets", []):
-        if opt(cfg, "val_set_size", 0):
-            log.warning("Both test_datasets and val_set_size are set; evaluating on test_datasets only")
-        n_val, eval_rows = 0, _formatted(cfg, tokenizer, "test_datasets", process_kwargs)
-    else:
-        n_val = _val_count(float(opt(cfg, "val_set_size", 0)), len(rows))
-        if n_val >= len(rows):
-            raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
-        eval_rows = rows[:n_val]
-
-    report = DataReport("train")
-    train = _process(rows[n_val:], report, strategy)
-    report.check(max_bad)
-    eval_report, evals = None, []
-    if len(eval_rows):
-        eval_report = DataReport("eval")
-        evals = _process(eval_rows, eval_report, strategy)
-        eval_report.check(max_bad)
+    make_processor = functools.partial(ProcessRow, sequence_len=sequence_len, excess_length_strategy=strategy)
+    kind = lm_kind(cfg)  # "kd": chat_template rows with teacher targets (formats/kd.py)
+    train, evals, report, eval_report = load_examples(cfg, tokenizer, kind=kind, make_processor=make_processor)
 
     packing = bool(opt(cfg, "sample_packing", False))
     if packing:
