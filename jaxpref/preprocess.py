@@ -11,8 +11,6 @@ the examples instead of tokenizing again. Bad input: one paragraph on stderr, ex
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -20,7 +18,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from jaxpref.errors import ConfigError, UserError
+from jaxpref.cli import run_command, setup_logging
+from jaxpref.errors import ConfigError
 
 DEFAULT_PREPARED_PATH = "last_run_prepared"
 HISTOGRAM_BINS = 8
@@ -106,17 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=os.environ.get("JAXPREF_LOG_LEVEL", "INFO"), format="%(message)s", force=True)
-    for noisy in ("absl", "jax", "urllib3", "httpx", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     from jaxpref.config import load_config
 
-    try:
-        preprocess(load_config(args.config, args.overrides), force=args.force)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: preprocess(load_config(args.config, args.overrides), force=args.force))
 
 
 if __name__ == "__main__":

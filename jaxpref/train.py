@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import yaml
 
 from jaxpref import sharding as shd
 from jaxpref.checkpoint import Checkpointer, allgather_json, find_checkpoint_root
-from jaxpref.errors import ConfigError, UserError
+from jaxpref.cli import run_command, setup_logging
+from jaxpref.errors import ConfigError
 from jaxpref.logs import RunLogger
 from jaxpref.optim import make_optimizer
 from jaxpref.trainer import LoopHooks, LoopSettings, Trainer, fit
@@ -300,22 +300,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # force: importing orbax already ran absl's logging.basicConfig() with its own format.
-    logging.basicConfig(level=os.environ.get("JAXPREF_LOG_LEVEL", "INFO"), format="%(message)s", force=True)
-    for noisy in ("absl", "jax", "orbax", "urllib3", "httpx", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     from jaxpref.config import load_config
 
-    try:
+    def command() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             dry_run(cfg)
-            return 0
-        run(cfg, show_progress=not args.no_progress)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        else:
+            run(cfg, show_progress=not args.no_progress)
+
+    return run_command(command)
 
 
 if __name__ == "__main__":
