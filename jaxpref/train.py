@@ -143,6 +143,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     check_output_dir(out_dir)
     ckpt_root, resume_step = resolve_resume(cfg, out_dir)
 
+    objective = build_objective(cfg, objective_name(cfg))  # an unknown objective fails before any loading
     tokenizer = load_tokenizer(cfg)
     mesh = shd.make_mesh(cfg.mesh.model_dump() if cfg.mesh is not None else None)
     divisor = shd.batch_divisor(mesh)
@@ -157,7 +158,6 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
     model = build_model(cfg, len(tokenizer), mesh)
-    objective = build_objective(cfg, objective_name(cfg))
     tx, schedule = make_optimizer(cfg, total_steps)
     from jaxpref import lora
 
