@@ -8,8 +8,9 @@ Stages, in order:
    ``excess_length_strategy``, shift into prediction-aligned ``labels``/``loss_mask`` (KD: and the
    teacher rows into ``target_*``, ``kd_targets.py``); a row that cannot be used becomes a
    :class:`Dropped` record, counted per reason in the :class:`DataReport`; it never aborts the run
-   and never moves another row. Stages 1-2 go through the ``dataset_prepared_path`` cache
-   (``cache.py``);
+   and never moves another row. The map runs in this thread or, for large datasets, in
+   ``dataset_processes`` worker processes with the same result (``workers.py``). Stages 1-2 go
+   through the ``dataset_prepared_path`` cache (``cache.py``);
 3. ``sample_packing``: pack rows into ``sequence_len`` sequences (Grain best-fit, ``packing.py``),
    once, in the shuffled row order; otherwise each row is its own example;
 4. batching: each epoch reshuffles the examples (Grain's index shuffle, seeded with ``seed`` + epoch)
@@ -45,6 +46,7 @@ from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
 from jaxpref.data.packing import bucket_length, collate, pack, single_segment
 from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entries
+from jaxpref.data.workers import mapped_rows
 from jaxpref.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -111,29 +113,49 @@ def lm_measure(example: Example) -> tuple[int, int, int]:
     return length, int(example["loss_mask"].sum()), length
 
 
+def account(
+    record: tuple[Example, bool] | Dropped,
+    report: DataReport,
+    excess_length_strategy: str,
+    measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
+) -> Example | None:
+    """Count one per-row record in ``report``: the kept example, or None for a dropped row.
+
+    Raises :class:`DataError` for a too long row under ``excess_length_strategy: raise``.
+    """
+    if isinstance(record, Dropped):
+        if record.reason == "too_long" and excess_length_strategy == "raise":
+            raise DataError(
+                f"A {report.name} row is longer than sequence_len ({record.detail}) and "
+                "excess_length_strategy is 'raise'. Use 'drop' or 'truncate', or raise sequence_len."
+            )
+        report.drop(record.reason, record.detail, record.row)
+        return None
+    example, truncated = record
+    longest, trainable, tokens = measure(example)
+    report.keep(longest, trainable, truncated=truncated, tokens=tokens)
+    return example
+
+
 def _process(
     rows: grain.MapDataset,
     report: DataReport,
     excess_length_strategy: str,
     measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
+    processes: int = 1,
 ) -> list[Example]:
-    """Run the per-row map over all rows, filling ``report``; the kept examples in row order."""
+    """Run the per-row map over all rows, filling ``report``; the kept examples in row order.
+
+    Formatting is Python-bound (GIL) and HF fast tokenizers are not safe to share across threads, so
+    the map runs in this thread or in up to ``processes`` worker processes (``workers.py``); the result
+    is the same either way.
+    """
     kept = []
-    # One thread: formatting is Python-bound (GIL) and HF fast tokenizers are not safe to share across
-    # threads; worker processes (`dataset_processes`) are the way to parallelise it.
-    for record in rows.to_iter_dataset(grain.ReadOptions(num_threads=0)):
-        if isinstance(record, Dropped):
-            if record.reason == "too_long" and excess_length_strategy == "raise":
-                raise DataError(
-                    f"A {report.name} row is longer than sequence_len ({record.detail}) and "
-                    "excess_length_strategy is 'raise'. Use 'drop' or 'truncate', or raise sequence_len."
-                )
-            report.drop(record.reason, record.detail, record.row)
-            continue
-        example, truncated = record
-        longest, trainable, tokens = measure(example)
-        report.keep(longest, trainable, truncated=truncated, tokens=tokens)
-        kept.append(example)
+    with mapped_rows(rows, processes) as records:
+        for record in records:
+            example = account(record, report, excess_length_strategy, measure)
+            if example is not None:
+                kept.append(example)
     return kept
 
 
@@ -341,13 +363,14 @@ def _load_examples(
             raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
         eval_rows = rows[:n_val]
 
+    processes = int(opt(cfg, "dataset_processes", 1))
     report = DataReport("train")
-    train = _process(rows[n_val:], report, strategy, measure)
+    train = _process(rows[n_val:], report, strategy, measure, processes)
     report.check(max_bad)
     eval_report, evals = None, []
     if len(eval_rows):
         eval_report = DataReport("eval")
-        evals = _process(eval_rows, eval_report, strategy, measure)
+        evals = _process(eval_rows, eval_report, strategy, measure, processes)
         eval_report.check(max_bad)
     return train, evals, report, eval_report
 
@@ -377,9 +400,11 @@ def build_lm_data(
     seed = int(opt(cfg, "seed", 42))
     make_processor = functools.partial(ProcessRow, sequence_len=sequence_len, excess_length_strategy=strategy)
     kind = lm_kind(cfg)  # "kd": chat_template rows with teacher targets (formats/kd.py)
+    packing = bool(opt(cfg, "sample_packing", False))
+    micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
+    fixed_length = packing or bool(opt(cfg, "pad_to_sequence_len", False))
     train, evals, report, eval_report = load_examples(cfg, tokenizer, kind=kind, make_processor=make_processor)
 
-    packing = bool(opt(cfg, "sample_packing", False))
     if packing:
         train, evals = pack(train, sequence_len), pack(evals, sequence_len)
     else:
@@ -389,7 +414,6 @@ def build_lm_data(
             rep.sequences = len(examples)
             rep.sequence_len = sequence_len if packing else 0
 
-    micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
     return LMData(
         train,
         evals,
@@ -400,6 +424,6 @@ def build_lm_data(
         shard_index=shard_index,
         shard_count=shard_count,
         sequence_len=sequence_len,
-        fixed_length=packing or bool(opt(cfg, "pad_to_sequence_len", False)),
+        fixed_length=fixed_length,
         seed=seed,
     )
