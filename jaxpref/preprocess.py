@@ -65,7 +65,13 @@ def preprocess(cfg: Any, *, force: bool = False, out: TextIO | None = None) -> d
     """
     from jaxpref.data import load_tokenizer
     from jaxpref.data.cache import PreparedCache
+    from jaxpref.data.streaming import streaming_requested
 
+    if streaming_requested(cfg):
+        raise ConfigError(
+            "the datasets stream (streaming: true): they are read while training and never prepared ahead. "
+            "Remove streaming: true to prepare them in memory and cache them."
+        )
     out = out or sys.stdout
     if not cfg.dataset_prepared_path:
         cfg.dataset_prepared_path = DEFAULT_PREPARED_PATH

@@ -114,9 +114,17 @@ def _every(explicit: float | None, per_epoch: int | None, steps_per_epoch: int, 
     return None
 
 
-def plan_steps(cfg: Any, micro_batches_per_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch). Epochs are a continuous stream of micro-batches."""
+def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch). Epochs are a continuous stream of micro-batches.
+
+    ``micro_batches_per_epoch`` None (streaming data: unknown) needs ``max_steps``; the whole run then
+    counts as one epoch for the ``*_per_epoch`` cadences.
+    """
     accum = cfg.gradient_accumulation_steps
+    if micro_batches_per_epoch is None:
+        if not cfg.max_steps:
+            raise ConfigError("streaming datasets need max_steps: their length, hence the epoch length, is unknown")
+        return int(cfg.max_steps), int(cfg.max_steps)
     steps_per_epoch = max(1, micro_batches_per_epoch // accum)
     if cfg.max_steps:
         return int(cfg.max_steps), steps_per_epoch

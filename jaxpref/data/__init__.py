@@ -5,6 +5,9 @@ Trainer-facing API::
     tokenizer = load_tokenizer(cfg)
     data = build_lm_data(cfg, tokenizer, shard_index=..., shard_count=..., micro_batch_size=...)
     data.report, data.micro_batches_per_epoch, data.train_iterator(num_epochs), data.eval_batches()
+
+With ``streaming: true`` datasets ``build_lm_data`` returns a ``streaming.StreamingData`` with the same
+API; its ``micro_batches_per_epoch`` is None (unknown) and the run needs ``max_steps``.
 """
 
 from jaxpref.data.formats import BadRow, get_format, known_types, register_format

@@ -24,7 +24,7 @@ Conventions (SPEC "KD semantics", docs/data.md "KD datasets"):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -105,10 +105,15 @@ def shift_teacher(example: Example, loss_mask: np.ndarray) -> Example:
     return out
 
 
+def most_common_k(widths: Iterable[int]) -> int:
+    """The most common of ``widths`` (ties: the smaller)."""
+    counts = Counter(widths)
+    return min(counts, key=lambda k: (-counts[k], k))
+
+
 def common_top_k(examples: Sequence[Example]) -> int:
     """The K of a run: the most common target width among ``examples`` (ties: the smaller)."""
-    widths = Counter(int(e["target_token_ids"].shape[-1]) for e in examples)
-    return min(widths, key=lambda k: (-widths[k], k))
+    return most_common_k(int(e["target_token_ids"].shape[-1]) for e in examples)
 
 
 def fit_top_k(example: Example, k: int) -> Example:

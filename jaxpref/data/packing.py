@@ -28,28 +28,41 @@ def single_segment(example: Example) -> Example:
     }
 
 
-def pack(examples: Sequence[Example], sequence_len: int, *, num_bins: int = PACKING_BINS) -> list[Example]:
-    """Pack rows (each [L <= sequence_len]) into [sequence_len] sequences, keeping the input order.
+class PackedSequence:
+    """Grain map: a packed sequence of Grain's packer -> ``keys`` + ``segment_ids`` / ``positions`` int32."""
 
-    Output per sequence: every input key padded with 0/False, plus ``segment_ids`` (1, 2, ... per
-    row; 0 = padding) and ``positions`` (restart at 0 in each row). Deterministic.
-    """
-    if not examples:
-        return []
-    keys = list(examples[0])
-    packed = grain.experimental.BestFitPackIterDataset(
-        grain.MapDataset.source(examples).to_iter_dataset(grain.ReadOptions(num_threads=0)),
-        length_struct={k: sequence_len for k in keys},
-        num_packing_bins=num_bins,
-        shuffle_bins=False,
-    )
-    out = []
-    for seq in packed:
-        item = {k: seq[k] for k in keys}
+    def __init__(self, keys: Sequence[str]):
+        self.keys = tuple(keys)
+
+    def __call__(self, seq: dict[str, np.ndarray]) -> Example:
+        item = {k: seq[k] for k in self.keys}
         item["segment_ids"] = seq["input_ids_segment_ids"].astype(np.int32)
         item["positions"] = seq["input_ids_positions"].astype(np.int32)
-        out.append(item)
-    return out
+        return item
+
+
+def packer(
+    rows: grain.IterDataset, keys: Sequence[str], sequence_len: int, *, num_bins: int = PACKING_BINS
+) -> grain.IterDataset:
+    """Best-fit packing of a stream of rows (each [L <= sequence_len]) into [sequence_len] sequences.
+
+    Output per sequence: ``keys`` padded with 0/False, plus ``segment_ids`` (1, 2, ... per row; 0 =
+    padding) and ``positions`` (restart at 0 in each row). Deterministic; checkpointable (Grain keeps
+    the parent state at the start of the current packing round and replays it on restore).
+    """
+    packed = grain.experimental.BestFitPackIterDataset(
+        rows, length_struct={k: sequence_len for k in keys}, num_packing_bins=num_bins, shuffle_bins=False
+    )
+    return packed.map(PackedSequence(keys))
+
+
+def pack(examples: Sequence[Example], sequence_len: int, *, num_bins: int = PACKING_BINS) -> list[Example]:
+    """Pack rows (each [L <= sequence_len]) into [sequence_len] sequences, keeping the input order
+    (:func:`packer` over the list)."""
+    if not examples:
+        return []
+    rows = grain.MapDataset.source(examples).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    return list(packer(rows, list(examples[0]), sequence_len, num_bins=num_bins))
 
 
 def bucket_length(max_length: int, sequence_len: int, multiple: int = BUCKET) -> int:

@@ -22,7 +22,8 @@ Stages, in order:
    batch rounded up to a multiple of 64 (capped at ``sequence_len``): the same T on every shard.
 
 Each process tokenizes and packs the whole dataset (packing and bucketing must agree across
-processes) and keeps only its slice for batching.
+processes) and keeps only its slice for batching. ``streaming: true`` datasets take another path
+(``streaming.py``) that reuses the per-row map, the report and the collation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
@@ -48,6 +49,9 @@ from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entries
 from jaxpref.data.workers import mapped_rows
 from jaxpref.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from jaxpref.data.streaming import StreamingData
 
 log = logging.getLogger(__name__)
 
@@ -382,12 +386,13 @@ def build_lm_data(
     shard_index: int = 0,
     shard_count: int = 1,
     micro_batch_size: int | None = None,
-) -> LMData:
+) -> LMData | StreamingData:
     """Load, format, filter, pack and shard ``cfg.datasets`` (and the eval set) for SFT/KD training.
 
     ``micro_batch_size`` is per process (default ``cfg.micro_batch_size``). Raises :class:`DataError`
     for missing or unreadable datasets and when more than ``cfg.max_bad_row_fraction`` (default 0.5)
-    of the rows are unusable; the per-reason counts are in ``.report`` / ``.eval_report``.
+    of the rows are unusable; the per-reason counts are in ``.report`` / ``.eval_report``. With
+    ``streaming: true`` entries: a :class:`streaming.StreamingData` (same API, ``streaming.py``).
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
@@ -403,6 +408,20 @@ def build_lm_data(
     packing = bool(opt(cfg, "sample_packing", False))
     micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
     fixed_length = packing or bool(opt(cfg, "pad_to_sequence_len", False))
+    from jaxpref.data.streaming import build_streaming_data, streaming_requested  # streaming imports this module
+
+    if streaming_requested(cfg):
+        return build_streaming_data(
+            cfg,
+            tokenizer,
+            kind=kind,
+            make_processor=make_processor,
+            measure=lm_measure,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            micro_batch_size=micro_batch_size,
+            fixed_length=fixed_length,
+        )
     train, evals, report, eval_report = load_examples(cfg, tokenizer, kind=kind, make_processor=make_processor)
 
     if packing:

@@ -33,6 +33,7 @@ from jaxpref.data._cfg import opt
 from jaxpref.data.formats import BadRow, Example, RowFormatter
 from jaxpref.data.packing import collate, single_segment
 from jaxpref.data.pipeline import EXCESS_LENGTH_STRATEGIES, Dropped, LMData, load_examples, shift
+from jaxpref.data.streaming import StreamingData, build_streaming_data, streaming_requested
 from jaxpref.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -192,13 +193,14 @@ def build_preference_data(
     shard_index: int = 0,
     shard_count: int = 1,
     micro_batch_size: int | None = None,
-) -> PreferenceData:
+) -> PreferenceData | StreamingData:
     """Load, format, filter and shard ``cfg.datasets`` (and the eval set) for preference training.
 
     Pairs for ``rl`` dpo/ipo/simpo/orpo and ``reward_model``, KTO rows for ``rl: kto`` (module docstring).
     ``micro_batch_size`` is per process (default ``cfg.micro_batch_size``). Raises :class:`DataError`
     for missing or unreadable datasets and when more than ``cfg.max_bad_row_fraction`` of the rows are
-    unusable; the per-reason counts are in ``.report`` / ``.eval_report``.
+    unusable; the per-reason counts are in ``.report`` / ``.eval_report``. With ``streaming: true``
+    entries: a :class:`streaming.StreamingData` (same API; T = ``sequence_len``).
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
@@ -221,13 +223,6 @@ def build_preference_data(
         excess_length_strategy=strategy,
         keep_parts=kind == "kto",
     )
-    train, evals, report, eval_report = load_examples(
-        cfg, tokenizer, kind=kind, make_processor=make_processor, measure=functools.partial(measure, sides=sides)
-    )
-    for rep, examples in ((report, train), (eval_report, evals)):
-        if rep is not None:
-            rep.sequences = len(examples)
-
     batching: dict[str, Callable]
     if kind == "kto":
         if micro_batch_size < 2:
@@ -239,6 +234,26 @@ def build_preference_data(
         batching = {"longest": longest, "collate_fn": CollateKTO(sequence_len)}
     else:
         batching = {"longest": pair_longest, "collate_fn": collate_pairs}
+    if streaming_requested(cfg):
+        return build_streaming_data(
+            cfg,
+            tokenizer,
+            kind=kind,
+            make_processor=make_processor,
+            measure=functools.partial(measure, sides=sides),
+            shard_index=shard_index,
+            shard_count=shard_count,
+            micro_batch_size=micro_batch_size,
+            fixed_length=bool(opt(cfg, "pad_to_sequence_len", False)),
+            batching=batching,
+        )
+
+    train, evals, report, eval_report = load_examples(
+        cfg, tokenizer, kind=kind, make_processor=make_processor, measure=functools.partial(measure, sides=sides)
+    )
+    for rep, examples in ((report, train), (eval_report, evals)):
+        if rep is not None:
+            rep.sequences = len(examples)
     return PreferenceData(
         train,
         evals,

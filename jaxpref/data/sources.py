@@ -2,11 +2,14 @@
 
 ``path`` may be a hub id, a local file or a local directory (a ``save_to_disk`` dataset or data
 files); without ``path``, ``ds_type`` + ``data_files`` name local files. Every failure is a
-:class:`DataError` that names the entry and the path.
+:class:`DataError` that names the entry and the path. ``streaming=True`` gives a
+``datasets.IterableDataset`` that reads the rows lazily (``streaming.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
@@ -14,6 +17,8 @@ import datasets
 
 from jaxpref.data._cfg import opt
 from jaxpref.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # ds_type -> datasets builder name
 BUILDERS = {
@@ -67,8 +72,8 @@ def _missing(files: list[str]) -> list[str]:
     return [f for f in files if "*" not in f and "://" not in f and not os.path.exists(os.path.expanduser(f))]
 
 
-def _only_split(loaded: Any, split: str | None, where: str) -> datasets.Dataset:
-    if isinstance(loaded, datasets.DatasetDict):
+def _only_split(loaded: Any, split: str | None, where: str) -> Any:
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         name = split or "train"
         if name not in loaded:
             raise DataError(f"{where}: split {name!r} not found; the dataset has {', '.join(loaded)}")
@@ -76,22 +81,23 @@ def _only_split(loaded: Any, split: str | None, where: str) -> datasets.Dataset:
     return loaded
 
 
-def load_entry(entry: Any, *, where: str = "datasets[0]") -> datasets.Dataset:
-    """Load one ``datasets:`` entry (map-style) as a ``datasets.Dataset`` of raw rows."""
+def load_entry(entry: Any, *, where: str = "datasets[0]", streaming: bool = False) -> Any:
+    """Load one ``datasets:`` entry: a ``datasets.Dataset`` of raw rows (map-style), or with
+    ``streaming`` a ``datasets.IterableDataset`` (nothing is read before iterating it). The entry's
+    own ``streaming`` key is the caller's business."""
     path = opt(entry, "path")
     ds_type = opt(entry, "ds_type")
     data_files = _as_list(opt(entry, "data_files"))
     name = opt(entry, "name")
     split = opt(entry, "split", "train")
-    if opt(entry, "streaming", False):
-        raise DataError(f"{where}: `streaming: true` is not supported yet; remove it to load the dataset in memory")
+    load = functools.partial(_load, streaming=True) if streaming else _load
 
     if path is None:
         if not data_files:
             raise DataError(f"{where}: needs `path` (hub id, file or directory) or `data_files`")
         if missing := _missing(data_files):
             raise DataError(f"{where}: data file(s) not found: {', '.join(missing)}")
-        return _load(where, data_files[0], _builder_for(data_files, ds_type, where), data_files=data_files, split=split)
+        return load(where, data_files[0], _builder_for(data_files, ds_type, where), data_files=data_files, split=split)
 
     local = os.path.expanduser(path)
     if os.path.isdir(local):
@@ -99,25 +105,26 @@ def load_entry(entry: Any, *, where: str = "datasets[0]") -> datasets.Dataset:
             os.path.join(local, "dataset_dict.json")
         ):
             try:
-                return _only_split(datasets.load_from_disk(local), split, where)
+                saved = _only_split(datasets.load_from_disk(local), split, where)
+                return saved.to_iterable_dataset() if streaming else saved
             except (OSError, ValueError) as e:
                 raise DataError(f"{where}: could not read the saved dataset {path!r}: {e}") from None
         if ds_type:
             files = [os.path.join(local, f) for f in data_files] if data_files else None
-            return _load(where, path, _builder_for([], ds_type, where), data_dir=local, data_files=files, split=split)
-        return _load(where, path, local, name=name, data_files=data_files or None, split=split)
+            return load(where, path, _builder_for([], ds_type, where), data_dir=local, data_files=files, split=split)
+        return load(where, path, local, name=name, data_files=data_files or None, split=split)
     if os.path.isfile(local):
-        return _load(where, path, _builder_for([local], ds_type, where), data_files=[local], split=split)
+        return load(where, path, _builder_for([local], ds_type, where), data_files=[local], split=split)
     if looks_local(path):
         raise DataError(f"{where}: path {path!r} does not exist (relative paths start at {os.getcwd()})")
     revision = opt(entry, "revision")
-    return _load(where, path, path, name=name, data_files=data_files or None, split=split, revision=revision, hub=True)
+    return load(where, path, path, name=name, data_files=data_files or None, split=split, revision=revision, hub=True)
 
 
-def _load(where: str, shown: str, builder: str, *, hub: bool = False, **kwargs: Any) -> datasets.Dataset:
+def _load(where: str, shown: str, builder: str, *, hub: bool = False, streaming: bool = False, **kwargs: Any) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        return _only_split(datasets.load_dataset(builder, **kwargs), kwargs.get("split"), where)
+        return _only_split(datasets.load_dataset(builder, streaming=streaming, **kwargs), kwargs.get("split"), where)
     except DataError:
         raise
     except (ConnectionError, OSError) as e:  # includes FileNotFoundError and hub "not found" errors
@@ -133,5 +140,12 @@ def _load(where: str, shown: str, builder: str, *, hub: bool = False, **kwargs: 
 
 
 def load_entries(entries: list[Any], *, key: str = "datasets") -> list[datasets.Dataset]:
-    """Load every entry of ``cfg.datasets`` (or ``cfg.test_datasets``), in order."""
+    """Load every entry of ``cfg.datasets`` (or ``cfg.test_datasets``), in order, map-style.
+
+    Eval sets are always loaded map-style (every eval row is needed, in a fixed order): a
+    ``test_datasets`` entry with ``streaming: true`` is loaded in memory, with a warning.
+    """
+    for i, entry in enumerate(entries):
+        if key == "test_datasets" and opt(entry, "streaming", False):
+            log.warning("%s[%d]: eval sets are loaded in memory; `streaming: true` is ignored for them", key, i)
     return [load_entry(entry, where=f"{key}[{i}]") for i, entry in enumerate(entries)]
