@@ -18,7 +18,8 @@ Per process, a Grain ``IterDataset`` pipeline:
 4. KD: every example gets the run's K, the most common K of the first :data:`PEEK_ROWS` rows
    (:func:`peek_top_k`: the unshuffled, unsharded stream, so every process gets the same K);
 5. LM data: ``sample_packing`` packs with the map-style best-fit packer (``packing.packer``: same
-   ``segment_ids`` / ``positions``, KD arrays packed alike) over the stream, else one row per sequence;
+   ``segment_ids`` / ``positions``, KD arrays packed alike) over the stream, with
+   :data:`STREAM_PACKING_BINS` open bins; else one row per sequence;
 6. micro-batches of ``micro_batch_size`` sequences with the map-style collation; T is always
    ``sequence_len`` (lengths are not known ahead, and every process must agree on T);
 7. a prefetch thread, so formatting overlaps the train step.
@@ -55,7 +56,7 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.formats import Example, get_format
 from jaxpref.data.kd_targets import TARGET_KEYS, fit_top_k, most_common_k
-from jaxpref.data.packing import PACKING_BINS, collate, pack, packer, single_segment
+from jaxpref.data.packing import collate, pack, packer, single_segment
 from jaxpref.data.pipeline import Dropped, MicroBatches, _formatted, _process, account
 from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entry
@@ -68,6 +69,10 @@ KD_SHUFFLE_BUFFER_ROWS = 64  # a 1k-token KD row is 1-10 MB as Python objects
 CHECK_AFTER_ROWS = 1000  # rows read before the max_bad_row_fraction check
 PEEK_ROWS = 100  # rows that fix the KD top-k K of a streaming run
 PREFETCH_BATCHES = 8
+# Open bins of the best-fit packer (map-style: 256). The packer emits nothing until a row fits no open
+# bin, so the bins bound the rows read before the first batch, the rows replayed on resume and the
+# memory (bins x sequence_len x the row's bytes per token); fewer bins fill sequences slightly less.
+STREAM_PACKING_BINS = 64
 LM_KEYS = ("input_ids", "labels", "loss_mask")
 
 
@@ -386,6 +391,11 @@ def build_streaming_data(
     lm = kind in ("lm", "kd")
     packing = lm and bool(opt(cfg, "sample_packing", False))
     top_k = peek_top_k(streams, process) if kind == "kd" else None
+    log.info(
+        "streaming %d dataset(s): process %d of %d reads its slice; micro-batches of %d x %d%s; the report "
+        "counts the rows read so far",
+        len(streams), shard_index, shard_count, micro_batch_size, sequence_len, f"; KD top-k K = {top_k}" * bool(top_k),
+    )
     collate_fn = (batching or {}).get("collate_fn", collate_like_first)
 
     def make_train(num_epochs: int | None, report: DataReport) -> grain.IterDataset:
@@ -403,7 +413,8 @@ def build_streaming_data(
         if top_k is not None:
             ds = ds.map(functools.partial(fit_top_k, k=top_k))
         if packing:
-            ds = packer(ds, LM_KEYS + (TARGET_KEYS if top_k is not None else ()), sequence_len, num_bins=PACKING_BINS)
+            keys = LM_KEYS + (TARGET_KEYS if top_k is not None else ())
+            ds = packer(ds, keys, sequence_len, num_bins=STREAM_PACKING_BINS)
         elif lm:
             ds = ds.map(single_segment)
         ds = ds.batch(micro_batch_size, batch_fn=FixedBatch(collate_fn, micro_batch_size, sequence_len))

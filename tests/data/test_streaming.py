@@ -86,7 +86,7 @@ def test_packing_is_the_map_style_packer_over_the_stream_order(two_files):
     rows_in_order = list(lm_data(lm_config(paths, **kw)).train_iterator(1))  # unpacked: one row per batch
     examples = [{k: b[k][0][b["segment_ids"][0] > 0] for k in ROW_KEYS} for b in rows_in_order]
     packed = list(lm_data(lm_config(paths, sample_packing=True, **kw)).train_iterator(1))
-    want = pack(examples, 64)
+    want = pack(examples, 64, num_bins=streaming.STREAM_PACKING_BINS)
     assert len(packed) == len(want) < len(examples)
     for batch, seq in zip(packed, want):
         check_batch(batch, (1, 64))
@@ -101,7 +101,7 @@ def test_packing_is_the_map_style_packer_over_the_stream_order(two_files):
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("consumed", [1, 2])
 def test_resume_mid_stream_and_across_epochs(tmp_path, monkeypatch, packing, consumed):
-    monkeypatch.setattr(streaming, "PACKING_BINS", 2)  # several packing rounds: the packer resumes mid-stream too
+    monkeypatch.setattr(streaming, "STREAM_PACKING_BINS", 2)  # several packing rounds: resume inside the stream
     path = write_jsonl(tmp_path / "rows.jsonl", text_rows([5 + (7 * i) % 50 for i in range(20)]))
     data = lm_data(lm_config([path], sequence_len=64, sample_packing=packing, micro_batch_size=3, seed=11))
     full = list(data.train_iterator(2))
