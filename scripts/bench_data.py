@@ -2,6 +2,7 @@
 
   python scripts/bench_data.py                       # KD (formats a and b), DPO, and a 40-step trainer run
   python scripts/bench_data.py --rows 50 --train-tokens-per-second 7000   # skip the trainer run
+  python scripts/bench_data.py --processes 1 --stream-cases ""            # one process, nothing streamed
 
 Cases (synthetic rows, the demo tokenizer ``demo/tiny-llama``, chatml):
 
@@ -10,21 +11,28 @@ Cases (synthetic rows, the demo tokenizer ``demo/tiny-llama``, chatml):
   "logprob": x}`` lists) and (b) (``target_token_ids`` + ``logprobs``), packed into 2048-token sequences;
 * DPO: ``chatml.intel`` pairs (prompt about 300 tokens, completions about 350), ``rl: dpo``.
 
-Per case, single process (the pipeline has no worker processes yet, ``dataset_processes`` is not used):
-``JSON -> Arrow`` = ``datasets`` reading the JSON lines file into its cache (once per file);
-``prepare`` = ``build_*_data`` after that, without a prepared-data cache (format, tokenize, KD
-targets, shift, filter, pack);
-``batches`` = one epoch of micro-batches from it; ``from cache`` = ``build_*_data`` again with
-``dataset_prepared_path`` holding the ``python -m jaxpref.preprocess`` result, plus one epoch of
-batches (what a training run does after preprocessing). Rates are kept rows and kept tokens (template
-tokens included) per second of wall time. The trainer rate is the median ``tokens_per_second`` of
-``metrics.jsonl`` (logged every 10 steps, the first interval, with compilation, left out) of
-``configs/sft.yaml`` run for ``--train-steps`` steps.
+Per case, with ``dataset_processes`` 1: ``JSON -> Arrow`` = ``datasets`` reading the JSON lines file
+into its cache (once per file); ``prepare`` = ``build_*_data`` after that, without a prepared-data
+cache (format, tokenize, KD targets, shift, filter, pack); ``batches`` = one epoch of micro-batches
+from it; ``from cache`` = ``build_*_data`` again with ``dataset_prepared_path`` holding the
+``python -m jaxpref.preprocess`` result, plus one epoch of batches (what a training run does after
+preprocessing). With ``dataset_processes`` N > 1 (``--processes``): prepare and batches again, with
+every row mapped in the worker processes (``workers.PROBE_ROWS = 0``, ``WORKER_MIN_SECONDS = 0``; a
+run maps 32 rows in its own thread first and starts workers only when the rest would take at least
+``WORKER_MIN_SECONDS`` there), start-up included; the start-up (the extra time of the first 2 x N
+rows in workers) and the rate after it are given with the case.
+``streamed`` (``--stream-cases``): the same file with ``streaming: true``, build + one pass of
+micro-batches (read, format, tokenize, pack, batch: there is no separate prepare step, and no
+JSON -> Arrow conversion). Rates are kept rows and kept tokens (template tokens included) per second
+of wall time. The trainer rate is the median ``tokens_per_second`` of ``metrics.jsonl`` (logged every
+10 steps, the first interval, with compilation, left out) of ``configs/sft.yaml`` run for
+``--train-steps`` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -127,13 +135,7 @@ def measure(name: str, cfg: Any, build: Any, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     load_entries(cfg.datasets)  # JSON -> Arrow, once per file (the datasets cache keeps it)
     t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    data = build(cfg, tokenizer)
-    t_prepare = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batches = sum(1 for _ in data.train_iterator(1))
-    t_batches = time.perf_counter() - t0
-
+    result = measure_processes(name, cfg, build, 1)
     cached = cfg.model_copy(update={"dataset_prepared_path": str(work / f"prepared-{name}")})
     with open(os.devnull, "w") as devnull:
         preprocess(cached, out=devnull)
@@ -141,19 +143,69 @@ def measure(name: str, cfg: Any, build: Any, work: Path) -> dict[str, Any]:
     hit = build(cached, tokenizer)
     n = sum(1 for _ in hit.train_iterator(1))
     t_cached = time.perf_counter() - t0
-    assert n == batches
+    assert n == result["batches"]
+    return {**result, "load_s": t_load, "cached_s": t_cached}
+
+
+def measure_processes(name: str, cfg: Any, build: Any, processes: int) -> dict[str, Any]:
+    """Prepare + one epoch of batches with ``dataset_processes`` = ``processes`` (workers forced on).
+
+    With workers, ``startup_s`` = the extra time of preparing the first ``2 * processes`` rows in workers
+    rather than in this process (spawn, imports, unpickling the pipeline).
+    """
+    from jaxpref.data import load_tokenizer, workers
+
+    tokenizer = load_tokenizer(cfg)
+    cfg = cfg.model_copy(update={"dataset_processes": processes})
+    workers.PROBE_ROWS, workers.WORKER_MIN_SECONDS = 0, 0.0  # every row through the workers
+    t0 = time.perf_counter()
+    data = build(cfg, tokenizer)
+    t_prepare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = sum(1 for _ in data.train_iterator(1))
+    t_batches = time.perf_counter() - t0
     rep = data.report
-    return {
-        "case": name,
+    out = {
+        "case": name if processes == 1 else f"{name}, {processes} processes",
         "rows": rep.rows_out,
         "tokens": rep.tokens,
         "dropped": rep.rows_dropped,
         "batches": batches,
-        "load_s": t_load,
         "prepare_s": t_prepare,
         "batches_s": t_batches,
-        "cached_s": t_cached,
     }
+    if processes > 1:
+        path = Path(cfg.datasets[0].path)
+        head = path.with_name(f"head-{path.name}")
+        with open(path) as f, open(head, "w") as g:
+            g.writelines(line for _, line in zip(range(2 * processes), f))
+        small = cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"path": str(head)})]})
+        times = []
+        for p in (1, processes):
+            t0 = time.perf_counter()
+            build(small.model_copy(update={"dataset_processes": p}), tokenizer)
+            times.append(time.perf_counter() - t0)
+        out["startup_s"] = times[1] - times[0]
+    return out
+
+
+def measure_streaming(name: str, cfg: Any, build: Any) -> dict[str, Any]:
+    """Build + one pass of micro-batches over the same file with ``streaming: true``."""
+    from jaxpref.data import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    entry = cfg.datasets[0].model_copy(update={"streaming": True})
+    cfg = cfg.model_copy(update={"datasets": [entry], "max_steps": 1})
+    t0 = time.perf_counter()
+    data = build(cfg, tokenizer)
+    it = data.train_iterator(1)
+    next(it)
+    t_first = time.perf_counter() - t0
+    batches = 1 + sum(1 for _ in it)
+    t_all = time.perf_counter() - t0
+    rep = data.report
+    return {"case": f"{name}, streamed", "rows": rep.rows_out, "tokens": rep.tokens, "dropped": rep.rows_dropped,
+            "batches": batches, "stream_s": t_all, "first_batch_s": t_first}
 
 
 def train_tokens_per_second(steps: int, work: Path) -> float:
@@ -193,14 +245,28 @@ def table(results: list[dict[str, Any]], train_tps: float) -> str:
         if "todo" in r:
             lines.append(f"| {r['case']} | TODO: {r['todo']} | | | | | | | | | | |")
             continue
+        if "stream_s" in r:  # read, format, pack and batch in one pass: no prepare step, no Arrow cache
+            total = r["tokens"] / r["stream_s"]
+            lines.append(
+                f"| {r['case']} (first batch after {r['first_batch_s']:.1f} s) | {r['rows']} | {r['tokens']:,} | - "
+                f"| - | - | - | {total:,.0f} | {total / train_tps:.1f} | {total / train_tps:.1f} | - | - |"
+            )
+            continue
         total = r["tokens"] / (r["prepare_s"] + r["batches_s"])
-        first = r["tokens"] / (r["load_s"] + r["prepare_s"] + r["batches_s"])
-        cached = r["tokens"] / r["cached_s"]
-        lines.append(
-            f"| {r['case']} | {r['rows']} | {r['tokens']:,} | {r['load_s']:.1f} | {r['rows'] / r['prepare_s']:.1f} "
-            f"| {r['tokens'] / r['prepare_s']:,.0f} | {r['tokens'] / r['batches_s']:,.0f} | {total:,.0f} "
-            f"| {total / train_tps:.1f} | {first / train_tps:.1f} | {cached:,.0f} | {cached / train_tps:.1f} |"
-        )
+        cells = [f"{r['load_s']:.1f}" if "load_s" in r else "-", f"{r['rows'] / r['prepare_s']:.1f}",
+                 f"{r['tokens'] / r['prepare_s']:,.0f}", f"{r['tokens'] / r['batches_s']:,.0f}", f"{total:,.0f}",
+                 f"{total / train_tps:.1f}"]
+        if "load_s" in r:
+            first = r["tokens"] / (r["load_s"] + r["prepare_s"] + r["batches_s"])
+            cached = r["tokens"] / r["cached_s"]
+            cells += [f"{first / train_tps:.1f}", f"{cached:,.0f}", f"{cached / train_tps:.1f}"]
+        else:
+            cells += ["-", "-", "-"]
+        case = r["case"]
+        if "startup_s" in r:
+            steady = r["rows"] / max(1e-9, r["prepare_s"] - r["startup_s"])
+            case += f" (start-up {r['startup_s']:.1f} s, then {steady:.0f} rows/s)"
+        lines.append(f"| {case} | {r['rows']} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     lines.append(f"| train step, configs/sft.yaml (8 x 256) | | | | | | | {train_tps:,.0f} | 1.0 | | | |")
     return "\n".join(lines)
 
@@ -209,6 +275,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=100, help="rows per case")
     p.add_argument("--cases", default="kd-a,kd-b,dpo")
+    p.add_argument("--processes", default="1,2", help="dataset_processes values (1 = the full single-process row)")
+    p.add_argument("--stream-cases", default="kd-a,kd-b,dpo", help="cases also measured with streaming: true")
     p.add_argument("--train-steps", type=int, default=40)
     p.add_argument("--train-tokens-per-second", type=float, default=None, help="skip the trainer run")
     p.add_argument("--json", default=None, help="also write the raw results here")
@@ -230,6 +298,8 @@ def main() -> None:
         work = Path(tmp.name)
         tokenizer = load_tokenizer(_config(work / "x.jsonl", work, entry={"type": "chat_template"}))
         results = []
+        processes = [int(p) for p in args.processes.split(",") if p]
+        streamed = [c for c in args.stream_cases.split(",") if c]
         for case in args.cases.split(","):
             print(f"running {case} ...", file=sys.stderr, flush=True)
             data = work / f"{case}.jsonl"
@@ -237,23 +307,27 @@ def main() -> None:
                 write_kd_rows(data, case[-1], args.rows, tokenizer)
                 cfg = _config(data, work, entry={"type": "chat_template"}, kd_trainer=True, sequence_len=2048,
                               sample_packing=True, micro_batch_size=4)
-                results.append(measure(case, cfg, build_lm_data, work))
+                build = build_lm_data
             elif case == "dpo":
-                try:
-                    from jaxpref.data.preference import build_preference_data
-                except ImportError:
-                    results.append({"case": case, "todo": "the preference pipeline (build_preference_data) is missing"})
-                    continue
+                from jaxpref.data.preference import build_preference_data
+
                 write_dpo_rows(data, args.rows, tokenizer)
                 cfg = _config(data, work, entry={"type": "chatml.intel"}, rl="dpo", sequence_len=1024)
-                results.append(measure(case, cfg, build_preference_data, work))
-            print(f"  {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+                build = build_preference_data
+            else:
+                raise SystemExit(f"unknown case {case!r}")
+            runs = [functools.partial(measure, case, cfg, build, work)] if 1 in processes else []
+            runs += [functools.partial(measure_processes, case, cfg, build, p) for p in processes if p > 1]
+            if case in streamed:
+                runs.append(functools.partial(measure_streaming, case, cfg, build))
+            for run in runs:
+                results.append(run())
+                print(f"  {json.dumps(results[-1])}", file=sys.stderr, flush=True)
         train_tps = args.train_tokens_per_second
         if train_tps is None:
             print(f"running the trainer ({args.train_steps} steps) ...", file=sys.stderr, flush=True)
             train_tps = train_tokens_per_second(args.train_steps, work)
-    print(f"\nMachine: {machine} at start; load average {os.getloadavg()[0]:.1f} at end. Single process "
-          "(no data worker processes yet).\n")
+    print(f"\nMachine: {machine} at start; load average {os.getloadavg()[0]:.1f} at end.\n")
     print(table(results, train_tps))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "train_tokens_per_second": train_tps}, indent=1))

@@ -125,7 +125,12 @@ class DatasetConfig(Section):
         description="KD: `token` = row i is the distribution over token i (vLLM prompt_logprobs, leading "
         "null row); `prediction` = row t already predicts token t+1.",
     )
-    streaming: bool = Field(False, description="Stream the dataset instead of downloading it first.")
+    streaming: bool = Field(
+        False,
+        description="Read the rows lazily through datasets streaming, never all in memory (every datasets "
+        "entry or none; needs max_steps; batches are sequence_len long). Eval sets are always loaded in "
+        "memory. docs/data.md 'Streaming datasets'.",
+    )
 
     @model_validator(mode="before")
     @classmethod

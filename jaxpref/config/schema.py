@@ -100,7 +100,11 @@ class DataSection(Section):
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (axolotl default: false).")
     dataset_prepared_path: str | None = Field(None, description="Cache directory for tokenized datasets.")
     dataset_processes: int | None = Field(
-        None, ge=1, description="Preprocessing processes; default: min(32, CPU count), as axolotl."
+        None,
+        ge=1,
+        description="Worker processes for the per-row step (format, tokenize, KD targets) of in-memory "
+        "datasets; default: min(32, CPU count), as axolotl. Small datasets stay in one process (below about "
+        "12 s of per-row work); the result is the same. Not used for streaming datasets.",
     )
     max_bad_row_fraction: float = Field(
         0.5, ge=0, le=1, description="A dataset with more bad rows than this fraction is an error."
