@@ -90,26 +90,10 @@ def single_dpo_loss(value: Any) -> Any:
     return value
 
 
-# TRL's DPOConfig.loss_type names; the preference objective says which ones it implements.
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_pair",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-)
-
-
 def dpo_loss_type(value: Any) -> Any:
+    # The losses module is the one list of TRL's loss types (imported here, only when the key is set).
+    from jaxpref.losses.dpo import DPO_LOSS_TYPES
+
     value = single_dpo_loss(value)
     if isinstance(value, str) and value not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss {value!r}; TRL's loss types are {', '.join(DPO_LOSS_TYPES)}")

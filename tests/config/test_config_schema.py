@@ -252,6 +252,15 @@ def test_dpo_loss_type_accepts_axolotl_lists_of_one():
     assert "unknown DPO loss 'sigmod'" in problem(rl="dpo", dpo_loss_type="sigmod")
 
 
+@pytest.mark.parametrize("name", ["aot_unpaired", "sigmoid_norm", "discopop"])
+def test_dpo_loss_type_accepts_every_loss_the_library_implements(name):
+    assert make(rl="dpo", dpo_loss_type=name).dpo_loss_type == name
+
+
+def test_dpo_loss_type_rejects_names_trl_does_not_have():
+    assert "unknown DPO loss 'aot_pair'" in problem(rl="dpo", dpo_loss_type="aot_pair")
+
+
 def test_kd_keys_and_alias():
     cfg = make(kd_trainer=True, kd_top_k_before_softmax=True, kd_zscore_base_temp=2.0)
     assert cfg.kd_normalize_topk is True and cfg.kd_top_k_before_softmax is True
