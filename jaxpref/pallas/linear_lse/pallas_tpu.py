@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .padding import row_padded_lse_gather
 from .pallas_gpu import PallasUnsupportedError
 
 _F32 = jnp.float32
@@ -253,35 +254,7 @@ def _backward(hidden, weight, bias, ids, lse, g_lse, g_gathered, cfg: _Config):
     return gh, outs[0], (outs[1][0] if cfg.has_bias else None)
 
 
-def _pad_rows(x: jax.Array, total: int) -> jax.Array:
-    pad = total - x.shape[0]
-    return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lse_gather(hidden, weight, bias, ids, cfg: _Config):
-    return _lse_gather_fwd(hidden, weight, bias, ids, cfg)[0]
-
-
-def _lse_gather_fwd(hidden, weight, bias, ids, cfg: _Config):
-    n = hidden.shape[0]
-    lse, gathered = _forward(_pad_rows(hidden, cfg.n), weight, bias, _pad_rows(ids, cfg.n), cfg)
-    return (lse[:, :n], gathered[:n]), (hidden, weight, bias, ids, lse)
-
-
-def _lse_gather_bwd(cfg: _Config, res, cotangents):
-    hidden, weight, bias, ids, lse = res
-    n = hidden.shape[0]
-    g_lse, g_gathered = (c.astype(_F32) for c in cotangents)
-    gh, gw, gb = _backward(
-        _pad_rows(hidden, cfg.n), weight, bias, _pad_rows(ids, cfg.n), lse,
-        jnp.pad(g_lse, [(0, 0), (0, cfg.n - n)]), _pad_rows(g_gathered, cfg.n), cfg,
-    )  # fmt: skip
-    grad_bias = None if bias is None else gb.astype(bias.dtype)
-    return gh[:n].astype(hidden.dtype), gw.astype(weight.dtype), grad_bias, None
-
-
-_lse_gather.defvjp(_lse_gather_fwd, _lse_gather_bwd)
+_lse_gather = row_padded_lse_gather(_forward, _backward)
 
 
 def linear_logsumexp_gather_pallas_tpu(

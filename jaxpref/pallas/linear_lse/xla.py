@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .padding import pad_rows
+
 _F32 = jnp.float32
 
 
@@ -190,18 +192,13 @@ def _chunking(n: int, block_n: int) -> tuple[int, int]:
     return rows, -(-n // rows)
 
 
-def _pad_rows(x: jax.Array, total: int) -> jax.Array:
-    pad = total - x.shape[0]
-    return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-
-
 def _forward(hidden, weight, bias, ids, temps, block_n, block_v):
     n = hidden.shape[0]
     rows, num = _chunking(n, block_n)
     if num == 1:
         return _fwd_chunk(hidden, weight, bias, ids, temps, block_v)
-    h = _pad_rows(hidden, rows * num).reshape(num, rows, -1)
-    i = _pad_rows(ids, rows * num).reshape(num, rows, -1)
+    h = pad_rows(hidden, rows * num).reshape(num, rows, -1)
+    i = pad_rows(ids, rows * num).reshape(num, rows, -1)
     lse, gathered = lax.map(lambda xs: _fwd_chunk(xs[0], weight, bias, xs[1], temps, block_v), (h, i))
     lse = jnp.moveaxis(lse, 0, 1).reshape(len(temps), rows * num)[:, :n]
     return lse, gathered.reshape(rows * num, -1)[:n]
@@ -233,11 +230,11 @@ def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
     else:
         total = rows * num
         xs = (
-            _pad_rows(hidden, total).reshape(num, rows, -1),
-            _pad_rows(ids, total).reshape(num, rows, -1),
-            _pad_rows(lse.T, total).reshape(num, rows, -1),
-            _pad_rows(g_lse.T, total).reshape(num, rows, -1),  # zero cotangent on padded rows
-            _pad_rows(g_gathered, total).reshape(num, rows, -1),
+            pad_rows(hidden, total).reshape(num, rows, -1),
+            pad_rows(ids, total).reshape(num, rows, -1),
+            pad_rows(lse.T, total).reshape(num, rows, -1),
+            pad_rows(g_lse.T, total).reshape(num, rows, -1),  # zero cotangent on padded rows
+            pad_rows(g_gathered, total).reshape(num, rows, -1),
         )
 
         def step(carry, x):
