@@ -150,11 +150,6 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> 
             node.set_value(jax.device_put(node.get_value(), variable_sharding(node, mesh, rules)))
 
 
-def place(tree: Any, shardings: Any) -> Any:
-    """``jax.device_put`` a pytree onto matching shardings (both may contain nnx Variables)."""
-    return jax.device_put(tree, shardings)
-
-
 def batch_sharding(mesh: Mesh, *, leading_dims: int = 0) -> NamedSharding:
     """Sharding of a batch array: ``leading_dims`` unsharded axes, then the batch axis over data+fsdp."""
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))

@@ -84,8 +84,8 @@ class Trainer:
         self.graphdef = graphdef
         self.params_sharding = shd.state_shardings(params, mesh, rules)
         self.frozen_sharding = shd.state_shardings(frozen, mesh, rules)
-        self.params = shd.place(params, self.params_sharding)
-        self.frozen = shd.place(frozen, self.frozen_sharding)
+        self.params = jax.device_put(params, self.params_sharding)
+        self.frozen = jax.device_put(frozen, self.frozen_sharding)
         self.opt_sharding = shd.state_shardings(jax.eval_shape(tx.init, self.params), mesh, rules)
         self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
         self.step = 0
@@ -179,21 +179,19 @@ class Trainer:
 
     def evaluate(self, batches: Iterable[NumpyBatch]) -> dict[str, float]:
         """Count-weighted means of the objective's loss and metrics over ``batches``."""
-        sums: dict[str, float] = {}
+        totals = None
         for mb in batches:
-            stacked = stack_micro_batches([mb])
-            batch = shd.global_batch({k: v[0] for k, v in stacked.items()}, self.mesh)
-            out = jax.device_get(self._eval_step(self.params, self.frozen, batch))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        n = sums.pop("num_items", 0.0)
-        if not n:
+            out = self._eval_step(self.params, self.frozen, shd.global_batch(mb, self.mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        if totals is None:
             return {}
-        return {k: v / n for k, v in sums.items()}
+        sums = {k: float(v) for k, v in jax.device_get(totals).items()}  # one host sync per evaluation
+        n = sums.pop("num_items")
+        return {k: v / n for k, v in sums.items()} if n else {}
 
     def restore_state(self, params: Any, opt_state: Any, step: int) -> None:
-        self.params = shd.place(params, self.params_sharding)
-        self.opt_state = shd.place(opt_state, self.opt_sharding)
+        self.params = jax.device_put(params, self.params_sharding)
+        self.opt_state = jax.device_put(opt_state, self.opt_sharding)
         self.step = step
 
 
