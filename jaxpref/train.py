@@ -99,6 +99,42 @@ def build_model(cfg: Any, vocab_needed: int, mesh: Any = None) -> Any:
     return model
 
 
+def build_data(cfg: Any, tokenizer: Any, kind: str) -> Any:
+    """This process's shard of the training (and eval) data for an objective's data ``kind``."""
+    from jaxpref.data import build_lm_data, build_preference_data
+
+    builders = {"lm": build_lm_data, "preference": build_preference_data}
+    if kind not in builders:
+        raise ConfigError(f"objective needs data of kind {kind!r}; jaxpref has {', '.join(builders)}")
+    return builders[kind](cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def build_companions(cfg: Any, names: tuple[str, ...], vocab_needed: int, mesh: Any) -> dict[str, Any]:
+    """The frozen models an objective reads: ``teacher`` (``kd_teacher_model``), ``reference``
+    (a frozen copy of the base model, without adapters). Each is created straight into its shards."""
+    from jaxpref import models
+
+    out = {}
+    for name in names:
+        if name == "teacher":
+            dtype = DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype]
+            teacher = models.from_pretrained(
+                cfg.kd_teacher_model, dtype=DTYPES[cfg.compute_dtype], param_dtype=dtype,
+                scan_layers=cfg.scan_layers, mesh=mesh, rules=cfg.logical_axis_rules,
+            )
+            if teacher.config.vocab_size < vocab_needed:
+                raise ConfigError(
+                    f"kd_teacher_model {cfg.kd_teacher_model} has vocab_size {teacher.config.vocab_size} but the "
+                    f"tokenizer has {vocab_needed} tokens; teacher and student must share the tokenizer."
+                )
+            out[name] = teacher
+        elif name == "reference":
+            out[name] = build_model(cfg.model_copy(update={"adapter": None}), vocab_needed, mesh)
+        else:
+            raise ConfigError(f"the objective needs a companion model {name!r} that jaxpref cannot build")
+    return out
+
+
 def remat_policy(cfg: Any) -> str:
     if cfg.remat_policy:
         return cfg.remat_policy
@@ -144,7 +180,7 @@ def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]
 
 def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     """Train as ``cfg`` says; returns final train/eval metrics and paths."""
-    from jaxpref.data import build_lm_data, load_tokenizer
+    from jaxpref.data import load_tokenizer
     from jaxpref.objectives import build_objective
 
     out_dir = Path(cfg.output_dir).absolute()
@@ -161,7 +197,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             f"micro_batch_size={cfg.micro_batch_size} x {jax.process_count()} process(es) must be a "
             f"multiple of the {divisor} devices on the mesh's data and fsdp axes."
         )
-    data = build_lm_data(cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
+    data = build_data(cfg, tokenizer, objective.data)
     logger.info(data.report.summary())
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
@@ -171,7 +207,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
 
     trainer = Trainer(
         model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
-        seed=cfg.seed,
+        seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
     )
     del model
     n_train, n_frozen = trainer.num_params()

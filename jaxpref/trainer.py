@@ -56,6 +56,13 @@ def _zeros_f32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
+def _key_sum(batch: Mapping[str, jax.Array], suffix: str, pred: Callable) -> jax.Array:
+    """Sum of ``pred(x)`` over the batch keys ending in ``suffix`` (``chosen_``/``rejected_`` sides
+    included; KTO's ``kl_`` copies are not tokens the model trains on)."""
+    keys = [k for k in batch if k.endswith(suffix) and not k.startswith("kl_")]
+    return sum((jnp.sum(pred(batch[k]).astype(jnp.float32)) for k in keys), jnp.zeros((), jnp.float32))
+
+
 def _reseed(model: nnx.Module, key: jax.Array) -> None:
     """Fresh dropout keys per step (derived from the step number, so resume is exact)."""
     if jax.tree.leaves(nnx.state(model, nnx.RngKey)):
@@ -75,8 +82,15 @@ class Trainer:
         trainable: Any = nnx.Param,
         rules: Any = None,
         seed: int = 0,
+        companions: Mapping[str, nnx.Module] | None = None,
     ):
+        """``companions``: frozen models the objective reads (``objective.companions`` names them:
+        an online KD teacher, a DPO reference copy). They are sharded by the same rules, passed to
+        the jitted step as arguments (never baked in as constants) and never differentiated."""
         self.objective = objective
+        missing = [n for n in objective.companions if n not in (companions or {})]
+        if missing:
+            raise ValueError(f"objective {objective.name!r} needs companion model(s) {missing}")
         self.tx = tx
         self.mesh = mesh
         self.rules = rules
@@ -86,6 +100,11 @@ class Trainer:
         self.frozen_sharding = shd.state_shardings(frozen, mesh, rules)
         self.params = jax.device_put(params, self.params_sharding)
         self.frozen = jax.device_put(frozen, self.frozen_sharding)
+        self.companion_graphdefs, companion_states = {}, {}
+        for name in objective.companions:
+            self.companion_graphdefs[name], companion_states[name] = nnx.split(companions[name])
+        self.companions_sharding = shd.state_shardings(companion_states, mesh, rules)
+        self.companions = jax.device_put(companion_states, self.companions_sharding)
         self.opt_sharding = shd.state_shardings(jax.eval_shape(tx.init, self.params), mesh, rules)
         self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
         self.step = 0
@@ -93,13 +112,16 @@ class Trainer:
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._train_step = jax.jit(
             self._train_step_impl,
-            in_shardings=(self.params_sharding, self.frozen_sharding, self.opt_sharding, None, self._replicated),
+            in_shardings=(
+                self.params_sharding, self.frozen_sharding, self.companions_sharding, self.opt_sharding, None,
+                self._replicated,
+            ),
             out_shardings=(self.params_sharding, self.opt_sharding, self._replicated),
-            donate_argnums=(0, 2),
+            donate_argnums=(0, 3),
         )
         self._eval_step = jax.jit(
             self._eval_step_impl,
-            in_shardings=(self.params_sharding, self.frozen_sharding, None),
+            in_shardings=(self.params_sharding, self.frozen_sharding, self.companions_sharding, None),
             out_shardings=self._replicated,
         )
 
@@ -113,15 +135,21 @@ class Trainer:
         return count(self.params), count(self.frozen)
 
     # ---- jitted functions --------------------------------------------------------------------
-    def _micro_loss(self, params, frozen, mb, num_items, key, *, train: bool):
+    def _micro_loss(self, params, frozen, companions, mb, num_items, key, *, train: bool):
         # copy=True: the merged model must own its variables, since reseeding mutates RNG state
         # that otherwise belongs to an outer trace.
         model = nnx.merge(self.graphdef, params, frozen, copy=True)
         if train:
             _reseed(model, key)
-        return self.objective.loss(model, mb, num_items, train=train)
+        if not self.objective.companions:
+            return self.objective.loss(model, mb, num_items, train=train)
+        others = {
+            name: nnx.merge(gd, jax.lax.stop_gradient(companions[name]), copy=True)
+            for name, gd in self.companion_graphdefs.items()
+        }
+        return self.objective.loss(model, mb, num_items, train=train, companions=others)
 
-    def _train_step_impl(self, params, frozen, opt_state, batch, step):
+    def _train_step_impl(self, params, frozen, companions, opt_state, batch, step):
         accum = jax.tree.leaves(batch)[0].shape[0]
         counts = jax.vmap(self.objective.count)(batch)
         num_items = jnp.maximum(jnp.sum(counts), 1.0)
@@ -132,7 +160,7 @@ class Trainer:
             grads_acc, loss_acc, metrics_acc = carry
             mb, i = xs
             (loss, metrics), grads = grad_fn(
-                params, frozen, mb, num_items, jax.random.fold_in(step_key, i), train=True
+                params, frozen, companions, mb, num_items, jax.random.fold_in(step_key, i), train=True
             )
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
             metrics_acc = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metrics_acc, metrics)
@@ -140,7 +168,7 @@ class Trainer:
 
         first = jax.tree.map(lambda x: x[0], batch)
         metrics_shape = jax.eval_shape(
-            lambda: self._micro_loss(params, frozen, first, num_items, step_key, train=True)[1]
+            lambda: self._micro_loss(params, frozen, companions, first, num_items, step_key, train=True)[1]
         )
         init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
         (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
@@ -155,15 +183,15 @@ class Trainer:
             "loss": loss,
             "grad_norm": grad_norm,
             "num_items": jnp.sum(counts),
-            "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
-            "trainable_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+            "tokens": _key_sum(batch, "segment_ids", lambda x: x > 0),
+            "trainable_tokens": _key_sum(batch, "loss_mask", lambda x: x),
             "finite": finite,
             **metrics,
         }
         return new_params, new_opt_state, stats
 
-    def _eval_step_impl(self, params, frozen, batch):
-        loss, metrics = self._micro_loss(params, frozen, batch, jnp.float32(1.0), None, train=False)
+    def _eval_step_impl(self, params, frozen, companions, batch):
+        loss, metrics = self._micro_loss(params, frozen, companions, batch, jnp.float32(1.0), None, train=False)
         return {"loss": loss, **metrics, "num_items": self.objective.count(batch)}
 
     # ---- host-side API -----------------------------------------------------------------------
@@ -172,7 +200,7 @@ class Trainer:
         stacked = stack_micro_batches(micro_batches)
         batch = shd.global_batch(stacked, self.mesh, leading_dims=1)
         self.params, self.opt_state, stats = self._train_step(
-            self.params, self.frozen, self.opt_state, batch, jnp.int32(self.step)
+            self.params, self.frozen, self.companions, self.opt_state, batch, jnp.int32(self.step)
         )
         self.step += 1
         return {k: float(v) for k, v in jax.device_get(stats).items()}
@@ -181,7 +209,7 @@ class Trainer:
         """Count-weighted means of the objective's loss and metrics over ``batches``."""
         totals = None
         for mb in batches:
-            out = self._eval_step(self.params, self.frozen, shd.global_batch(mb, self.mesh))
+            out = self._eval_step(self.params, self.frozen, self.companions, shd.global_batch(mb, self.mesh))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if totals is None:
             return {}

@@ -247,7 +247,15 @@ class KDSection(Section):
         gt=0,
         description="Logit standardisation: z-score both sides over top-k at this base temperature.",
     )
-    kd_teacher_model: str | None = Field(None, description="Teacher model for jaxpref's own teacher pass.")
+    kd_teacher_model: str | None = Field(
+        None,
+        description="Online teacher: a Hugging Face model directory run inside the train step (frozen) "
+        "whose top-k log-probs replace stored teacher targets; datasets are then plain chat rows.",
+    )
+    kd_teacher_top_k: int = Field(32, ge=1, description="Online teacher: entries per position (K).")
+    kd_teacher_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="Online teacher: parameter dtype (default: param_dtype)."
+    )
 
 
 class ScaleSection(Section):

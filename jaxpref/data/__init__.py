@@ -12,6 +12,7 @@ API; its ``micro_batches_per_epoch`` is None (unknown) and the run needs ``max_s
 
 from jaxpref.data.formats import BadRow, get_format, known_types, register_format
 from jaxpref.data.pipeline import LMData, build_lm_data
+from jaxpref.data.preference import PreferenceData, build_preference_data
 from jaxpref.data.report import DataReport
 from jaxpref.data.tokenizer import load_tokenizer
 
@@ -19,7 +20,9 @@ __all__ = [
     "BadRow",
     "DataReport",
     "LMData",
+    "PreferenceData",
     "build_lm_data",
+    "build_preference_data",
     "get_format",
     "known_types",
     "load_tokenizer",

@@ -1,5 +1,6 @@
 """Training objectives: batch + model -> (loss, metrics), the glue between models and losses."""
 
+from jaxpref.objectives import kd as _kd  # noqa: F401  (registers "kd")
 from jaxpref.objectives import sft as _sft  # noqa: F401  (registers "sft")
 from jaxpref.objectives.base import Batch, Metrics, Objective
 from jaxpref.objectives.registry import (

@@ -33,3 +33,8 @@ class Objective:
     # Keys of the micro-batch this objective reads; the trainer checks the pipeline provides them.
     batch_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Frozen models the loss reads, by name ("teacher", "reference"); the trainer passes them as
+    # ``loss(..., companions={name: model})``. Empty: ``loss`` is called without that keyword.
+    companions: tuple[str, ...] = ()
+    # Which pipeline feeds it: "lm" (SFT/KD batches) or "preference" (pairs or KTO rows).
+    data: str = "lm"

@@ -217,8 +217,11 @@ def lm_kind(cfg: Any) -> str:
     """``"kd"`` when the run reads teacher targets (a KD run, or an entry of a KD type), else ``"lm"``.
 
     In a KD run every dataset must be of a ``kd`` type: rows without teacher targets cannot share
-    batches with rows that have them.
+    batches with rows that have them. With an online teacher (``kd_teacher_model``) the rows are
+    plain chat rows.
     """
+    if opt(cfg, "kd_teacher_model"):
+        return "lm"  # the online teacher makes the targets in the train step
     entries = [*(opt(cfg, "datasets", []) or []), *(opt(cfg, "test_datasets", []) or [])]
     return "kd" if is_kd_run(cfg) or any(opt(e, "type") in KD_TYPES for e in entries) else "lm"
 
