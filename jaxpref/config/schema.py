@@ -258,6 +258,33 @@ class KDSection(Section):
     )
 
 
+class TeacherSection(Section):
+    """Teacher pass (`python -m jaxpref.teacher`: a KD dataset from kd_teacher_model)."""
+
+    teacher_output_dir: str | None = Field(
+        None,
+        description="Teacher pass: directory for the KD dataset shards and teacher_info.json (relative to "
+        "CWD); required by python -m jaxpref.teacher (or its --output flag).",
+    )
+    teacher_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Teacher pass: softmax temperature T_gen of the stored log-probs (normalised over the "
+        "full vocabulary); the KD dataset entry then needs temperature: T_gen.",
+    )
+    teacher_shard_rows: int = Field(
+        1000, ge=1, description="Teacher pass: input rows per output shard (the unit of resuming)."
+    )
+    teacher_format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="Teacher pass: shard file format (part-00000.jsonl or .parquet)."
+    )
+    teacher_positions: Literal["all", "trainable"] = Field(
+        "all",
+        description="Teacher pass: store top-k rows for every token (all) or only for trainable tokens "
+        "(smaller files; a later run with other roles_to_train/train_on_inputs then drops rows).",
+    )
+
+
 class ScaleSection(Section):
     """Scale and kernels."""
 
@@ -282,6 +309,7 @@ SECTIONS: tuple[type[Section], ...] = (
     RunSection,
     PreferenceSection,
     KDSection,
+    TeacherSection,
     ScaleSection,
 )
 
@@ -304,6 +332,7 @@ class JaxprefConfig(
     RunSection,
     PreferenceSection,
     KDSection,
+    TeacherSection,
     ScaleSection,
 ):
     """A validated jaxpref config. Build it with ``load_config`` (YAML + overrides + paths) or
