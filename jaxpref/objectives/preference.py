@@ -1,0 +1,291 @@
+"""Pair preference objectives: DPO (all TRL loss types), IPO, ORPO and SimPO.
+
+Batches are pair batches (docs/design.md "Batches"): ``chosen_*`` / ``rejected_*`` [B, T] and
+``pair_mask`` [B]. Chosen and rejected are concatenated along the batch axis and go through **one**
+forward pass ([2B, T]); per-token log-probs come from the fused kernel (``fused_token_logps``: no
+[tokens, vocab] logits) and are summed over completion tokens (``loss_mask``). IPO, ORPO and SimPO
+use per-token averages, as TRL 1.16 does (IPO inside ``dpo_loss`` from the lengths).
+
+The reference model (DPO/IPO; ORPO and SimPO have none) is, per :func:`reference_mode`:
+
+* ``precomputed`` (``precompute_ref_log_probs: true``): ``ref_chosen_logps`` / ``ref_rejected_logps``
+  from the batch, computed once before training (``jaxpref.objectives.precompute``);
+* ``adapter_off`` (``adapter: lora`` with ``rl_adapter_ref_model: false``, the default): the same
+  weights with ``use_adapters=False`` under ``stop_gradient`` (no second copy in memory);
+* ``model``: a frozen copy of the base model, the trainer companion ``"reference"``.
+
+``count`` is the number of real pairs (``pair_mask``). The loss and every metric are contributions
+(sums over this micro-batch's pairs divided by ``num_items``, the pairs of the whole optimizer step),
+so eval and gradient accumulation average them correctly (``objectives/base.py``). Metric names are
+TRL's. Three metrics are batch-level in TRL and are computed per micro-batch here, then weighted by
+the micro-batch's share of pairs (exact for one micro-batch per step): ``logits/chosen`` /
+``logits/rejected`` (mean over completion tokens of the mean logit over the vocabulary) and the
+token-mean ``nll_loss`` of ORPO and SimPO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.errors import ConfigError
+from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss
+from jaxpref.losses.fused import fused_token_logps
+from jaxpref.objectives.base import Batch, Metrics, Objective
+from jaxpref.objectives.registry import register_objective
+from jaxpref.objectives.sft import kernel_options
+
+SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
+SIDES = ("chosen_", "rejected_")
+PAIR_KEYS = tuple(side + k for side in SIDES for k in SEQUENCE_KEYS) + ("pair_mask",)
+REF_PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE_MODES = ("none", "precomputed", "adapter_off", "model")
+
+
+class SequenceStats(NamedTuple):
+    """Per-sequence sums of one forward pass, each [N] float32.
+
+    ``logps``: log-prob of the completion (sum over ``loss_mask`` positions, nats); ``lengths``:
+    completion tokens; ``logit_sums``: sum over completion positions of the mean logit over the
+    vocabulary (no gradient); ``nll_sums`` / ``nll_tokens``: negative log-likelihood summed over every
+    real next-token prediction (prompt included) and their count (ORPO's NLL; zeros unless asked).
+    """
+
+    logps: jax.Array
+    lengths: jax.Array
+    logit_sums: jax.Array
+    nll_sums: jax.Array
+    nll_tokens: jax.Array
+
+
+def reference_mode(cfg: Any, *, uses_reference: bool = True) -> str:
+    """Where the reference log-probs come from (module docstring); ``none`` without a reference."""
+    if not uses_reference:
+        return "none"
+    if getattr(cfg, "precompute_ref_log_probs", False):
+        return "precomputed"
+    if getattr(cfg, "adapter", None) == "lora" and not getattr(cfg, "rl_adapter_ref_model", False):
+        return "adapter_off"
+    return "model"
+
+
+def concat_sides(batch: Batch, prefixes: tuple[str, ...] = SIDES) -> dict[str, jax.Array]:
+    """The five sequence keys of each prefix, concatenated along the batch axis: [len(prefixes) * B, T]."""
+    return {k: jnp.concatenate([batch[p + k] for p in prefixes], axis=0) for k in SEQUENCE_KEYS}
+
+
+def _prediction_mask(segment_ids: jax.Array) -> jax.Array:
+    """[N, T] bool: position t predicts a real token of its own sequence (t + 1 in the same segment)."""
+    nxt = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+    return (segment_ids > 0) & (nxt == segment_ids)
+
+
+def sequence_stats(
+    model: Any,
+    seqs: Mapping[str, jax.Array],
+    *,
+    train: bool,
+    use_adapters: bool = True,
+    kopts: Mapping[str, Any] | None = None,
+    full_nll: bool = False,
+) -> SequenceStats:
+    """One forward pass over [N, T] sequences -> :class:`SequenceStats` (see there for units).
+
+    ``full_nll``: also the NLL over every real next-token prediction, prompt included (ORPO); that
+    needs the log-probs at every position, which the same kernel call already returns.
+    """
+    kopts = dict(kopts or {})
+    hidden = model(
+        seqs["input_ids"],
+        positions=seqs["positions"],
+        segment_ids=seqs["segment_ids"],
+        use_adapters=use_adapters,
+        deterministic=not train,
+    )
+    weight = model.lm_head_weight(use_adapters=use_adapters)
+    token_logps = fused_token_logps(hidden, weight, seqs["labels"], **kopts)  # [N, T] float32
+    mask = seqs["loss_mask"].astype(bool)
+    logps = jnp.sum(jnp.where(mask, token_logps, 0.0), axis=-1)
+    lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    # Mean logit over the vocabulary at each position = h . mean_v W[:, v]: no [N, T, V] logits.
+    w_mean = jax.lax.stop_gradient(jnp.mean(weight, axis=1, dtype=jnp.float32))  # [H]
+    mean_logits = jnp.einsum("nth,h->nt", jax.lax.stop_gradient(hidden).astype(jnp.float32), w_mean)
+    logit_sums = jnp.sum(jnp.where(mask, mean_logits, 0.0), axis=-1)
+    if full_nll:
+        predicts = _prediction_mask(seqs["segment_ids"])
+        nll_sums = -jnp.sum(jnp.where(predicts, token_logps, 0.0), axis=-1)
+        nll_tokens = jnp.sum(predicts, axis=-1).astype(jnp.float32)
+    else:
+        nll_sums = nll_tokens = jnp.zeros_like(logps)
+    return SequenceStats(logps, lengths, logit_sums, nll_sums, nll_tokens)
+
+
+def reference_logps(
+    mode: str,
+    model: Any,
+    companions: Mapping[str, Any] | None,
+    seqs: Mapping[str, jax.Array],
+    *,
+    kopts: Mapping[str, Any] | None = None,
+) -> jax.Array:
+    """Summed completion log-probs [N] of the reference model (no gradient) for ``adapter_off`` / ``model``."""
+    if mode == "adapter_off":
+        ref, use_adapters = model, False
+    elif mode == "model":
+        if not companions or "reference" not in companions:
+            raise ValueError("reference mode 'model' needs the trainer companion 'reference'")
+        ref, use_adapters = companions["reference"], True
+    else:
+        raise ValueError(f"reference_logps: mode {mode!r} computes no reference forward pass")
+    stats = sequence_stats(ref, seqs, train=False, use_adapters=use_adapters, kopts=kopts)
+    return jax.lax.stop_gradient(stats.logps)
+
+
+def share(n_here: jax.Array, num_items: jax.Array) -> jax.Array:
+    """This micro-batch's share of the step's items: turns a per-micro-batch mean into a contribution."""
+    return n_here / jnp.where(num_items > 0, num_items, 1.0)
+
+
+def token_mean(values: jax.Array, tokens: jax.Array, select: jax.Array) -> jax.Array:
+    """sum(values[select]) / sum(tokens[select]) (0 without tokens): a token-weighted batch mean."""
+    total = jnp.sum(jnp.where(select, tokens, 0.0))
+    return jnp.sum(jnp.where(select, values, 0.0)) / jnp.where(total > 0, total, 1.0)
+
+
+def logits_metrics(stats: SequenceStats, n_pairs: int, mask: jax.Array, num_items: jax.Array) -> Metrics:
+    """TRL's ``logits/chosen`` / ``logits/rejected`` (token-weighted means) as contributions."""
+    frac = share(jnp.sum(mask).astype(jnp.float32), num_items)
+    out = {}
+    for name, sl in (("chosen", slice(0, n_pairs)), ("rejected", slice(n_pairs, 2 * n_pairs))):
+        out[f"logits/{name}"] = jax.lax.stop_gradient(token_mean(stats.logit_sums[sl], stats.lengths[sl], mask) * frac)
+    return out
+
+
+def pair_count(batch: Batch) -> jax.Array:
+    """Real pairs of a micro-batch."""
+    return jnp.sum(batch["pair_mask"].astype(jnp.float32))
+
+
+def _dpo_kwargs(cfg: Any, loss_type: str) -> dict[str, Any]:
+    return {
+        "beta": float(cfg.rl_beta),
+        "loss_type": loss_type,
+        "label_smoothing": float(getattr(cfg, "dpo_label_smoothing", 0.0) or 0.0),
+    }
+
+
+def build_dpo_family(cfg: Any, name: str, loss_type: str) -> Objective:
+    """DPO with TRL loss type ``loss_type`` (IPO is ``loss_type="ipo"``); reference per :func:`reference_mode`."""
+    kopts = kernel_options(cfg)
+    mode = reference_mode(cfg)
+    options = _dpo_kwargs(cfg, loss_type)
+
+    def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
+        seqs = concat_sides(batch)
+        n = batch["pair_mask"].shape[0]
+        stats = sequence_stats(model, seqs, train=train, kopts=kopts)
+        if mode == "precomputed":
+            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref = reference_logps(mode, model, companions, seqs, kopts=kopts)
+            ref_c, ref_r = ref[:n], ref[n:]
+        value, metrics = dpo_loss(
+            stats.logps[:n],
+            stats.logps[n:],
+            ref_c,
+            ref_r,
+            chosen_lengths=stats.lengths[:n],
+            rejected_lengths=stats.lengths[n:],
+            mask=batch["pair_mask"],
+            num_items=num_items,
+            **options,
+        )
+        metrics.update(logits_metrics(stats, n, batch["pair_mask"], num_items))
+        return value, metrics
+
+    return Objective(
+        name=name,
+        count=pair_count,
+        loss=loss,
+        batch_keys=PAIR_KEYS + (REF_PAIR_KEYS if mode == "precomputed" else ()),
+        companions=("reference",) if mode == "model" else (),
+        data="preference",
+        extras={"reference": mode, "loss_type": loss_type},
+    )
+
+
+@register_objective("dpo")
+def build_dpo(cfg: Any) -> Objective:
+    return build_dpo_family(cfg, "dpo", getattr(cfg, "dpo_loss_type", None) or "sigmoid")
+
+
+@register_objective("ipo")
+def build_ipo(cfg: Any) -> Objective:
+    loss_type = getattr(cfg, "dpo_loss_type", None)
+    if loss_type not in (None, "ipo"):
+        raise ConfigError(f"rl: ipo is DPO with dpo_loss_type: ipo; remove dpo_loss_type: {loss_type} or use rl: dpo")
+    return build_dpo_family(cfg, "ipo", "ipo")
+
+
+def _mean_logps(stats: SequenceStats) -> jax.Array:
+    return stats.logps / jnp.maximum(stats.lengths, 1.0)
+
+
+@register_objective("orpo")
+def build_orpo(cfg: Any) -> Objective:
+    """ORPO (TRL ``ORPOTrainer``): ``nll(chosen) - orpo_alpha * mean(logsigmoid(log_odds))`` on
+    per-token average completion log-probs; the NLL is TRL's: token mean over the whole chosen
+    sequences (prompt included), per micro-batch."""
+    kopts = kernel_options(cfg)
+    beta = float(cfg.orpo_alpha)
+
+    def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
+        seqs = concat_sides(batch)
+        n = batch["pair_mask"].shape[0]
+        mask = batch["pair_mask"]
+        stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=True)
+        mean = _mean_logps(stats)
+        frac = share(jnp.sum(mask).astype(jnp.float32), num_items)
+        nll = token_mean(stats.nll_sums[:n], stats.nll_tokens[:n], mask) * frac
+        value, metrics = orpo_loss(mean[:n], mean[n:], nll, beta=beta, mask=mask, num_items=num_items)
+        metrics.update(logits_metrics(stats, n, mask, num_items))
+        return value, metrics
+
+    return Objective(name="orpo", count=pair_count, loss=loss, batch_keys=PAIR_KEYS, data="preference")
+
+
+@register_objective("simpo")
+def build_simpo(cfg: Any) -> Objective:
+    """SimPO (TRL ``CPOTrainer`` with ``loss_type="simpo"``): average completion log-probs, target
+    margin ``simpo_gamma``, plus ``cpo_alpha`` x the token-mean NLL of the chosen completions."""
+    kopts = kernel_options(cfg)
+    beta, gamma = float(cfg.rl_beta), float(cfg.simpo_gamma)
+    cpo_alpha = float(getattr(cfg, "cpo_alpha", 0.0))
+    smoothing = float(getattr(cfg, "dpo_label_smoothing", 0.0) or 0.0)
+
+    def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
+        seqs = concat_sides(batch)
+        n = batch["pair_mask"].shape[0]
+        mask = batch["pair_mask"]
+        stats = sequence_stats(model, seqs, train=train, kopts=kopts)
+        mean = _mean_logps(stats)
+        frac = share(jnp.sum(mask).astype(jnp.float32), num_items)
+        nll = token_mean(-stats.logps[:n], stats.lengths[:n], mask) * frac
+        value, metrics = simpo_loss(
+            mean[:n],
+            mean[n:],
+            beta=beta,
+            gamma=gamma,
+            label_smoothing=smoothing,
+            chosen_nll=nll if cpo_alpha else None,  # TRL reports nll_loss 0 when cpo_alpha is 0
+            cpo_alpha=cpo_alpha,
+            mask=mask,
+            num_items=num_items,
+        )
+        metrics.update(logits_metrics(stats, n, mask, num_items))
+        return value, metrics
+
+    return Objective(name="simpo", count=pair_count, loss=loss, batch_keys=PAIR_KEYS, data="preference")
