@@ -1,4 +1,4 @@
-"""Nested config sections: ``mesh``, ``fused_kernel``, ``special_tokens`` and one dataset entry."""
+"""Nested config sections: ``mesh``, ``distributed``, ``fused_kernel``, ``special_tokens`` and one dataset entry."""
 
 from __future__ import annotations
 
@@ -55,6 +55,30 @@ class FusedKernelConfig(Section):
     )
     block_n: int | None = Field(None, ge=1, description="Rows per block; None = the per-backend table.")
     block_v: int | None = Field(None, ge=1, description="Vocabulary entries per block; None = the table.")
+
+
+class DistributedConfig(Section):
+    """Multi-process start-up (jax.distributed); every key may also come from JAX's environment variables."""
+
+    enabled: bool | None = Field(
+        None,
+        description="null: initialise when a launcher started several processes (srun, mpirun, a TPU pod) or a "
+        "coordinator is given; true: always call jax.distributed.initialize(); false: never. "
+        "Env JAXPREF_DISTRIBUTED=1/0/auto does the same.",
+    )
+    coordinator_address: str | None = Field(
+        None, description="host:port of process 0 (env JAX_COORDINATOR_ADDRESS); null = auto-detected."
+    )
+    num_processes: int | None = Field(None, ge=1, description="Process count (env JAX_NUM_PROCESSES).")
+    process_id: int | None = Field(
+        None, ge=0, description="This process's index, usually a per-process override (env JAX_PROCESS_ID)."
+    )
+    local_device_ids: list[int] | None = Field(
+        None,
+        description="GPUs this process uses (env JAX_LOCAL_DEVICE_IDS); under SLURM with one process per node "
+        "list all of the node's GPUs.",
+    )
+    initialization_timeout: int = Field(300, ge=1, description="Seconds to wait for every process to connect.")
 
 
 class SpecialTokensConfig(Section):

@@ -19,7 +19,13 @@ from pydantic_core import PydanticUndefined
 
 from jaxpref.config import axolotl
 from jaxpref.config.axolotl_keys import AXOLOTL_VERSION
-from jaxpref.config.nested import DatasetConfig, FusedKernelConfig, MeshConfig, SpecialTokensConfig
+from jaxpref.config.nested import (
+    DatasetConfig,
+    DistributedConfig,
+    FusedKernelConfig,
+    MeshConfig,
+    SpecialTokensConfig,
+)
 from jaxpref.config.schema import SECTIONS
 
 _INTRO = """\
@@ -54,6 +60,7 @@ def config_reference_markdown() -> str:
     for section in SECTIONS:
         parts.append(_table(f"## {section.__doc__.strip().rstrip('.')}", section))
     parts.append(_table("## `mesh`", MeshConfig))
+    parts.append(_table("## `distributed`", DistributedConfig))
     parts.append(_table("## `fused_kernel`", FusedKernelConfig))
     parts.append(_table("## `special_tokens`", SpecialTokensConfig))
     parts.append(_table("## `datasets` / `test_datasets` entries", DatasetConfig))

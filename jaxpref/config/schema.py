@@ -17,6 +17,7 @@ from jaxpref.config import axolotl, coerce
 from jaxpref.config.nested import (
     ChatTemplateName,
     DatasetConfig,
+    DistributedConfig,
     FusedKernelConfig,
     MeshConfig,
     Section,
@@ -298,6 +299,10 @@ class ScaleSection(Section):
     )
     fused_kernel: FusedKernelConfig = Field(
         default_factory=FusedKernelConfig, description="Fused LM-head kernel (see fused_kernel below)."
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Multi-process start-up (see distributed below); automatic under srun, mpirun and TPU pods.",
     )
 
 
