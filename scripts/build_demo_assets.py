@@ -292,8 +292,10 @@ def build(out: Path, seed: int) -> None:
 
 
 def _same_tree(a: Path, b: Path) -> bool:
+    """``b`` holds every file of the fresh build ``a``, byte-identical. Files only in ``b`` are other
+    demos' assets (e.g. ``demo/data/kd_*`` from ``scripts/build_kd_demo.py``) and are not compared."""
     cmp = filecmp.dircmp(a, b)
-    if cmp.left_only or cmp.right_only or cmp.funny_files:
+    if cmp.left_only or cmp.funny_files:
         return False
     _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
     return not mismatch and not errors and all(_same_tree(a / d, b / d) for d in cmp.common_dirs)
@@ -306,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare with --out")
     args = parser.parse_args(argv)
     if not args.check:
-        for sub in ("data", "tiny-llama"):
-            shutil.rmtree(args.out / sub, ignore_errors=True)
+        shutil.rmtree(args.out / "tiny-llama", ignore_errors=True)
+        for name in ("sft_train.jsonl", "sft_eval.jsonl"):  # demo/data also holds other demos' files
+            (args.out / "data" / name).unlink(missing_ok=True)
         build(args.out, args.seed)
         print(f"wrote {args.out}")
         return 0

@@ -41,7 +41,9 @@ def test_demo_data_is_chat_rows_with_held_out_eval():
         return {r["messages"][-2]["content"] for r in rows}
 
     assert not prompts(train) & prompts(evals)
-    assert sum(p.stat().st_size for p in (REPO / "demo").rglob("*") if p.is_file()) < 3_000_000
+    # This demo's files stay small; other demos (demo/teacher, demo/data/kd_*, ...) check their own sizes.
+    sft_assets = [*(REPO / "demo" / "tiny-llama").rglob("*"), *DATA.glob("sft_*")]
+    assert sum(p.stat().st_size for p in sft_assets if p.is_file()) < 3_000_000
 
 
 def test_demo_sft_pipeline_keeps_every_row():
