@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import yaml
 
 from jaxpref import sharding as shd
-from jaxpref.checkpoint import Checkpointer, allgather_json, find_checkpoint_root
+from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
 from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError
 from jaxpref.logs import RunLogger
@@ -180,11 +180,14 @@ def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]
 
 def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     """Train as ``cfg`` says; returns final train/eval metrics and paths."""
+    from jaxpref import distributed
     from jaxpref.data import load_tokenizer
     from jaxpref.objectives import build_objective
 
     out_dir = Path(cfg.output_dir).absolute()
+    distributed.initialize(distributed.settings_from_config(cfg))  # before anything touches a device
     check_output_dir(out_dir)
+    distributed.check_shared_directory(out_dir)
     ckpt_root, resume_step = resolve_resume(cfg, out_dir)
 
     objective = build_objective(cfg, objective_name(cfg))  # an unknown objective fails before any loading
@@ -202,6 +205,10 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
     model = build_model(cfg, len(tokenizer), mesh)
+    if objective.data == "preference":
+        from jaxpref.objectives.precompute import prepare_preference_run
+
+        prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
     tx, schedule = make_optimizer(cfg, total_steps)
     from jaxpref import lora
 
@@ -228,7 +235,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     if resume_step is not None:
         params, opt_state, meta = ckpt.restore(resume_step, trainer.params, trainer.opt_state)
         trainer.restore_state(params, opt_state, int(meta["step"]))
-        data_iter.set_state(meta["data_state"][jax.process_index()])
+        data_iter.set_state(data_state_for_process(meta["data_state"]))
         logger.info("resumed from %s at step %d", ckpt_root / str(resume_step), trainer.step)
         if ckpt_root != out_dir / CHECKPOINTS:
             ckpt.close()
@@ -287,17 +294,33 @@ def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:
 
 
 def export_final(cfg: Any, trainer: Trainer, tokenizer: Any, out_dir: Path) -> None:
-    """Write the trained model as a Hugging Face directory (or PEFT adapter) plus the tokenizer."""
+    """Write the trained model as a Hugging Face directory (or PEFT adapter) plus the tokenizer.
+
+    Every process calls this (gathering sharded weights is a collective); only process 0 writes.
+    """
     from jaxpref import lora, models
 
-    if jax.process_index() != 0:
-        return
     model = trainer.model()
-    if cfg.adapter == "lora":
+    if trainer.objective.extras.get("score_head"):
+        export_reward_model(cfg, model, tokenizer, out_dir)
+    elif cfg.adapter == "lora":
         lora.export_peft_adapter(model, out_dir, base_model_name_or_path=cfg.base_model)
     else:
         models.save_pretrained(model, out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(out_dir)
+
+
+def export_reward_model(cfg: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """A reward model as a transformers ``*ForSequenceClassification`` directory (LoRA merged in)."""
+    from jaxpref import lora
+    from jaxpref.models.reward import save_reward_model
+
+    if cfg.adapter == "lora":
+        score = model.score
+        model = lora.merge_lora(model)
+        model.score = score
+    save_reward_model(model, out_dir, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 def wandb_settings(cfg: Any) -> dict[str, Any] | None:

@@ -229,7 +229,8 @@ def stack_micro_batches(micro_batches: list[NumpyBatch]) -> dict[str, np.ndarray
     Padding entries are zeros: segment 0, masks False, so they contribute nothing. (The pipeline
     already gives every process the same T for a given micro-batch.)
     """
-    time_len = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    # T of every [B, T, ...] key (LM batches: input_ids; pair batches: chosen_/rejected_ keys).
+    time_len = max(np.ndim(a) >= 2 and np.shape(a)[1] or 0 for mb in micro_batches for a in mb.values())
     out = {}
     for key in micro_batches[0]:
         arrays = []

@@ -141,12 +141,38 @@ def collate_pairs(rows: list[Example | None], length: int) -> dict[str, np.ndarr
     for prefix in PAIR_SIDES:
         batch.update(pad_sequences([_side(r, prefix) for r in rows], length, prefix))
     batch["pair_mask"] = np.array([r is not None for r in rows], dtype=bool)
+    batch.update(reference_columns(rows, REF_PAIR_KEYS))
     return batch
 
 
+# Reference log-probs computed once before training (``precompute_ref_log_probs``), per example.
+REF_PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_KTO_KEYS = ("ref_logps", "ref_kl_logps")
+
+
+def reference_columns(rows: list[Example | None], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """float32 [B] columns of the per-example scalars ``keys`` (0 for padding rows); {} when the
+    examples carry none (no precomputed reference)."""
+    first = next((r for r in rows if r is not None), None)
+    if first is None or keys[0] not in first:
+        return {}
+    return {k: np.array([0.0 if r is None else float(r[k]) for r in rows], dtype=np.float32) for k in keys}
+
+
 def kl_sequences(rows: list[Example], sequence_len: int) -> list[Example]:
-    """Row i's prompt with row i-1's completion (row 0: the last row's), as TRL's KTOTrainer rotates."""
-    return [sequence(r["prompt_ids"], rows[i - 1]["completion_ids"], sequence_len) for i, r in enumerate(rows)]
+    """Row i's prompt with row i-1's completion (row 0: the last row's), as TRL's KTOTrainer rotates.
+
+    Examples with a fixed partner (``kl_completion_ids``, set when reference log-probs are
+    precomputed, since those must belong to a fixed mismatched pair) use it instead.
+    """
+    return [
+        sequence(
+            r["prompt_ids"],
+            r["kl_completion_ids"] if "kl_completion_ids" in r else rows[i - 1]["completion_ids"],
+            sequence_len,
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def kto_longest(rows: list[Example], *, shard_count: int, sequence_len: int) -> int:
@@ -171,6 +197,7 @@ class CollateKTO:
         batch.update(pad_sequences(kl, length, "kl_"))
         batch["desirable"] = np.array([r is not None and bool(r["desirable"]) for r in rows], dtype=bool)
         batch["example_mask"] = np.array([r is not None for r in rows], dtype=bool)
+        batch.update(reference_columns(rows, REF_KTO_KEYS))
         return batch
 
 
@@ -183,7 +210,15 @@ class PreferenceData(LMData):
     ``segment_ids``, the same five ``kl_*`` (mismatched pairs), ``desirable`` and ``example_mask``
     bool [B]. ids/labels/positions/segment_ids int32, masks bool; padding rows are all zero/False.
     The report counts tokens and trainable positions of both sides (pairs) or of the matched sequence (KTO).
+    With precomputed reference log-probs (``jaxpref.objectives.precompute``) the examples carry them
+    and batches add ``ref_chosen_logps``/``ref_rejected_logps`` (pairs) or ``ref_logps``/``ref_kl_logps``
+    (KTO), float32 [B].
     """
+
+    def examples(self, split: str) -> list[Example]:
+        """The examples (every shard's, in stored order) of ``"train"`` or ``"eval"``; mutable in place."""
+        source = self._train if split == "train" else self._eval
+        return [] if source is None else source.examples
 
 
 def build_preference_data(

@@ -103,7 +103,7 @@ def load_score_head(model: CausalLM, path: str | os.PathLike) -> CausalLM:
     from jaxpref.models.hf_io import SafetensorsReader
 
     with SafetensorsReader.for_checkpoint(os.fspath(path)) as reader:
-        if "score.weight" not in reader.keys():
+        if "score.weight" not in reader.keys():  # noqa: SIM118  (a reader, not a dict)
             raise ModelError(f"{path} has no score.weight tensor: it is not a reward (sequence classification) model")
         weight = np.asarray(reader.get("score.weight"), dtype=np.float32)
     add_score_head(model)
