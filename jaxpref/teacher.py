@@ -47,6 +47,11 @@ RUN_FILE = "run.json"
 LOGPROBS_FIELD = "logprobs"
 IDS_FIELD = "target_token_ids"
 CHAT_TYPES = ("chat_template",)  # plus the axolotl KD type names (formats/kd.py), same tokenization
+NO_TEACHER = (
+    "kd_teacher_model: not set; the teacher pass needs the teacher checkpoint (a Hugging Face model "
+    "directory or hub id): kd_teacher_model: path/to/teacher in the config, or kd_teacher_model=... on the "
+    "command line."
+)
 # Dataset-entry keys that decide how a row is tokenized: copied into the KD entry of teacher_info.json.
 TOKENIZATION_KEYS = (
     "field_messages",
@@ -115,11 +120,13 @@ def load_teacher_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     source when neither ``tokenizer_config`` nor ``base_model`` is given)."""
     from jaxpref.config import load_config
 
-    given = _top_level_keys(path) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides if "=" in o}
+    given = _top_level_keys(path) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides if "=" in o.rstrip("=")}
+    if Path(path).is_file() and "kd_teacher_model" not in given:
+        raise ConfigError(NO_TEACHER)
     extra = []
     if "learning_rate" not in given:
         extra.append("learning_rate=0")
-    if not given & {"base_model", "tokenizer_config"} and "kd_teacher_model" in given:
+    if "base_model" not in given and "kd_teacher_model" in given:
         teacher = next((o.split("=", 1)[1] for o in overrides if o.startswith("kd_teacher_model=")), None)
         if teacher is None:
             teacher = _yaml_value(path, "kd_teacher_model")
@@ -147,10 +154,7 @@ def _yaml_value(path: str | Path, key: str) -> Any:
 def check_config(cfg: Any) -> None:
     """ConfigError for a config the teacher pass cannot run (before anything is loaded)."""
     if not cfg.kd_teacher_model:
-        raise ConfigError(
-            "kd_teacher_model: not set; the teacher pass needs the teacher checkpoint (a Hugging Face model "
-            "directory or hub id), e.g. kd_teacher_model=path/to/teacher on the command line."
-        )
+        raise ConfigError(NO_TEACHER)
     if not cfg.teacher_output_dir:
         raise ConfigError(
             "teacher_output_dir: not set; give the directory the KD dataset is written to "

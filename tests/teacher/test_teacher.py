@@ -1,0 +1,277 @@
+"""``python -m jaxpref.teacher``: the stored targets are the teacher's own top-k at every trainable
+position after the KD pipeline (brute force from full logits), online == offline KD, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from jaxpref import models
+from jaxpref.config import load_config
+from jaxpref.data import build_lm_data, load_tokenizer
+from jaxpref.objectives import build_objective
+from jaxpref.teacher import load_teacher_config, main, run_teacher
+from tests.teacher.conftest import DEMO_MODEL, GOOD_ROWS, REPO, save_teacher, teacher_config
+
+K, T_GEN = 5, 1.5
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    rc = main([*args, "--no_progress"])
+    return rc, capsys.readouterr().err
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def log_softmax64(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def kd_config(tmp_path: Path, teacher_dir: Path, info: dict, **overrides) -> Path:
+    """A KD training config whose datasets are the teacher pass's own pasted snippet."""
+    cfg = {
+        "base_model": str(teacher_dir),
+        "chat_template": "chatml",
+        "kd_trainer": True,
+        "learning_rate": 1e-3,
+        "sequence_len": 96,
+        "micro_batch_size": 4,
+        "dataset_processes": 1,
+        **yaml.safe_load(info["kd_config_snippet"]),
+        **overrides,
+    }
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def kd_output(tmp_path_factory, teacher_dir, chat_rows):
+    """One teacher pass (jsonl, K=5, T_gen=1.5) shared by the read-back tests."""
+    tmp = tmp_path_factory.mktemp("kd_output")
+    rc = main(["--config", str(teacher_config(tmp, teacher_dir, chat_rows)), "--no_progress"])
+    assert rc == 0
+    return tmp / "kd"
+
+
+def test_output_files_and_counts(kd_output):
+    info = json.loads((kd_output / "teacher_info.json").read_text())
+    assert info["top_k"] == K and info["temperature"] == T_GEN and info["vocab_size"] == 512
+    assert info["files"] == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    assert (info["rows_in"], info["rows_out"]) == (GOOD_ROWS + 2, GOOD_ROWS)
+    assert info["dropped"] == {"missing_field": 1, "too_long": 1}
+    (entry,) = info["datasets"]
+    assert entry["temperature"] == T_GEN and entry["logprobs_field"] == "logprobs" and entry["type"] == "chat_template"
+    rows = [json.loads(line) for f in info["files"] for line in (kd_output / f).read_text().splitlines()]
+    assert len(rows) == GOOD_ROWS
+    for row in rows:
+        ids, lps = row["target_token_ids"], row["logprobs"]
+        assert ids[0] is None and lps[0] is None  # token-aligned: nothing predicts token 0
+        assert all(len(r) == K for r in ids[1:]) and all(len(r) == K for r in lps[1:])
+        probs = np.exp(np.asarray(lps[1:]))
+        assert np.all(np.diff(lps[1:], axis=-1) <= 0) and np.all(probs.sum(-1) <= 1 + 1e-6)
+    # the input rows' order within the file is kept (the messages column as read)
+    assert (
+        rows[0]["messages"] == json.loads((REPO / "demo/data/sft_eval.jsonl").read_text().splitlines()[0])["messages"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kd_temperature", [T_GEN, 1.0])
+def test_pipeline_targets_are_the_teachers_topk_at_each_trainable_position(
+    tmp_path, kd_output, teacher_dir, kd_temperature
+):
+    """teacher CLI -> build_lm_data (KD run): target[t] = top-K of the teacher's full-vocabulary
+    softmax at position t (predicting token t + 1), rescaled p^(T_gen/T_kd) and renormalised."""
+    info = json.loads((kd_output / "teacher_info.json").read_text())
+    cfg = load_config(kd_config(tmp_path, teacher_dir, info, kd_temperature=kd_temperature))
+    data = build_lm_data(cfg, load_tokenizer(cfg))
+    assert data.report.rows_out == GOOD_ROWS and not data.report.dropped
+    batches = list(data.train_iterator(1))
+    # The teacher's full logits for every batch row at once ([rows, 96, V]: small test sizes only);
+    # causal attention: the zero padding after a row does not change its positions.
+    width = 96
+    all_ids = np.concatenate([np.pad(b["input_ids"], ((0, 0), (0, width - b["input_ids"].shape[1]))) for b in batches])
+    teacher = models.from_pretrained(teacher_dir)
+    all_logits = np.asarray(teacher.logits(teacher(all_ids.astype(np.int32))))
+    scale = T_GEN / kd_temperature
+    seen = checked = 0
+    for i, batch in enumerate(batches):
+        for b in range(len(batch["input_ids"])):
+            length = int((batch["segment_ids"][b] > 0).sum())
+            if not length:
+                continue
+            seen += 1
+            logits = all_logits[i * len(batch["input_ids"]) + b, :length]
+            logp = log_softmax64(logits / T_GEN)
+            top = np.argsort(-logp, axis=-1, kind="stable")[:, :K]
+            expected = log_softmax64(np.take_along_axis(logp, top, -1) * scale)
+            mask = batch["loss_mask"][b, :length]
+            assert mask.any()
+            np.testing.assert_array_equal(batch["target_mask"][b, :length], np.repeat(mask[:, None], K, 1))
+            np.testing.assert_array_equal(batch["target_token_ids"][b, :length][mask], top[mask])
+            np.testing.assert_allclose(batch["target_logprobs"][b, :length][mask], expected[mask], atol=2e-5)
+            assert not batch["target_mask"][b, length:].any()
+            checked += int(mask.sum())
+    assert seen == GOOD_ROWS and checked == data.report.trainable_tokens
+
+
+@pytest.mark.slow
+def test_online_teacher_equals_stored_teacher_dataset(tmp_path, kd_output, teacher_dir):
+    """The KD objective with kd_teacher_model (online, top-k at kd_temperature) and the objective
+    reading the stored dataset (T_gen = 1.5 rescaled to kd_temperature = 2) give the same loss and
+    gradient on the same batch: same K, same alignment."""
+    info = json.loads((kd_output / "teacher_info.json").read_text())
+    options = dict(kd_temperature=2.0, kd_teacher_top_k=K, kd_beta=0.3, kd_ce_alpha=0.4)
+    offline_cfg = load_config(kd_config(tmp_path, teacher_dir, info, **options))
+    online_cfg = offline_cfg.model_copy(update={"kd_teacher_model": str(teacher_dir)})
+    offline, online = build_objective(offline_cfg, "kd"), build_objective(online_cfg, "kd")
+    assert online.companions == ("teacher",) and not offline.companions
+    companions = {"teacher": models.from_pretrained(teacher_dir)}
+    student = models.from_config(models.load_model_config(DEMO_MODEL), seed=11)
+    data = build_lm_data(offline_cfg, load_tokenizer(offline_cfg))
+
+    def loss_and_grad(objective):
+        @nnx.jit
+        def fn(student, batch, companions):
+            kw = {"companions": companions} if objective.companions else {}
+            n = objective.count(batch)
+            return nnx.value_and_grad(lambda m: objective.loss(m, batch, n, train=False, **kw)[0])(student)
+
+        return fn
+
+    offline_fn, online_fn = loss_and_grad(offline), loss_and_grad(online)
+    for _, batch in zip(range(1), data.train_iterator(1)):
+        off_loss, off_grad = offline_fn(student, batch, {})
+        on_loss, on_grad = online_fn(student, {k: batch[k] for k in online.batch_keys}, companions)
+        assert float(off_loss) > 0.1
+        np.testing.assert_allclose(float(on_loss), float(off_loss), rtol=2e-5)
+        for a, b in zip(jax_leaves(on_grad), jax_leaves(off_grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, np.abs(b).max()))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_resume_is_byte_identical_and_a_changed_config_is_refused(tmp_path, teacher_dir, chat_rows, capsys, fmt):
+    cfg_path = teacher_config(tmp_path, teacher_dir, chat_rows, teacher_format=fmt)
+    out = tmp_path / "kd"
+    assert run_main(["--config", str(cfg_path)], capsys)[0] == 0
+    full = snapshot(out)
+    assert f"part-00002.{fmt}" in full and "teacher_info.json" in full
+
+    shutil.rmtree(out)  # interrupted after the first shard
+    result = run_teacher(load_teacher_config(cfg_path), show_progress=False, max_shards=1)
+    assert result["shards_written"] == 1 and result["info"] is None
+    assert sorted(p for p in snapshot(out) if not p.startswith(".teacher")) == [f"part-00000.{fmt}"]
+    first = (out / f"part-00000.{fmt}").stat().st_mtime_ns
+    rc, err = run_main(["--config", str(cfg_path)], capsys)
+    assert rc == 0 and "1 already written" in err
+    assert snapshot(out) == full
+    assert (out / f"part-00000.{fmt}").stat().st_mtime_ns == first  # skipped, not rewritten
+
+    (out / f"part-00002.{fmt}").unlink()  # a lost shard file is written again
+    assert run_main(["--config", str(cfg_path)], capsys)[0] == 0
+    assert snapshot(out) == full
+
+    rc, err = run_main(["--config", str(cfg_path), "kd_teacher_top_k=3"], capsys)
+    assert rc == 2 and "different config" in err and "kd_teacher_top_k" in err and "Traceback" not in err
+    assert snapshot(out) == full
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards_and_the_last_writes_the_info(tmp_path, teacher_dir, chat_rows, capsys):
+    single = tmp_path / "single"
+    assert run_main(["--config", str(teacher_config(single, teacher_dir, chat_rows))], capsys)[0] == 0
+    split = tmp_path / "split"
+    cfg_path = teacher_config(split, teacher_dir, chat_rows)
+    cfg = load_teacher_config(cfg_path)
+    first = run_teacher(cfg, process_index=1, process_count=2, show_progress=False)
+    assert first["shards_written"] == 1 and first["info"] is None  # shard 1 of 0, 1, 2
+    assert sorted(p.name for p in (split / "kd").glob("part-*")) == ["part-00001.jsonl"]
+    second = run_teacher(cfg, process_index=0, process_count=2, show_progress=False)
+    assert second["shards_written"] == 2 and second["info"] is not None
+    a, b = snapshot(single / "kd"), snapshot(split / "kd")
+    info_a, info_b = (json.loads(s.pop("teacher_info.json")) for s in (a, b))
+    assert a == b
+    assert info_a["kd_config_snippet"].replace(str(single), str(split)) == info_b["kd_config_snippet"]
+
+
+# ----------------------------------------------------------------------------------------- exit 2
+
+
+@pytest.fixture(scope="module")
+def small_vocab_teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("small") / "teacher", seed=0, vocab_size=256)
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing_teacher", "not a checkpoint directory"),
+        ("small_vocab", "vocab_size 256 but the tokenizer has 512"),
+        ("no_datasets", "datasets"),
+        ("unwritable_output", "cannot write to"),
+        ("no_teacher_key", "kd_teacher_model: not set"),
+        ("no_output_dir", "teacher_output_dir: not set"),
+        ("not_chat", "type: chat_template"),
+        ("missing_dataset_file", "not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_paragraph(
+    tmp_path, teacher_dir, chat_rows, small_vocab_teacher, capsys, case, expected
+):
+    overrides: dict = {}
+    if case == "missing_teacher":
+        overrides["kd_teacher_model"] = str(tmp_path / "no-such-teacher")
+    elif case == "small_vocab":
+        overrides.update(kd_teacher_model=str(small_vocab_teacher), tokenizer_config=str(teacher_dir))
+    elif case == "no_datasets":
+        overrides["datasets"] = []
+    elif case == "unwritable_output":
+        (tmp_path / "a_file").write_text("")
+        overrides["teacher_output_dir"] = str(tmp_path / "a_file" / "kd")
+    elif case == "no_teacher_key":
+        overrides.update(kd_teacher_model=None, base_model=str(teacher_dir))
+    elif case == "no_output_dir":
+        overrides["teacher_output_dir"] = None
+    elif case == "not_chat":
+        overrides["datasets"] = [{"path": str(chat_rows), "type": "completion"}]
+    elif case == "missing_dataset_file":
+        overrides["datasets"] = [{"path": str(tmp_path / "missing.jsonl"), "type": "chat_template"}]
+    rc, err = run_main(["--config", str(teacher_config(tmp_path, teacher_dir, chat_rows, **overrides))], capsys)
+    assert rc == 2, err
+    message = err[err.index("error: ") :]  # after any progress lines of the dataset loader
+    assert expected in message and message.count("error:") == 1 and "Traceback" not in err
+
+
+def test_module_entry_point_exits_2(tmp_path, teacher_dir, chat_rows):
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows, kd_teacher_model=str(tmp_path / "absent"))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxpref.teacher", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "not a checkpoint directory" in proc.stderr and "Traceback" not in proc.stderr
