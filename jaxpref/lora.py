@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.errors import ModelError
 from jaxpref.models.decoder import CausalLM
@@ -37,7 +37,7 @@ from jaxpref.models.hf_io import (
     write_safetensors,
 )
 from jaxpref.models.layers import Linear, make_param
-from jaxpref.sharding import Rules, variable_sharding
+from jaxpref.sharding import Rules, logical_to_spec
 
 PEFT_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVEABLE_MODULES = ("embed_tokens", "lm_head")
@@ -106,9 +106,19 @@ def _lora_linears(model: CausalLM, targets: Sequence[str]) -> list[tuple[tuple[s
     return [(p, m) for p, m in iter_modules(model) if isinstance(m, Linear) and p[0] == "layers" and p[-1] in targets]
 
 
-def _place_new(var: nnx.Variable, mesh: Mesh | None, rules: Rules | None) -> None:
-    if mesh is not None:
-        var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh, rules)))
+def _create(
+    init: Any, args: tuple[np.ndarray, ...], axes: Sequence[str], mesh: Mesh | None, rules: Rules | None
+) -> jax.Array:
+    """``init(*args)`` computed straight into the shards ``axes`` give on ``mesh`` (no mesh: default device).
+
+    ``args`` are host arrays, so nothing is first built on one device and then copied to the others
+    (which would need the whole tensor on one device and fails across hosts).
+    """
+    if mesh is None:
+        return init(*args)
+    shape = jax.eval_shape(init, *args).shape
+    sharding = NamedSharding(mesh, logical_to_spec(tuple(axes), shape, mesh, rules))
+    return jax.jit(init, out_shardings=sharding)(*args)
 
 
 def apply_lora(
@@ -125,16 +135,21 @@ def apply_lora(
     pdt = model.param_dtype
     for _, lin in _lora_linears(model, cfg.target_modules):
         bound = 1.0 / math.sqrt(math.prod(lin.in_shape))
-        a = jax.random.uniform(rngs.params(), (n_layers, *lin.in_shape, cfg.r), jnp.float32, -bound, bound)
-        lin.lora_a = make_param(a.astype(pdt), ("layers", *lin.in_axes, "lora_rank"), nnx.LoRAParam)
-        lin.lora_b = make_param(
-            jnp.zeros((n_layers, cfg.r, *lin.out_shape), pdt),
-            ("layers", "lora_rank", *lin.out_axes),
-            nnx.LoRAParam,
-        )
+        key = rngs.params()
+        key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+        a_shape, b_shape = (n_layers, *lin.in_shape, cfg.r), (n_layers, cfg.r, *lin.out_shape)
+        a_axes, b_axes = ("layers", *lin.in_axes, "lora_rank"), ("layers", "lora_rank", *lin.out_axes)
+
+        def init_a(
+            kd: jax.Array, shape: tuple[int, ...] = a_shape, bound: float = bound, impl: Any = impl
+        ) -> jax.Array:
+            k = jax.random.wrap_key_data(kd, impl=impl)
+            return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(pdt)
+
+        lin.lora_a = make_param(_create(init_a, (key_data,), a_axes, mesh, rules), a_axes, nnx.LoRAParam)
+        zeros = _create(lambda shape=b_shape: jnp.zeros(shape, pdt), (), b_axes, mesh, rules)
+        lin.lora_b = make_param(zeros, b_axes, nnx.LoRAParam)
         lin.lora_scaling, lin.lora_dropout = cfg.scaling, cfg.dropout
-        _place_new(lin.lora_a, mesh, rules)
-        _place_new(lin.lora_b, mesh, rules)
     saved = set(cfg.modules_to_save)
     if model.lm_head is None and saved:
         saved = {"embed_tokens"}
