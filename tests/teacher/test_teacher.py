@@ -19,7 +19,7 @@ from jaxpref import models
 from jaxpref.config import load_config
 from jaxpref.data import build_lm_data, load_tokenizer
 from jaxpref.objectives import build_objective
-from jaxpref.teacher import load_teacher_config, main, run_teacher
+from jaxpref.teacher import load_teacher_config, main, run_teacher, shortest_float32, teacher_columns
 from tests.teacher.conftest import DEMO_MODEL, GOOD_ROWS, REPO, save_teacher, teacher_config
 
 K, T_GEN = 5, 1.5
@@ -58,6 +58,32 @@ def kd_config(tmp_path: Path, teacher_dir: Path, info: dict, **overrides) -> Pat
     return path
 
 
+def test_shortest_float32_reads_back_exactly_and_short():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            (rng.normal(size=5000) * 3).astype(np.float32),
+            -np.exp(rng.uniform(-60, 5, size=5000)).astype(np.float32),  # down to 1e-26: the slow path too
+            np.array([0, -1.5, -0.1, 1e-38, -np.inf], np.float32),
+        ]
+    )
+    y = shortest_float32(x.reshape(-1, 5)).ravel()
+    np.testing.assert_array_equal(y.astype(np.float32), x)  # every value reads back as the same float32
+    lengths = np.array([len(repr(v)) for v in y.tolist()])
+    numpy_shortest = np.array([len(repr(float(str(v)))) for v in x])
+    assert np.all(lengths <= numpy_shortest)
+    assert y[-5:].tolist() == [0.0, -1.5, -0.1, 1e-38, -np.inf]
+
+
+def test_teacher_columns_are_token_aligned():
+    """Entry t (the prediction at position t) becomes row t + 1; row 0 and unstored tokens are null."""
+    ids = np.arange(12).reshape(4, 3)
+    lps = -np.arange(12, dtype=np.float32).reshape(4, 3) / 4
+    out_ids, out_lps = teacher_columns(ids, lps, np.array([True, True, False, True]))
+    assert out_ids == [None, [0, 1, 2], None, [6, 7, 8]]
+    assert out_lps == [None, [0.0, -0.25, -0.5], None, [-1.5, -1.75, -2.0]]
+
+
 @pytest.fixture(scope="module")
 def kd_output(tmp_path_factory, teacher_dir, chat_rows):
     """One teacher pass (jsonl, K=5, T_gen=1.5) shared by the read-back tests."""
@@ -87,6 +113,26 @@ def test_output_files_and_counts(kd_output):
     assert (
         rows[0]["messages"] == json.loads((REPO / "demo/data/sft_eval.jsonl").read_text().splitlines()[0])["messages"]
     )
+
+
+@pytest.mark.slow
+def test_trainable_positions_only(tmp_path, kd_output, teacher_dir, chat_rows):
+    """teacher_positions: trainable stores rows only for trained tokens, with the same values, and the
+    KD pipeline reads it without dropping a row."""
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows, teacher_positions="trainable")
+    assert main(["--config", str(cfg), "--no_progress"]) == 0
+    info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
+    read = lambda d: [json.loads(x) for f in info["files"] for x in (d / f).read_text().splitlines()]  # noqa: E731
+    tokenizer = load_tokenizer(load_teacher_config(cfg))
+    from jaxpref.data.formats.sft import ChatTemplateFormat
+
+    chat = ChatTemplateFormat(load_teacher_config(cfg).datasets[0], load_teacher_config(cfg), tokenizer)
+    for part, full in zip(read(tmp_path / "kd"), read(kd_output), strict=True):
+        trainable = chat(part)["trainable"]
+        assert [r is not None for r in part["target_token_ids"]] == [bool(t) and i > 0 for i, t in enumerate(trainable)]
+        assert all(p in (None, f) for p, f in zip(part["logprobs"], full["logprobs"]))
+    data = build_lm_data(load_config(kd_config(tmp_path, teacher_dir, info)), tokenizer)
+    assert data.report.rows_out == GOOD_ROWS and not data.report.dropped
 
 
 @pytest.mark.slow
