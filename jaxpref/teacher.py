@@ -496,19 +496,25 @@ def run_teacher(
 
 def _run_shard(shard: Shard, dataset: Any, processor: Any, runner: TeacherRunner, cfg: Any, out: Path, bar: Any):
     """Tokenize, score and write one shard; returns its counts (also written to ``.teacher/``)."""
+    import grain
+
     from jaxpref.data.packing import bucket_length
     from jaxpref.data.pipeline import account
     from jaxpref.data.report import DataReport
+    from jaxpref.data.workers import mapped_rows
 
     report = DataReport("teacher")
     raw: list[dict[str, Any]] = []
     examples: list[dict[str, np.ndarray]] = []
-    for i in range(shard.start, shard.stop):
-        row = dataset[i]
-        example = account(processor(row), report, cfg.excess_length_strategy)
-        if example is not None:
-            raw.append(row)
-            examples.append(example)
+    # The pipeline's per-row step (format, tokenize, length check), in worker processes when the
+    # shard is large enough to pay for them (dataset_processes, workers.py); one record per row, in order.
+    rows = grain.MapDataset.range(shard.start, shard.stop).map(dataset.__getitem__).map(processor)
+    with mapped_rows(rows, int(cfg.dataset_processes or 1)) as records:
+        for i, record in zip(range(shard.start, shard.stop), records, strict=True):
+            example = account(record, report, cfg.excess_length_strategy)
+            if example is not None:
+                raw.append(dataset[i])
+                examples.append(example)
     bar.update(report.rows_dropped)
     lengths = [len(e["input_ids"]) for e in examples]
     columns: list[tuple[Any, Any] | None] = [None] * len(examples)

@@ -321,3 +321,18 @@ def test_module_entry_point_exits_2(tmp_path, teacher_dir, chat_rows):
         timeout=120,
     )
     assert proc.returncode == 2 and "not a checkpoint directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_files(tmp_path, kd_output, teacher_dir, chat_rows, monkeypatch):
+    """The per-row step in worker processes (dataset_processes, forced on for a small shard) writes
+    the same shard files as one process."""
+    from jaxpref.data import workers
+
+    monkeypatch.setattr(workers, "WORKER_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(workers, "PROBE_ROWS", 2)
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows, dataset_processes=2, teacher_shard_rows=30)
+    assert main(["--config", str(cfg), "--no_progress"]) == 0
+    lines = lambda d: [x for f in sorted(d.glob("part-*")) for x in f.read_text().splitlines()]  # noqa: E731
+    assert [p.name for p in (tmp_path / "kd").glob("part-*")] == ["part-00000.jsonl"]  # one shard: one start-up
+    assert lines(tmp_path / "kd") == lines(kd_output) and len(lines(kd_output)) == GOOD_ROWS
