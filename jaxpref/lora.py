@@ -136,7 +136,10 @@ def apply_lora(
     for _, lin in _lora_linears(model, cfg.target_modules):
         bound = 1.0 / math.sqrt(math.prod(lin.in_shape))
         key = rngs.params()
-        key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+        impl = jax.random.key_impl(key)
+        # concrete keys travel as host data (no device-to-device copy); under eval_shape they are tracers
+        key_data = jax.random.key_data(key)
+        key_data = key_data if isinstance(key_data, jax.core.Tracer) else np.asarray(key_data)
         a_shape, b_shape = (n_layers, *lin.in_shape, cfg.r), (n_layers, cfg.r, *lin.out_shape)
         a_axes, b_axes = ("layers", *lin.in_axes, "lora_rank"), ("layers", "lora_rank", *lin.out_axes)
 
