@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from jaxpref.cli import run_command, setup_logging
-from jaxpref.errors import ConfigError, DataError
+from jaxpref.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger("jaxpref")
 
@@ -116,8 +116,8 @@ def plan_shards(entry_rows: Sequence[int], rows_per_shard: int) -> list[Shard]:
 
 def load_teacher_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     """The config of a teacher pass: the normal schema, with keys training needs but this pass does
-    not filled in: ``learning_rate`` (0) and ``base_model`` (``kd_teacher_model``: the tokenizer
-    source when neither ``tokenizer_config`` nor ``base_model`` is given)."""
+    not filled in: ``learning_rate`` (0) and ``base_model`` (``kd_teacher_model``; the pass reads only
+    the tokenizer from it, and ``tokenizer_config`` comes first)."""
     from jaxpref.config import load_config
 
     given = _top_level_keys(path) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides if "=" in o.rstrip("=")}
@@ -187,7 +187,10 @@ def fingerprint(cfg: Any, teacher_dir: str) -> dict[str, Any]:
 
 
 def _prepare_output_dir(out: Path, run: dict[str, Any]) -> None:
-    """Create ``out`` (ConfigError if it is not writable) and record or compare the run fingerprint."""
+    """Create ``out`` (ConfigError if it is not writable) and record or compare the run fingerprint.
+
+    A different fingerprint is an error once a shard has been written; before that (a run that failed
+    while loading) the new config simply replaces the record."""
     try:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         probe = out / STATE_DIR / f".write-test-{os.getpid()}"
@@ -198,7 +201,13 @@ def _prepare_output_dir(out: Path, run: dict[str, Any]) -> None:
             f"teacher_output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable directory."
         ) from exc
     path = out / STATE_DIR / RUN_FILE
-    if path.is_file():
+    started = any((out / STATE_DIR).glob("part-*.json"))  # a shard was written: the record counts
+    if not path.is_file() and any(out.glob("part-*")):
+        raise ConfigError(
+            f"teacher_output_dir {out} holds part-* files that no teacher pass recorded; choose an empty "
+            "or new directory."
+        )
+    if path.is_file() and started:
         try:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -431,11 +440,16 @@ def run_teacher(
     pn = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= pi < pn:
         raise ConfigError(f"--process_index {pi} is not in [0, --process_count {pn})")
-    teacher_dir = resolve_checkpoint_dir(cfg.kd_teacher_model)  # ModelError (exit 2) when missing
+    try:
+        teacher_dir = resolve_checkpoint_dir(cfg.kd_teacher_model)
+    except ModelError as exc:
+        raise ModelError(f"kd_teacher_model: {exc}") from None
     out = Path(cfg.teacher_output_dir)
     _prepare_output_dir(out, fingerprint(cfg, teacher_dir))
 
     tokenizer = load_tokenizer(cfg)
+    if cfg.test_datasets:
+        logger.warning("test_datasets are not scored by the teacher pass; give them as datasets in a second pass")
     entries = list(cfg.datasets)
     loaded = load_entries(entries)
     shards = plan_shards([len(ds) for ds in loaded], cfg.teacher_shard_rows)

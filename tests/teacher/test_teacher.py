@@ -280,6 +280,7 @@ def small_vocab_teacher(tmp_path_factory):
         ("no_output_dir", "teacher_output_dir: not set"),
         ("not_chat", "type: chat_template"),
         ("missing_dataset_file", "not exist"),
+        ("foreign_files", "no teacher pass recorded"),
     ],
 )
 def test_bad_input_exits_2_with_one_paragraph(
@@ -301,6 +302,9 @@ def test_bad_input_exits_2_with_one_paragraph(
         overrides["teacher_output_dir"] = None
     elif case == "not_chat":
         overrides["datasets"] = [{"path": str(chat_rows), "type": "completion"}]
+    elif case == "foreign_files":
+        (tmp_path / "kd").mkdir(parents=True)
+        (tmp_path / "kd" / "part-00000.jsonl").write_text("{}\n")
     elif case == "missing_dataset_file":
         overrides["datasets"] = [{"path": str(tmp_path / "missing.jsonl"), "type": "chat_template"}]
     rc, err = run_main(["--config", str(teacher_config(tmp_path, teacher_dir, chat_rows, **overrides))], capsys)
@@ -336,3 +340,16 @@ def test_worker_processes_give_the_same_files(tmp_path, kd_output, teacher_dir, 
     lines = lambda d: [x for f in sorted(d.glob("part-*")) for x in f.read_text().splitlines()]  # noqa: E731
     assert [p.name for p in (tmp_path / "kd").glob("part-*")] == ["part-00000.jsonl"]  # one shard: one start-up
     assert lines(tmp_path / "kd") == lines(kd_output) and len(lines(kd_output)) == GOOD_ROWS
+
+
+def test_a_run_that_failed_before_any_shard_does_not_lock_the_directory(
+    tmp_path, teacher_dir, chat_rows, small_vocab_teacher, capsys
+):
+    bad = teacher_config(
+        tmp_path, teacher_dir, chat_rows, kd_teacher_model=str(small_vocab_teacher), tokenizer_config=str(teacher_dir)
+    )
+    assert run_main(["--config", str(bad)], capsys)[0] == 2
+    good = teacher_config(tmp_path, teacher_dir, chat_rows, teacher_shard_rows=100)
+    rc, err = run_main(["--config", str(good)], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "kd" / "teacher_info.json").read_text())["rows_out"] == GOOD_ROWS
