@@ -487,6 +487,12 @@ def run_teacher(
         teacher = load_teacher(cfg, len(tokenizer), mesh)
         runner = TeacherRunner(teacher, mesh, cfg.kd_teacher_top_k, cfg.teacher_temperature, cfg.micro_batch_size)
         del teacher
+        logger.info(
+            "teacher on %d device(s), mesh %s, %d rows per batch",
+            mesh.size,
+            dict(mesh.shape),
+            runner.batch_size,
+        )
         bar = tqdm(
             total=sum(s.stop - s.start for s in todo),
             unit="row",

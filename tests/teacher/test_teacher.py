@@ -353,3 +353,23 @@ def test_a_run_that_failed_before_any_shard_does_not_lock_the_directory(
     rc, err = run_main(["--config", str(good)], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "kd" / "teacher_info.json").read_text())["rows_out"] == GOOD_ROWS
+
+
+@pytest.mark.slow
+def test_sharded_teacher_on_four_devices_gives_the_same_rows(tmp_path, kd_output, teacher_dir, chat_rows):
+    """mesh data=2, tensor=2 on 4 simulated CPU devices (parameters sharded by the logical-axis rules,
+    a batch of 3 rounded up to 4): the same top-k ids and log-probs as on one device."""
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows, micro_batch_size=3)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = ["--config", str(cfg), "--no_progress", "mesh.data=2", "mesh.tensor=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxpref.teacher", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher on 4 device(s), mesh {'data': 2, 'fsdp': 1, 'tensor': 2}, 4 rows per batch" in proc.stderr
+    read = lambda d: [json.loads(x) for f in sorted(d.glob("part-*")) for x in f.read_text().splitlines()]  # noqa: E731
+    sharded, single = read(tmp_path / "kd"), read(kd_output)
+    assert len(sharded) == len(single) == GOOD_ROWS
+    for a, b in zip(sharded, single):
+        assert a["target_token_ids"] == b["target_token_ids"]
+        np.testing.assert_allclose(np.asarray(a["logprobs"][1:]), np.asarray(b["logprobs"][1:]), atol=1e-5)
