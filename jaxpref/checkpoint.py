@@ -39,6 +39,28 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, lengths.reshape(-1))]
 
 
+def data_state_for_process(
+    states: list[Any], process_index: int | None = None, process_count: int | None = None
+) -> Any:
+    """This process's data-iterator state from a checkpoint's per-process list.
+
+    A checkpoint written by another number of processes restores when every process had the same
+    state (the pipeline's state is the index of the next *global* batch, so it carries over as long
+    as ``micro_batch_size x processes`` stays the same); otherwise the data order cannot be resumed.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if len(states) == count:
+        return states[index]
+    if all(st == states[0] for st in states):
+        logger.info("checkpoint written by %d process(es), restored by %d: same data position", len(states), count)
+        return states[0]
+    raise UserError(
+        f"the checkpoint was written by {len(states)} processes whose data positions differ ({states}); it "
+        f"cannot resume the data order on {count} process(es). Resume with {len(states)} processes."
+    )
+
+
 class Checkpointer:
     """Save and restore training state in ``directory`` with an orbax ``CheckpointManager``."""
 
@@ -92,8 +114,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def find_checkpoint_root(path: str | Path) -> tuple[Path, int | None]:
-    """Resolve ``resume_from_checkpoint: PATH``: a checkpoints root or one step directory inside it."""
+def find_checkpoint_root(path: str | Path) -> tuple[Path, int]:
+    """Resolve ``resume_from_checkpoint: PATH`` to (checkpoints root, step).
+
+    PATH is one step directory (``.../checkpoints/300``), a checkpoints root or a run's output_dir;
+    for the last two the latest complete step is used (half-written temporary directories are not steps).
+    """
     p = Path(path).absolute()
     if not p.exists():
         raise UserError(f"resume_from_checkpoint: {p} does not exist; give a checkpoint directory or 'auto'.")
@@ -101,4 +127,10 @@ def find_checkpoint_root(path: str | Path) -> tuple[Path, int | None]:
         return p.parent, int(p.name)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
-    return p, None
+    steps = [int(d.name) for d in p.iterdir() if d.name.isdigit() and (d / "meta").exists()]
+    if not steps:
+        raise UserError(
+            f"resume_from_checkpoint: {p} holds no complete checkpoint (step directories such as {p / '100'}); "
+            "give a run's output_dir, its checkpoints directory or one step directory."
+        )
+    return p, max(steps)

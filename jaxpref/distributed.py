@@ -162,6 +162,13 @@ def initialize(settings: DistributedSettings | None = None) -> bool:
             "process 0), distributed.num_processes and distributed.process_id (or JAX_COORDINATOR_ADDRESS, "
             f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or set {SWITCH_ENV}=0 to run a single process."
         ) from exc
+    barrier("backends-ready", s.initialization_timeout)
+    # One all-device collective while the processes are aligned: CPU (gloo) collectives set up their
+    # connections on first use and give up when a peer arrives more than 30 s later.
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpref: distributed start")
     logger.info(
         "process %d of %d: %d local / %d global devices (%s)",
         jax.process_index(),
@@ -178,48 +185,57 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def check_shared_directory(path: str | os.PathLike, what: str = "output_dir") -> None:
+def _client() -> Any:
+    """JAX's coordination-service client (None on one process). Its key-value store and barriers
+    need no device collectives, whose CPU (gloo) start-up gives up after 30 s of skew."""
+    try:
+        from jax._src import distributed as jax_distributed
+
+        return jax_distributed.global_state.client
+    except (ImportError, AttributeError):  # pragma: no cover - a future JAX without it
+        return None
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+    """Wait until every process reaches ``name`` (no-op on one process)."""
+    client = _client()
+    if client is not None and jax.process_count() > 1:
+        client.wait_at_barrier(f"jaxpref:{name}", timeout_s * 1000)
+
+
+def check_shared_directory(path: str | os.PathLike, what: str = "output_dir", timeout_s: int = 600) -> None:
     """Fail clearly unless every process sees ``path`` as the same directory.
 
     Orbax checkpoints are written by all processes into one directory and finalised by process 0,
     so on several hosts ``output_dir`` must be a shared filesystem (NFS, Filestore, a bucket
-    mounted with gcsfuse at the same path everywhere). One process: nothing to check.
+    mounted with gcsfuse at the same path everywhere). Process 0 writes a probe file with a random
+    token, every process looks for it and reports through the coordination service. One process:
+    nothing to check.
     """
-    if jax.process_count() == 1:
+    client = _client()
+    if jax.process_count() == 1 or client is None:
         return
-    from jax.experimental import multihost_utils
-
     path = Path(path)
-    token = uuid.uuid4().hex if is_main_process() else ""
-    token = _broadcast_str(token)
-    probe = path / f".jaxpref_shared_{token}"
+    ms = timeout_s * 1000
     if is_main_process():
-        probe.write_text(token)
-    multihost_utils.sync_global_devices("jaxpref: shared-directory probe written")
+        token = uuid.uuid4().hex
+        (path / f".jaxpref_shared_{token}").write_text(token)
+        client.key_value_set("jaxpref/shared_dir/token", token)
+    token = client.blocking_key_value_get("jaxpref/shared_dir/token", ms)
+    probe = path / f".jaxpref_shared_{token}"
     seen = probe.exists() and probe.read_text() == token
-    everyone = multihost_utils.process_allgather(jax.numpy.asarray([seen]))
-    multihost_utils.sync_global_devices("jaxpref: shared-directory probe read")
+    client.key_value_set(f"jaxpref/shared_dir/{jax.process_index()}", "1" if seen else "0")
+    results = [client.blocking_key_value_get(f"jaxpref/shared_dir/{i}", ms) for i in range(jax.process_count())]
+    barrier("shared-dir-checked", timeout_s)
     if is_main_process():
         probe.unlink(missing_ok=True)
-    missing = [i for i, ok in enumerate(everyone.reshape(-1).tolist()) if not ok]
+    missing = [i for i, r in enumerate(results) if r != "1"]
     if missing:
         raise UserError(
             f"{what} {path} is not shared: process(es) {missing} do not see what process 0 wrote there. "
             "Checkpoints of a multi-host run go into one directory that every host mounts at the same "
             "path (NFS, Filestore, a GCS bucket mounted with gcsfuse); point output_dir there."
         )
-
-
-def _broadcast_str(text: str, length: int = 64) -> str:
-    """Process 0's ``text`` (ASCII, at most ``length`` characters) on every process."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(length, np.uint8)
-    raw = text.encode()[:length]
-    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
-    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(out[out > 0].tolist()).decode()
 
 
 def describe(devices: Sequence[Any] | None = None) -> str:

@@ -80,9 +80,7 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     """A (data, fsdp, tensor) mesh over all global devices, in GSPMD (auto) mode."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def _rule_table(rules: Rules | None) -> dict[str, Any]:
@@ -164,3 +162,40 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading_dims: i
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (devices along the batch axes)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def abstract_mesh(sizes: Mapping[str, int] | None, num_devices: int) -> jax.sharding.AbstractMesh:
+    """The (data, fsdp, tensor) mesh ``sizes`` give on ``num_devices`` devices, without the devices.
+
+    For planning (``--dry_run``): shardings and per-device sizes for a machine this process is not on.
+    """
+    shape = mesh_shape(sizes, num_devices)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh: Any) -> tuple[int, ...]:
+    """The per-device block of an array of ``shape`` split by ``spec`` over ``mesh``'s axis sizes."""
+    out = []
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(dim // math.prod(mesh.shape[a] for a in axes_t))
+    return tuple(out)
+
+
+def per_device_bytes(state: Any, mesh: Any, rules: Rules | None = None) -> int:
+    """Bytes one device holds of ``state`` (concrete or ``eval_shape``'d) when sharded by the rules.
+
+    Every array is counted by its shard (:func:`logical_to_spec` on its logical names); arrays without
+    names (step counters, RNG keys) are replicated. ``mesh`` may be an :func:`abstract_mesh`.
+    """
+    total = 0
+    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        if not hasattr(value, "shape"):
+            continue
+        spec = logical_to_spec(names, value.shape, mesh, rules)
+        itemsize = 8 if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else np.dtype(value.dtype).itemsize
+        total += math.prod(shard_shape(value.shape, spec, mesh)) * itemsize
+    return total

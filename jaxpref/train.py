@@ -334,25 +334,125 @@ def wandb_settings(cfg: Any) -> dict[str, Any] | None:
     }
 
 
-def dry_run(cfg: Any) -> dict[str, Any]:
-    """Validate the config and report parameter count and per-device memory, without weights."""
-    from jaxpref import models
+def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = None) -> dict[str, Any]:
+    """Validate the config and report sizes per device for the configured mesh, without weights or data.
 
-    mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
-    abstract = jax.eval_shape(lambda: models.from_config(mcfg, seed=0, param_dtype=DTYPES[cfg.param_dtype]))
+    ``devices`` / ``processes``: the machine to plan for (default: the mesh's fixed sizes, else the
+    devices of this machine; one process). Parameters, optimizer state and gradients are shard sizes
+    of ``eval_shape``'d state under the logical-axis rules; activations follow the formula in
+    ``jaxpref.memory`` (docs/scaling.md). Printed as YAML and returned.
+    """
     from flax import nnx
 
+    from jaxpref import lora, memory, models
+    from jaxpref.objectives import build_objective
+
+    objective = build_objective(cfg, objective_name(cfg))
+    sizes = cfg.mesh.model_dump() if cfg.mesh is not None else {}
+    if devices is None:
+        fixed = [v for v in sizes.values() if v is not None]
+        devices = math.prod(fixed) if fixed and -1 not in fixed else jax.device_count()
+    processes = processes or jax.process_count()
+    mesh = shd.abstract_mesh(sizes, devices)
+    divisor = shd.batch_divisor(mesh)
+    if (cfg.micro_batch_size * processes) % divisor:
+        raise ConfigError(
+            f"micro_batch_size={cfg.micro_batch_size} x {processes} process(es) must be a multiple of the "
+            f"{divisor} devices on the mesh's data and fsdp axes."
+        )
+    rules = cfg.logical_axis_rules
+    mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
+    kwargs = dict(dtype=DTYPES[cfg.compute_dtype], param_dtype=DTYPES[cfg.param_dtype], scan_layers=cfg.scan_layers)
+
+    def student() -> Any:
+        model = models.from_config(mcfg, seed=0, **kwargs)
+        if cfg.adapter == "lora":
+            lcfg = lora.LoraConfig(
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                target_modules=tuple(lora.resolve_target_modules(cfg.lora_target_modules, cfg.lora_target_linear)),
+                modules_to_save=tuple(cfg.lora_modules_to_save or ()),
+            )
+            lora.apply_lora(model, lcfg, rngs=nnx.Rngs(0))
+        return model
+
+    abstract = nnx.eval_shape(student)
+    trainable = nnx.state(abstract, lora.trainable_filter(abstract))
     params = nnx.state(abstract, nnx.Param)
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    bytes_per = jnp.dtype(DTYPES[cfg.param_dtype]).itemsize
-    devices = jax.device_count()
-    report = {
-        "parameters": n,
-        "param_bytes_per_device": n * bytes_per // devices,
-        "optimizer_bytes_per_device": 2 * n * 4 // devices,
-        "devices": devices,
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    total_steps = int(cfg.max_steps) if cfg.max_steps else None
+    tx, _ = make_optimizer(cfg, total_steps or 1000)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)  # float32 accumulators
+
+    companion_bytes = 0
+    for name in objective.companions:
+        if name == "teacher":
+            tdtype = DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype]
+            tcfg = models.load_model_config(cfg.kd_teacher_model)
+            other = nnx.eval_shape(lambda c=tcfg, d=tdtype: models.from_config(c, seed=0, param_dtype=d))
+        else:  # "reference": a frozen copy of the base model
+            other = nnx.eval_shape(lambda: models.from_config(mcfg, seed=0, **kwargs))
+        companion_bytes += shd.per_device_bytes(nnx.state(other, nnx.Param), mesh, rules)
+
+    sides = 2 if objective.data == "preference" else 1  # chosen + rejected in one forward pass
+    shapes = dict(
+        rows_per_device=cfg.micro_batch_size * processes / divisor * sides,
+        sequence_len=cfg.sequence_len,
+        hidden_size=mcfg.hidden_size,
+        intermediate_size=mcfg.intermediate_size,
+        num_layers=mcfg.num_hidden_layers,
+        num_heads=mcfg.num_attention_heads,
+        num_kv_heads=mcfg.num_key_value_heads,
+        head_dim=mcfg.head_dim,
+        tensor=mesh.shape["tensor"],
+        remat_policy=remat_policy(cfg),
+        compute_bytes=jnp.dtype(DTYPES[cfg.compute_dtype]).itemsize,
+    )
+    act = memory.activation_bytes(**shapes)
+    flash = memory.activation_bytes(**shapes, xla_attention=False)
+    parts = {
+        "params": shd.per_device_bytes(params, mesh, rules),
+        "optimizer": shd.per_device_bytes(opt_state, mesh, rules),
+        "gradients": shd.per_device_bytes(grads, mesh, rules),
+        "activations": act.bytes,
+        "companions": companion_bytes,
     }
-    print(yaml.safe_dump(report, sort_keys=False))
+    if total_steps is not None:
+        steps: int | str = total_steps
+    else:
+        steps = (
+            "unknown before the data is read: num_epochs x micro-batches per epoch / gradient_accumulation_steps, "
+            "and the micro-batches per epoch depend on tokenization and packing. Set max_steps, or run "
+            "python -m jaxpref.preprocess for the row and token counts."
+        )
+    report = {
+        "objective": objective.name,
+        "parameters": count(params),
+        "trainable_parameters": count(trainable),
+        "devices": devices,
+        "processes": processes,
+        "mesh": dict(mesh.shape),
+        "param_bytes_per_device": parts["params"],
+        "optimizer_bytes_per_device": parts["optimizer"],
+        "gradient_bytes_per_device": parts["gradients"],
+        "activation_bytes_per_device": parts["activations"],
+        "activation_bytes_per_device_flash_attention": flash.bytes,  # cuDNN attention keeps no probabilities
+        "companion_bytes_per_device": parts["companions"],
+        "total_bytes_per_device": sum(parts.values()),
+        "per_device": {k: v["human"] for k, v in memory.summarize(parts).items()},
+        "activations": {
+            "remat_policy": remat_policy(cfg),
+            "rows_per_device": act.rows_per_device,
+            "tokens_per_device": act.tokens_per_device,
+            "kept_per_token_and_layer": f"{act.elements_per_token_layer:g} x {cfg.compute_dtype}"
+            + f" + {act.attention_bytes_per_token_layer:g} B of attention probabilities (XLA attention)",
+            "formula": "tokens x (layers x kept + one recomputed layer + hidden) x bytes (docs/scaling.md)",
+        },
+        "steps": steps,
+    }
+    print(yaml.safe_dump(report, sort_keys=False, width=120))
     return report
 
 
@@ -360,6 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxpref.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config file (axolotl key names)")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="validate and report sizes, then exit")
+    p.add_argument("--dry_run_devices", type=int, help="--dry_run: plan for this many devices (default: the mesh's)")
+    p.add_argument("--dry_run_processes", type=int, help="--dry_run: plan for this many processes (hosts); default 1")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (mesh.fsdp=4)")
     return p.parse_args(argv)
@@ -373,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            dry_run(cfg)
+            dry_run(cfg, devices=args.dry_run_devices, processes=args.dry_run_processes)
         else:
             run(cfg, show_progress=not args.no_progress)
 

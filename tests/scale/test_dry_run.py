@@ -1,0 +1,153 @@
+"""``--dry_run`` sizes per device for a mesh this machine does not have, from shapes alone.
+
+Expected bytes are counted by hand from tiny-llama's config.json (tied 512 x 128 embedding, 4
+layers, hidden 128, 4 heads / 2 kv heads of 32, MLP 384): every weight has an ``embed`` axis of 128,
+which FSDP splits; only the 9 norm vectors of 128 (2 per layer + the final one) stay whole.
+The activation formula is checked against XLA's own buffer sizes for the compiled train step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+
+from jaxpref import memory, models
+from jaxpref.config import load_config
+from jaxpref.objectives import build_objective
+from jaxpref.sharding import make_mesh
+from jaxpref.train import dry_run, main
+from jaxpref.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+LAYER = 128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384 + 2 * 128
+PARAMS = 512 * 128 + 4 * LAYER + 128
+NORMS = 9 * 128
+
+
+def cfg(*overrides: str):
+    return load_config(REPO / "configs" / "sft.yaml", ["micro_batch_size=8", *overrides])
+
+
+def test_fsdp_and_tensor_shards_by_hand():
+    # 16 devices planned on a 1-device machine: data 2 x fsdp 4 x tensor 2
+    r = dry_run(cfg("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"), processes=2)
+    assert r["devices"] == 16 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
+    assert r["parameters"] == r["trainable_parameters"] == PARAMS
+    # every non-norm weight is split 8 ways (embed over fsdp=4, and vocab/heads/kv_heads/mlp over tensor=2)
+    assert r["param_bytes_per_device"] == 4 * ((PARAMS - NORMS) // 8 + NORMS)
+    assert r["gradient_bytes_per_device"] == r["param_bytes_per_device"]  # float32 accumulators
+    # AdamW: two float32 moments shaped like the parameters, plus small step counters
+    assert 0 <= r["optimizer_bytes_per_device"] - 2 * r["param_bytes_per_device"] <= 64
+    # 8 rows x 2 processes over data x fsdp = 8 devices: 2 rows of sequence_len 256 per device
+    assert (r["activations"]["rows_per_device"], r["activations"]["tokens_per_device"]) == (2, 512)
+    assert r["total_bytes_per_device"] == sum(
+        r[k]
+        for k in (
+            "param_bytes_per_device",
+            "optimizer_bytes_per_device",
+            "gradient_bytes_per_device",
+            "activation_bytes_per_device",
+            "companion_bytes_per_device",
+        )
+    )
+    assert r["steps"] == 300  # max_steps
+
+
+def test_yaml_rules_and_lora_change_the_sizes():
+    # embed replicated by the YAML rules: FSDP over 8 devices then splits nothing
+    r = dry_run(cfg("mesh.fsdp=8", "mesh.data=1", "logical_axis_rules=[[embed, null]]"))
+    assert r["param_bytes_per_device"] == 4 * PARAMS
+    # LoRA r=8 on q and v: A [4, 128, 8] and B [4, 8, heads or kv_heads, 32] trainable, base frozen
+    r = dry_run(
+        cfg(
+            "mesh.fsdp=8",
+            "mesh.data=1",
+            "adapter=lora",
+            "lora_r=8",
+            "lora_alpha=16",
+            "lora_target_modules=[q_proj,v_proj]",
+        )
+    )
+    lora = 4 * (128 * 8 + 8 * 128) + 4 * (128 * 8 + 8 * 64)
+    assert r["trainable_parameters"] == lora and r["parameters"] == PARAMS + lora
+    assert r["gradient_bytes_per_device"] == 4 * (4 * 8 * 128 // 8 + 4 * 8 * 128 + 4 * 8 * 128 // 8 + 4 * 8 * 64)
+
+
+def test_cli_plans_for_other_machines_and_explains_missing_steps(capsys):
+    config = str(REPO / "configs" / "sft.yaml")
+    assert (
+        main(
+            [
+                "--config",
+                config,
+                "--dry_run",
+                "--dry_run_devices",
+                "64",
+                "--dry_run_processes",
+                "16",
+                "mesh.fsdp=-1",
+                "max_steps=",
+                "num_epochs=1",
+            ]
+        )
+        == 0
+    )
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["devices"] == 64 and out["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+    assert out["steps"].startswith("unknown before the data is read")
+    # micro_batch_size 8 x 1 process cannot feed 64 devices on the batch axes
+    assert main(["--config", config, "--dry_run", "--dry_run_devices", "64", "mesh.fsdp=-1"]) == 2
+    assert "must be a multiple of the 64 devices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_activation_estimate_tracks_xla_buffers():
+    """Estimate vs XLA's temporary buffers of the compiled train step, per remat policy: the same
+    order (none > dots > dots_with_no_batch_dims > full) and within a factor 2.5 (XLA's number also
+    holds gradients, loss blocks and fusion temporaries)."""
+    mcfg = models.ModelConfig.from_hf_dict(
+        {**models.load_model_config(REPO / "demo" / "tiny-llama").hf_config, "num_hidden_layers": 2}
+    )
+    rows, seq = 4, 256
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(0, 512, (1, rows, seq)).astype(np.int32),
+        "labels": rng.integers(0, 512, (1, rows, seq)).astype(np.int32),
+        "loss_mask": np.ones((1, rows, seq), bool),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (1, rows, 1)),
+        "segment_ids": np.ones((1, rows, seq), np.int32),
+    }
+    objective = build_objective(SimpleNamespace(fused_kernel=None), "sft")
+    xla, est = {}, {}
+    for policy in memory.REMAT_POLICIES:
+        tr = Trainer(models.from_config(mcfg, remat_policy=policy), objective, optax.sgd(0.1), mesh=make_mesh(None))
+        args = (tr.params, tr.frozen, tr.companions, tr.opt_state, jax.tree.map(jnp.asarray, batch), jnp.int32(0))
+        xla[policy] = tr._train_step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        est[policy] = memory.activation_bytes(
+            rows_per_device=rows,
+            sequence_len=seq,
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            tensor=1,
+            remat_policy=policy,
+            compute_bytes=4,
+        ).bytes
+    order = sorted(memory.REMAT_POLICIES, key=lambda p: -xla[p])
+    assert (
+        order
+        == sorted(memory.REMAT_POLICIES, key=lambda p: -est[p])
+        == ["none", "dots", "dots_with_no_batch_dims", "full"]
+    ), (xla, est)
+    for policy in memory.REMAT_POLICIES:
+        assert 1 / 2.5 <= xla[policy] / est[policy] <= 2.5, (policy, xla, est)
