@@ -2,16 +2,19 @@
 
     python scripts/build_preference_demo.py [--out demo/data] [--seed 1] [--check]
 
-Every pair has a chosen answer that follows a rule and a rejected answer that breaks it, on the prompts of
-the SFT demo task (``demo/data/sft_*.jsonl``) but never the same prompt (held-out from SFT and between
-train and eval):
+Every pair has a chosen answer that follows a rule and a rejected answer that breaks it: the rule is
+"sorted" (a list of characters in ascending order), and the rejected answer is the input as given, the
+characters in descending order, or the sorted list with one adjacent pair swapped:
 
-* arithmetic ``Compute 47+385`` -> ``47+385=432`` vs an off-by-one/off-by-ten result ``47+385=433``;
-* a two-step chain ``Compute 75+28-64`` -> ``75+28=103, 103-64=39`` vs a wrong last step;
-* sorting digits ``Sort the digits 5120`` -> ``0125`` vs the sorted digits with one adjacent pair swapped;
-* reversing a (made-up) word ``Reverse the word tolbak`` -> ``kablot`` vs the word itself or a reversal
-  with two letters swapped;
-* counting a letter -> the count vs the count +- 1.
+* sorting digits (two thirds) ``Sort the digits 5120`` -> ``0125`` vs ``5120`` / ``5210`` / ``0215``;
+* sorting the letters of a made-up word ``Sort the letters of tolbak`` -> ``abklot`` vs ``tolbak`` /
+  ``tolkba`` / ``abkolt``.
+
+Prompts are in the style of the SFT demo task (``demo/data/sft_*.jsonl``) but never the same prompt
+(held out from SFT and between train and eval). The rule is visible in the answer itself, so a tiny
+model learns the preference in a few hundred CPU steps. Tried first and dropped: off-by-one arithmetic
+and corrupted reversals, on which DPO's held-out reward accuracy stayed at chance at that budget (the
+tiny model does not know the answers, and made-up words are split into arbitrary BPE pieces).
 
 The same task is written in the dataset shapes of the seed examples (one file pair per shape):
 
@@ -59,73 +62,37 @@ def _word(rng: random.Random) -> str:
     return "".join(out)
 
 
-def _swap_adjacent(s: str, rng: random.Random) -> str:
-    """``s`` with one adjacent pair of different characters swapped (``s`` must have one)."""
-    spots = [i for i in range(len(s) - 1) if s[i] != s[i + 1]]
-    i = rng.choice(spots)
-    return s[:i] + s[i + 1] + s[i] + s[i + 2 :]
-
-
-def _off(value: int, rng: random.Random) -> int:
-    wrong = value + rng.choice([-1, 1, -10, 10] if value >= 10 else [1, 2])
-    return wrong if wrong >= 0 else value + 1
-
-
-def arith(rng: random.Random) -> Pair:
-    op = rng.choice("+-*")
-    if op == "+":
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
-        result = a + b
-    elif op == "-":
-        a = rng.randint(0, 999)
-        b = rng.randint(0, a)
-        result = a - b
-    else:
-        a, b = rng.randint(2, 99), rng.randint(2, 9)
-        result = a * b
-    expr = f"{a}{op}{b}"
-    prompt = rng.choice([f"Compute {expr}", f"What is {expr}?", f"{expr}=?"])
-    return "arithmetic", prompt, f"{expr}={result}", f"{expr}={_off(result, rng)}"
-
-
-def chain(rng: random.Random) -> Pair:
-    a, b = rng.randint(1, 99), rng.randint(1, 99)
-    c = rng.randint(0, a + b)
-    s = a + b
-    head = f"{a}+{b}={s}, {s}-{c}="
-    return "chain", f"Compute {a}+{b}-{c}", f"{head}{s - c}", f"{head}{_off(s - c, rng)}"
+def _unsorted(good: str, rng: random.Random, given: str) -> str:
+    """A rule-breaking answer for the sorted string ``good``: the input as given, the characters in
+    descending order, or ``good`` with one adjacent pair of different characters swapped."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return given
+    if kind == 1:
+        return good[::-1]
+    i = rng.choice([i for i in range(len(good) - 1) if good[i] != good[i + 1]])
+    return good[:i] + good[i + 1] + good[i] + good[i + 2 :]
 
 
 def sort_digits(rng: random.Random) -> Pair:
     while True:
         d = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7)))
-        if len(set(d)) > 1:
-            break
-    good = "".join(sorted(d))
-    return "sort", f"Sort the digits {d}", good, _swap_adjacent(good, rng)
+        good = "".join(sorted(d))
+        if d != good:
+            return "sort_digits", f"Sort the digits {d}", good, _unsorted(good, rng, d)
 
 
-def reverse(rng: random.Random) -> Pair:
-    w = _word(rng)
-    good = w[::-1]
-    bad = w if rng.random() < 0.5 else _swap_adjacent(good, rng)
-    return "reverse", rng.choice([f"Reverse the word {w}", f"Spell {w} backwards"]), good, bad
-
-
-def count(rng: random.Random) -> Pair:
-    w = _word(rng) + _word(rng)
-    ch = rng.choice(w)
-    n = w.count(ch)
-    wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-    return "count", f"How many times does {ch} appear in {w}?", str(n), str(wrong)
+def sort_letters(rng: random.Random) -> Pair:
+    while True:
+        w = _word(rng)
+        good = "".join(sorted(w))
+        if w != good:
+            return "sort_letters", f"Sort the letters of {w}", good, _unsorted(good, rng, w)
 
 
 TASKS: list[tuple[Callable[[random.Random], Pair], int]] = [
-    (arith, 3),
-    (chain, 1),
     (sort_digits, 2),
-    (reverse, 2),
-    (count, 1),
+    (sort_letters, 1),
 ]
 
 
