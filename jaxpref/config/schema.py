@@ -447,6 +447,33 @@ class JaxprefConfig(
             stray = [k for k in _LORA_KEYS if k in self.model_fields_set]
             if stray:
                 warn(f"ignored: {', '.join(stray)} (adapter is not lora: full fine-tuning)")
-        if self.precompute_ref_log_probs and self.rl in ("orpo", "simpo"):
-            warn(f"precompute_ref_log_probs has no effect: rl: {self.rl} uses no reference model")
+        if self.precompute_ref_log_probs and (self.rl in ("orpo", "simpo") or self.reward_model):
+            warn(f"precompute_ref_log_probs has no effect: {self.rl or 'reward_model'} uses no reference model")
+        p.extend(self._preference_problems())
+        return p
+
+    def _preference_problems(self) -> list[str]:
+        """Label smoothing as TRL 1.16 uses it: only DPO's robust/exo_pair/aot/aot_unpaired losses and
+        SimPO read it (TRL silently ignores it elsewhere, e.g. for the sigmoid loss); exo_pair needs it > 0,
+        robust < 0.5."""
+        p: list[str] = []
+        loss_type = "ipo" if self.rl == "ipo" else (self.dpo_loss_type or "sigmoid")
+        smoothing = self.dpo_label_smoothing
+        if self.rl in ("dpo", "ipo"):
+            if smoothing and loss_type not in ("robust", "exo_pair", "aot", "aot_unpaired"):
+                warn(
+                    f"dpo_label_smoothing={smoothing} has no effect with dpo_loss_type {loss_type} (TRL 1.16 only uses "
+                    "it in the robust, exo_pair, aot and aot_unpaired losses); for conservative DPO use "
+                    "dpo_loss_type: robust"
+                )
+            if loss_type == "exo_pair" and not smoothing:
+                p.append("dpo_loss_type: exo_pair needs dpo_label_smoothing > 0 (the EXO paper uses 1e-3)")
+            if loss_type == "robust" and smoothing >= 0.5:
+                p.append(f"dpo_label_smoothing={smoothing}: the robust loss needs a value in [0, 0.5)")
+        elif smoothing and self.rl != "simpo":
+            warn(f"dpo_label_smoothing has no effect with {self.rl or 'this objective'} (only DPO and SimPO use it)")
+        if self.rl == "ipo" and self.dpo_loss_type not in (None, "ipo"):
+            p.append(f"rl: ipo is DPO with the ipo loss; remove dpo_loss_type: {self.dpo_loss_type} or use rl: dpo")
+        elif self.dpo_loss_type and self.rl not in ("dpo", "ipo", None):
+            warn(f"dpo_loss_type has no effect with rl: {self.rl}")
         return p

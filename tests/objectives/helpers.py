@@ -89,3 +89,22 @@ def cfg(**kw: Any) -> SimpleNamespace:
 
 def floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def jit_loss(objective, model, batch: dict[str, np.ndarray], num_items: float, companions=None):
+    """``objective.loss(model, batch, num_items, train=False)`` jitted (eager scans are slow), floats out."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    others = {k: nnx.split(m) for k, m in (companions or {}).items()}
+
+    @jax.jit
+    def run(state, other_states, b):
+        kw = {}
+        if objective.companions:
+            kw["companions"] = {k: nnx.merge(others[k][0], s) for k, s in other_states.items()}
+        return objective.loss(nnx.merge(graphdef, state), b, jnp.float32(num_items), train=False, **kw)
+
+    loss, metrics = run(state, {k: s for k, (_, s) in others.items()}, jnp_batch(batch))
+    return float(loss), floats(metrics)

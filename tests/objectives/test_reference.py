@@ -24,7 +24,7 @@ from jaxpref.objectives import build_objective
 from jaxpref.objectives.precompute import precompute_reference
 from jaxpref.trainer import Trainer
 from tests.data.helpers import config
-from tests.objectives.helpers import FIXTURES, cfg, floats, hf_llama, jnp_batch, pair_batch, tokenizer
+from tests.objectives.helpers import FIXTURES, cfg, hf_llama, jit_loss, pair_batch, tokenizer
 
 LORA = lora.LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
 
@@ -54,9 +54,7 @@ def lora_policy(base_dir, seed: int = 0):
 
 
 def run_loss(objective, model, batch, count_key, companions=None):
-    extra = {"companions": companions} if objective.companions else {}
-    loss, metrics = objective.loss(model, jnp_batch(batch), float(np.sum(batch[count_key])), train=False, **extra)
-    return float(loss), floats(metrics)
+    return jit_loss(objective, model, batch, float(np.sum(batch[count_key])), companions)
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto"])

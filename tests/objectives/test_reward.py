@@ -12,7 +12,7 @@ import pytest
 from jaxpref import lora, models
 from jaxpref.models.reward import add_score_head, load_score_head, save_reward_model, sequence_rewards
 from jaxpref.objectives import build_objective
-from tests.objectives.helpers import cfg, hf_llama, jnp_batch, pair_batch, tokenizer
+from tests.objectives.helpers import cfg, hf_llama, jit_loss, pair_batch, tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,11 +64,11 @@ def test_reward_objective_equals_bradley_terry_on_transformers_scores(tmp_path, 
     m = batch["pair_mask"]
     want_loss = np.mean(np.log1p(np.exp(-(sc - sr)))[m])
     objective = build_objective(cfg(), "reward")
-    loss, metrics = objective.loss(reward_model, jnp_batch(batch), float(m.sum()), train=False)
-    np.testing.assert_allclose(float(loss), want_loss, atol=1e-5)
-    np.testing.assert_allclose(float(metrics["accuracy"]), np.mean((sc > sr)[m]), atol=1e-6)
-    np.testing.assert_allclose(float(metrics["margin"]), np.mean((sc - sr)[m]), atol=1e-5)
-    np.testing.assert_allclose(float(metrics["rewards/chosen"]), np.mean(sc[m]), atol=1e-5)
+    loss, metrics = jit_loss(objective, reward_model, batch, float(m.sum()))
+    np.testing.assert_allclose(loss, want_loss, atol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], np.mean((sc > sr)[m]), atol=1e-6)
+    np.testing.assert_allclose(metrics["margin"], np.mean((sc - sr)[m]), atol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/chosen"], np.mean(sc[m]), atol=1e-5)
 
 
 def test_export_refuses_a_missing_pad_token_and_lora(tmp_path, reward_model):

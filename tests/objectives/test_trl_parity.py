@@ -21,9 +21,8 @@ from jaxpref.objectives import build_objective
 from tests.objectives.helpers import (
     KTO_ROWS,
     cfg,
-    floats,
     hf_llama,
-    jnp_batch,
+    jit_loss,
     kto_batch,
     kto_parts,
     pair_batch,
@@ -59,10 +58,7 @@ def ours(name: str, batch, weights, count_key: str, **kw):
     _, _, policy, reference = weights
     objective = build_objective(cfg(**kw), name)
     companions = {"reference": reference} if objective.companions else None
-    extra = {"companions": companions} if companions else {}
-    b = jnp_batch(batch)
-    loss, metrics = objective.loss(policy, b, float(np.sum(batch[count_key])), train=False, **extra)
-    return float(loss), floats(metrics)
+    return jit_loss(objective, policy, batch, float(np.sum(batch[count_key])), companions)
 
 
 def assert_close(got: dict, want: dict, keys) -> None:
