@@ -31,7 +31,8 @@ def topk_logprobs(
 
     Returns:
       ``(ids [..., k] int32, logprobs [..., k] float32)``, highest log-prob first. The log-probs are
-      normalised over the whole vocabulary (their exponentials sum to at most 1).
+      normalised over the whole vocabulary (their exponentials sum to at most 1); logits are
+      accumulated and normalised in float32 whatever the input dtypes.
     """
     hidden = jnp.asarray(hidden)
     weight = jnp.asarray(lm_head_weight)
@@ -43,10 +44,13 @@ def topk_logprobs(
     block = max(1, min(block_rows, n))
     pad = (-n) % block
     blocks = jnp.pad(rows, ((0, pad), (0, 0))).reshape(-1, block, rows.shape[-1])
-    w = weight.astype(jnp.float32)
+    # Products in the inputs' common dtype, accumulated in float32: a bfloat16 teacher's [H, V] weight
+    # is not copied to float32 (bf16 x bf16 products are exact in float32, so the logits are the same).
+    dtype = jnp.promote_types(rows.dtype, weight.dtype)
+    w = weight.astype(dtype)
 
     def one(h: Array) -> tuple[Array, Array]:
-        z = jnp.dot(h.astype(jnp.float32), w, preferred_element_type=jnp.float32) / temperature
+        z = jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32) / temperature
         values, ids = jax.lax.top_k(z, k)
         return ids.astype(jnp.int32), values - jax.nn.logsumexp(z, axis=-1, keepdims=True)
 

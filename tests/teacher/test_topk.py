@@ -76,3 +76,21 @@ def test_never_materialises_all_rows_times_vocab():
 def test_rejects_k_larger_than_vocab():
     with pytest.raises(ValueError, match="vocab size"):
         topk_logprobs(np.zeros((2, 4), np.float32), np.zeros((4, 3), np.float32), 4)
+
+
+def test_bfloat16_weight_is_not_copied_to_float32():
+    """A bf16 teacher's [H, V] LM head stays bf16 (products accumulate in float32 per block)."""
+    h, v = 8, 300
+    jaxpr = jax.make_jaxpr(lambda x, w: topk_logprobs(x, w, 4, block_rows=16))(
+        np.zeros((50, h), jax.numpy.bfloat16), np.zeros((h, v), jax.numpy.bfloat16)
+    )
+
+    def avals(jx):
+        for eqn in jx.eqns:
+            yield from (var.aval for var in eqn.outvars)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None:
+                    yield from avals(getattr(inner, "jaxpr", inner))
+
+    assert not [a for a in avals(jaxpr.jaxpr) if a.shape == (h, v) and a.dtype == np.float32]
