@@ -347,3 +347,37 @@ def test_sharded_teacher_on_four_devices_gives_the_same_rows(tmp_path, kd_output
     for a, b in zip(sharded, single):
         assert a["target_token_ids"] == b["target_token_ids"]
         np.testing.assert_allclose(np.asarray(a["logprobs"][1:]), np.asarray(b["logprobs"][1:]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_dataset_entries_get_their_own_kd_entries(tmp_path, teacher_dir, chat_rows):
+    """Each input entry's shards get their own KD entry with that entry's chat keys; the KD pipeline
+    reads the pasted snippet and keeps every row."""
+    lines = (REPO / "demo" / "data" / "sft_eval.jsonl").read_text().splitlines()[40:52]
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(
+        "".join(
+            json.dumps(
+                {"conversation": [{"from": m["role"], "value": m["content"]} for m in json.loads(x)["messages"]]}
+            )
+            + "\n"
+            for x in lines
+        )
+    )
+    second = {
+        "path": str(sharegpt),
+        "type": "chat_template",
+        "field_messages": "conversation",
+        "message_property_mappings": {"role": "from", "content": "value"},
+    }
+    datasets = [{"path": str(chat_rows), "type": "chat_template"}, second]
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows, datasets=datasets)
+    assert main(["--config", str(cfg), "--no_progress"]) == 0
+    info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
+    first, other = info["datasets"]
+    assert first["data_files"] == [str(tmp_path / "kd" / f"part-0000{i}.jsonl") for i in range(3)]
+    assert other["data_files"] == [str(tmp_path / "kd" / f"part-0000{i}.jsonl") for i in (3, 4)]
+    assert other["field_messages"] == "conversation" and other["message_property_mappings"]["content"] == "value"
+    assert info["rows_out"] == GOOD_ROWS + 12
+    data = build_lm_data(load_config(kd_config(tmp_path, teacher_dir, info)), load_tokenizer(load_teacher_config(cfg)))
+    assert data.report.rows_out == GOOD_ROWS + 12 and not data.report.dropped
