@@ -129,7 +129,8 @@ def build_companions(cfg: Any, names: tuple[str, ...], vocab_needed: int, mesh: 
                 )
             out[name] = teacher
         elif name == "reference":
-            out[name] = build_model(cfg.model_copy(update={"adapter": None}), vocab_needed, mesh)
+            dtype = cfg.rl_reference_dtype or cfg.param_dtype
+            out[name] = build_model(cfg.model_copy(update={"adapter": None, "param_dtype": dtype}), vocab_needed, mesh)
         else:
             raise ConfigError(f"the objective needs a companion model {name!r} that jaxpref cannot build")
     return out

@@ -224,6 +224,11 @@ class PreferenceSection(Section):
         "separate frozen copy.",
     )
     precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+    rl_reference_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="Frozen reference copy (full fine-tuning or rl_adapter_ref_model): parameter dtype "
+        "(default: param_dtype); bfloat16 halves its memory.",
+    )
 
 
 class KDSection(Section):

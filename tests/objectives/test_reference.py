@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -188,3 +189,29 @@ def test_reference_mode_follows_the_config():
     assert reference_mode(cfg(adapter="lora", precompute_ref_log_probs=True)) == "precomputed"
     assert reference_mode(cfg(), uses_reference=False) == "none"
     assert not build_objective(cfg(), "orpo").companions and not build_objective(cfg(), "simpo").companions
+
+
+def test_reference_copy_is_built_frozen_without_adapters_in_rl_reference_dtype(base_dir):
+    from jaxpref.train import build_companions
+    from tests.data.helpers import DEMO_MODEL
+
+    c = config(
+        base_model=str(base_dir),
+        tokenizer_config=str(DEMO_MODEL),
+        rl="dpo",
+        adapter="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_linear=True,
+        rl_adapter_ref_model=True,
+        rl_reference_dtype="bfloat16",
+    )
+    assert build_objective(c, "dpo").companions == ("reference",)
+    reference = build_companions(c, ("reference",), 512, shd.make_mesh(None))["reference"]
+    assert reference.lora_config is None
+    dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(reference, nnx.Param))}
+    assert dtypes == {jnp.dtype("bfloat16")}
+    base = models.from_pretrained(str(base_dir))
+    np.testing.assert_allclose(
+        np.asarray(reference.lm_head.kernel[...], np.float32), np.asarray(base.lm_head.kernel[...]), rtol=1e-2
+    )
