@@ -14,9 +14,11 @@ Output, in ``teacher_output_dir``: ``part-NNNNN.jsonl`` (or ``.parquet``) shards
 per-shard counts). Every file is written atomically (temporary file + rename), so a killed run
 resumes: a rerun with the same config skips the finished shards and produces byte-identical files; a
 different config for an existing directory is an error. Shards are split over processes (process i
-of n writes shards i, i + n, ...; ``--process_index``/``--process_count``, default the JAX process);
-the last process to finish writes ``teacher_info.json``. Each process runs the teacher on its own
-devices with the config's ``mesh`` (parameters sharded by ``logical_axis_rules``).
+of n writes shards i, i + n, ...): either the JAX processes of a multi-host launch (joined through
+``jaxpref.distributed`` as ``jaxpref.train`` does; the output directory must be shared), or
+independent processes numbered by ``--process_index``/``--process_count``. The last process to
+finish writes ``teacher_info.json``. Each process runs the teacher on its own (local) devices with the
+config's ``mesh`` (parameters sharded by ``logical_axis_rules``), with no cross-process collective.
 """
 
 from __future__ import annotations
@@ -436,6 +438,11 @@ def run_teacher(
     from jaxpref.models.hf_io import resolve_checkpoint_dir
 
     check_config(cfg)
+    explicit = process_index is not None or process_count is not None
+    if not explicit:  # launched on several hosts (srun, mpirun, TPU pod, JAX_* env): join, as train does
+        from jaxpref import distributed
+
+        distributed.initialize(distributed.settings_from_config(cfg))
     pi = jax.process_index() if process_index is None else int(process_index)
     pn = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= pi < pn:
@@ -446,6 +453,10 @@ def run_teacher(
         raise ModelError(f"kd_teacher_model: {exc}") from None
     out = Path(cfg.teacher_output_dir)
     _prepare_output_dir(out, fingerprint(cfg, teacher_dir))
+    if not explicit:
+        from jaxpref import distributed
+
+        distributed.check_shared_directory(out.absolute(), "teacher_output_dir")
 
     tokenizer = load_tokenizer(cfg)
     if cfg.test_datasets:

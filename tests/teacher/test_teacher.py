@@ -381,3 +381,30 @@ def test_two_dataset_entries_get_their_own_kd_entries(tmp_path, teacher_dir, cha
     assert info["rows_out"] == GOOD_ROWS + 12
     data = build_lm_data(load_config(kd_config(tmp_path, teacher_dir, info)), load_tokenizer(load_teacher_config(cfg)))
     assert data.report.rows_out == GOOD_ROWS + 12 and not data.report.dropped
+
+
+@pytest.mark.slow
+def test_two_jax_processes_split_the_shards(tmp_path, kd_output, teacher_dir, chat_rows):
+    """Launched as 2 JAX processes (JAX_COORDINATOR_ADDRESS, as a multi-host launcher sets it): each
+    joins the runtime, writes its own shards, and together they write the single-process files."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = teacher_config(tmp_path, teacher_dir, chat_rows)
+    procs = []
+    for pid in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        cmd = [sys.executable, "-m", "jaxpref.teacher", "--config", str(cfg), "--no_progress"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "(2 for process 0 of 2, 0 already written)" in errs[0]
+    assert "(1 for process 1 of 2, 0 already written)" in errs[1]
+    parts = lambda d: {k: v for k, v in snapshot(d).items() if k.startswith("part-")}  # noqa: E731
+    assert parts(tmp_path / "kd") == parts(kd_output)
+    info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
+    assert info["rows_out"] == GOOD_ROWS and info["files"] == sorted(parts(kd_output))
