@@ -274,6 +274,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     finally:
         ckpt.close()
         run_log.close()
+    distributed.barrier("run-done", timeout_s=3600)  # leave together: JAX's shutdown barrier is short
     run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
     return {**result, "output_dir": str(out_dir), "steps": trainer.step}
 

@@ -68,7 +68,11 @@ def _kd_dataset(path: Path, model_dir: Path, n: int = 24) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("multiprocess")
+    return make_setup(tmp_path_factory.mktemp("multiprocess"))
+
+
+def make_setup(root: Path) -> Path:
+    """A 2-layer tiny-llama (config + tokenizer), a KD dataset and the config, under ``root``."""
     model = root / "tiny"
     shutil.copytree(REPO / "demo" / "tiny-llama", model)
     hf = json.loads((model / "config.json").read_text())
@@ -144,8 +148,11 @@ def wait(*runs: list[subprocess.Popen], timeout: int = 900) -> list[list[str]]:
                 q.kill()
             raise
         errs.append(err)
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-4000:]
+    if any(p.returncode for p in procs):
+        report = "\n".join(
+            f"--- process {i} (exit {p.returncode}):\n{e[-3000:]}" for i, (p, e) in enumerate(zip(procs, errs))
+        )
+        raise AssertionError(report)
     out, i = [], 0
     for run in runs:
         out.append(errs[i : i + len(run)])
