@@ -44,6 +44,7 @@ from jaxpref.errors import ConfigError, DataError, ModelError
 logger = logging.getLogger("jaxpref")
 
 INFO_FILE = "teacher_info.json"
+SHARDS_DONE_TIMEOUT_S = 12 * 3600  # multi-host: how long a process waits for the others' last shards
 STATE_DIR = ".teacher"
 RUN_FILE = "run.json"
 LOGPROBS_FIELD = "logprobs"
@@ -521,6 +522,12 @@ def run_teacher(
         finally:
             bar.close()
         logger.info(_merge_reports(done, "teacher (this run)").summary())
+    if not explicit and pn > 1:
+        # Leave together: JAX's shutdown barrier at exit is short, and shards take minutes.
+        from jaxpref import distributed
+
+        logger.info("waiting for the other processes' shards")
+        distributed.barrier("teacher-shards-done", timeout_s=SHARDS_DONE_TIMEOUT_S)
     info = _maybe_write_info(cfg, out, shards, entries, teacher_dir, tokenizer)
     return {"output_dir": str(out), "shards_written": written, "info": info}
 

@@ -404,6 +404,7 @@ def test_two_jax_processes_split_the_shards(tmp_path, kd_output, teacher_dir, ch
     assert [p.returncode for p in procs] == [0, 0], errs
     assert "(2 for process 0 of 2, 0 already written)" in errs[0]
     assert "(1 for process 1 of 2, 0 already written)" in errs[1]
+    assert all("waiting for the other processes' shards" in e for e in errs)  # they leave together
     parts = lambda d: {k: v for k, v in snapshot(d).items() if k.startswith("part-")}  # noqa: E731
     assert parts(tmp_path / "kd") == parts(kd_output)
     info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
