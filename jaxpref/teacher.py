@@ -630,6 +630,8 @@ def _maybe_write_info(
         "top_k": cfg.kd_teacher_top_k,
         "temperature": cfg.teacher_temperature,
         "tokenizer": str(cfg.tokenizer_config or cfg.base_model),
+        "chat_template": cfg.chat_template,  # the KD run needs the same (and the same train_on_inputs)
+        "train_on_inputs": cfg.train_on_inputs,
         "vocab_size": len(tokenizer),
         "sequence_len": cfg.sequence_len,
         "positions": cfg.teacher_positions,

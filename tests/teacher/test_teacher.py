@@ -97,6 +97,7 @@ def kd_output(tmp_path_factory, teacher_dir, chat_rows):
 def test_output_files_and_counts(kd_output):
     info = json.loads((kd_output / "teacher_info.json").read_text())
     assert info["top_k"] == K and info["temperature"] == T_GEN and info["vocab_size"] == 512
+    assert info["chat_template"] == "chatml" and info["train_on_inputs"] is False
     assert info["files"] == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
     assert (info["rows_in"], info["rows_out"]) == (GOOD_ROWS + 2, GOOD_ROWS)
     assert info["dropped"] == {"missing_field": 1, "too_long": 1}
