@@ -47,7 +47,7 @@ def objective_name(cfg: Any) -> str:
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".jaxpref_write_test"
+        probe = path / f".jaxpref_write_test_{jax.process_index()}"  # one per process: they may share path
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
