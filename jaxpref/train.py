@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def objective_name(cfg: Any) -> str:
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".jaxpref_write_test_{jax.process_index()}"  # one per process: they may share path
+        probe = path / f".jaxpref_write_test_{os.getpid()}"  # one per process: processes may share path
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
