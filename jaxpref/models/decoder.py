@@ -7,7 +7,6 @@ Python loop, which tests use to check the scanned + remat gradient.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -133,8 +132,13 @@ class CausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
         if self.scan_layers:
             return jax.lax.scan(body, x, (state, layer_keys))[0]
-        for i in range(self.config.num_hidden_layers):
-            layer_state = jax.tree.map(partial(_take, i=i), state)
+        # Unstack each stacked parameter once: its gradient is then one stack of the L layer
+        # gradients (indexing a[i] per layer would pad-and-add every layer's gradient to [L, ...]).
+        n = self.config.num_hidden_layers
+        leaves, treedef = jax.tree.flatten(state)
+        per_layer = [jnp.unstack(leaf, axis=0) for leaf in leaves]
+        for i in range(n):
+            layer_state = jax.tree.unflatten(treedef, [layer[i] for layer in per_layer])
             x, _ = body(x, (layer_state, None if layer_keys is None else layer_keys[i]))
         return x
 
@@ -160,7 +164,3 @@ class CausalLM(nnx.Module):
         """Full logits float32 [B, T, V] from hidden [B, T, H]; tests and generation only."""
         w = self.lm_head_weight(use_adapters=use_adapters)
         return jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
-
-
-def _take(a: jax.Array, *, i: int) -> jax.Array:
-    return a[i]

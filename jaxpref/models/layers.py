@@ -9,6 +9,7 @@ checkpoint key maps are mechanical.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -64,21 +65,29 @@ class Linear(nnx.Module):
         self.lora_dropout = 0.0
 
     def __call__(self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
-        """x [..., *in_shape] -> [..., *out_shape] in the compute dtype."""
-        n = len(self.in_shape)
-        x = x.astype(self.dtype)
-        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=n)
+        """x [..., *in_shape] -> [..., *out_shape] in the compute dtype.
+
+        Computed as 2-D matmuls on [rows, prod(in_shape)] x [prod(in_shape), prod(out_shape)] (the
+        reshapes are free): the same sums as a tensordot over the trailing axes, but every backward
+        dot then contracts a single axis, which XLA:CPU runs without transposing the operands first
+        (a 3-D ``[B, T, H]`` contraction made it copy-transpose each activation gradient).
+        """
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        x = x.astype(self.dtype).reshape(-1, d_in)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(d_in, d_out))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype).reshape(d_out)
         if use_adapters and self.lora_a is not None:
             h = x
             if dropout_key is not None and self.lora_dropout > 0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
                 h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
-            h = jnp.tensordot(h, self.lora_a[...].astype(self.dtype), axes=n)
-            h = jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+            rank = self.lora_a.shape[-1]
+            h = jnp.dot(h, self.lora_a[...].astype(self.dtype).reshape(d_in, rank))
+            h = jnp.dot(h, self.lora_b[...].astype(self.dtype).reshape(rank, d_out))
             y = y + (h * self.lora_scaling).astype(y.dtype)
-        return y
+        return y.reshape(lead + self.out_shape)
 
 
 class Embed(nnx.Module):
