@@ -24,13 +24,13 @@ KD_EVAL = REPO / "demo" / "data" / "kd_eval"
 
 # Shortened configs/kd.yaml for the slow tests: 100 steps of 8 x 128 packed tokens over the first 500
 # rows of demo/data/kd_train (8 epochs; kd.yaml runs 300 steps of 8 x 256 tokens over all 2000).
-# Measured on seeds 0, 1, 2 (numbers in the README's "Knowledge distillation demo").
+# Measured on seeds 0 and 1 (README "Knowledge distillation demo"); the tests run seed 0.
 STEPS = 100
 SHORT = ["sequence_len=128", f"max_steps={STEPS}", "warmup_steps=10", "datasets.0.split=train[:500]"]
 KL_START_MIN = 4.0  # held-out KL of the random-init student (measured 5.76)
-KL_RATIO = 0.3  # end / start held-out KL after STEPS (measured 0.13)
-TOP1_MIN = 0.5  # held-out top-1 agreement with the teacher after STEPS (measured 0.63)
-CE_RATIO = 1.0  # KD student's held-out CE / the CE-only student's (measured 0.989)
+KL_RATIO = 0.3  # end / start held-out KL after STEPS (measured 0.13, 0.15)
+TOP1_MIN = 0.5  # held-out top-1 agreement with the teacher after STEPS (measured 0.63, 0.58)
+CE_RATIO = 1.0  # KD student's held-out CE / the CE-only student's (measured 0.989, 0.948)
 
 
 # ------------------------------------------------------------------------------------------ fast
