@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import jaxpref.train as train_module
 from jaxpref.config import load_config
@@ -57,13 +56,14 @@ def test_dpo_learns_the_rule(tmp_path, monkeypatch, seed):
 @pytest.mark.slow
 def test_kto_learns_the_rule(tmp_path, monkeypatch):
     before, after = train_and_eval("kto", tmp_path, monkeypatch, seed=0)
-    beta = yaml.safe_load((REPO / "configs" / "kto.yaml").read_text())["rl_beta"]
     assert before["rewards/chosen"] == before["rewards/rejected"] == before["kl"] == 0
-    # held-out: desirable (sorted) completions gain more log-likelihood than undesirable ones, and KTO's
-    # value function splits them around the KL reference point (log-ratio above / below it)
-    assert after["rewards/margins"] > 0.4
-    assert after["rewards/chosen"] / beta > after["kl"] > after["rewards/rejected"] / beta
-    assert after["logps/chosen"] > before["logps/chosen"] + 1.0
+    # held-out: the desirable (sorted) completions end well above the undesirable ones, in implied reward
+    # (beta x log-ratio to the reference) and in log-likelihood. Which side moves depends on the run:
+    # seed 0 (60 steps) pushes the undesirable ones down (rewards -0.09 / -1.33), seed 42 (100 steps)
+    # raises both, the desirable ones more (README "Preference training").
+    assert after["rewards/margins"] > 0.5
+    gap = after["logps/chosen"] - after["logps/rejected"]
+    assert gap > before["logps/chosen"] - before["logps/rejected"] + 1.0
 
 
 @pytest.mark.slow
