@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,10 +90,6 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<unk>", bos_token="<s>")
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _result(args, tokens: int, times: list[float], cpu: list[float], losses: list[float], extra: dict) -> dict:
     med = statistics.median(times)
     return {
@@ -108,7 +102,7 @@ def _result(args, tokens: int, times: list[float], cpu: list[float], losses: lis
         "median_cpu_s": statistics.median(cpu),
         "tokens_per_s": tokens / med,
         "steps_per_s": 1.0 / med,
-        "peak_rss_bytes": _rss_bytes(),
+        "peak_rss_bytes": kd.rss_bytes(),
         "losses": losses,
         **extra,
     }
@@ -249,16 +243,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _child(mode: str, config: str, model_dir: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--config", config, "--model-dir", model_dir]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return {"config": config, "impl": mode, "error": " | ".join(tail)}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="small,large")
@@ -285,12 +269,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         for config in args.configs.split(","):
             model_dir = str(Path(tmp) / config)
-            prep = _child("prepare", config, model_dir, args)
+            prep = kd.run_worker(__file__, "prepare", config, model_dir, args)
             if "error" in prep:
                 sys.exit(f"could not write the {config} checkpoint: {prep['error']}")
             for impl in args.impls.split(","):  # sequential: never two measured processes at once
                 print(f"running {config} / {impl} ...", file=sys.stderr, flush=True)
-                results.append(_child(impl, config, model_dir, args))
+                results.append(kd.run_worker(__file__, impl, config, model_dir, args))
                 short = {k: v for k, v in results[-1].items() if k != "losses"}
                 print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
     load_end = os.getloadavg()

@@ -97,7 +97,7 @@ def make_batch(batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]
     }
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -200,7 +200,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
 
 
 def _timed(step, args: argparse.Namespace, tokens: int, extra: dict) -> dict:
-    rss_setup = _rss_bytes()
+    rss_setup = rss_bytes()
     losses, warm = [], []
     for _ in range(args.warmup):
         t0 = time.perf_counter()
@@ -223,7 +223,7 @@ def _timed(step, args: argparse.Namespace, tokens: int, extra: dict) -> dict:
         "cpu_s": cpu,
         "median_cpu_s": statistics.median(cpu),
         "tokens_per_s": tokens / med,
-        "peak_rss_bytes": _rss_bytes(),
+        "peak_rss_bytes": rss_bytes(),
         "rss_after_setup_bytes": rss_setup,
         "losses": losses,
         **extra,
@@ -234,10 +234,11 @@ def _timed(step, args: argparse.Namespace, tokens: int, extra: dict) -> dict:
 # Driver.
 
 
-def _child(mode: str, config: str, model_dir: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--config", config, "--model-dir", model_dir]
+def run_worker(script: str, mode: str, config: str, model_dir: str, args: argparse.Namespace) -> dict:
+    """Run ``script --worker mode`` in a fresh process; its last stdout line is the JSON result."""
+    cmd = [sys.executable, script, "--worker", mode, "--config", config, "--model-dir", model_dir]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    for item in args.set or ():
+    for item in getattr(args, "set", None) or ():
         cmd += ["--set", item]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -305,12 +306,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_kd_") as tmp:
         for config in args.configs.split(","):
             model_dir = str(Path(tmp) / config)
-            prep = _child("prepare", config, model_dir, args)
+            prep = run_worker(__file__, "prepare", config, model_dir, args)
             if "error" in prep:
                 sys.exit(f"could not write the {config} checkpoint: {prep['error']}")
             for impl in args.impls.split(","):  # sequential: never two measured processes at once
                 print(f"running {config} / {impl} ...", file=sys.stderr, flush=True)
-                results.append(_child(impl, config, model_dir, args))
+                results.append(run_worker(__file__, impl, config, model_dir, args))
                 short = {k: v for k, v in results[-1].items() if k not in ("losses",)}
                 print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
     load_end = os.getloadavg()
