@@ -221,26 +221,16 @@ def _jax_worker(args: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    gib = 1024**3
-    lines = [
-        "| config | impl | tokens/s | steps/s | step (s) | peak memory (GiB) | tokens/s vs TRL | memory vs TRL |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    refs = {r["config"]: r for r in results if r["impl"] == "trl" and "error" not in r}
-    for r in results:
+    def name(r: dict) -> str:
         layers, pairs, seq_len, _ = CONFIGS[r["config"]]
-        name = f"{r['config']} ({layers} layers, {pairs} pairs x {seq_len})"
-        if "error" in r:
-            lines.append(f"| {name} | {r['impl']} | failed: {r['error'][:100]} | | | | | |")
-            continue
-        ref = refs.get(r["config"])
-        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        mem = f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x" if ref else "-"
-        lines.append(
-            f"| {name} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['steps_per_s']:.3f} | {r['median_step_s']:.2f} "
-            f"| {r['peak_rss_bytes'] / gib:.2f} | {speed} | {mem} |"
-        )
-    return "\n".join(lines)
+        return f"{r['config']} ({layers} layers, {pairs} pairs x {seq_len})"
+
+    columns = [
+        ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+        ("steps/s", lambda r: f"{r['steps_per_s']:.3f}"),
+        ("step (s)", lambda r: f"{r['median_step_s']:.2f}"),
+    ]
+    return kd.comparison_table(results, "trl", "TRL", name, columns)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -258,27 +259,35 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
 
-def table(results: list[dict]) -> str:
-    gib = 1024**3
-    lines = [
-        "| config | impl | tokens/s | step (s) | peak memory (GiB) | tokens/s vs torch | memory vs torch |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    refs = {r["config"]: r for r in results if r["impl"] == "torch" and "error" not in r}
+def comparison_table(
+    results: list[dict], reference: str, label: str, name: Callable[[dict], str], columns: list[tuple[str, Callable]]
+) -> str:
+    """Markdown table: config, impl, ``columns`` (header, cell function), peak memory, and the ratios of
+    tokens/s and memory to the ``reference`` implementation's row of the same config."""
+    headers = ["config", "impl", *(h for h, _ in columns), "peak memory (GiB)", f"tokens/s vs {label}",
+               f"memory vs {label}"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    refs = {r["config"]: r for r in results if r["impl"] == reference and "error" not in r}
     for r in results:
-        layers, batch, seq_len = CONFIGS[r["config"]]
-        name = f"{r['config']} ({layers} layers, {batch} x {seq_len})"
+        cells = [name(r), r["impl"]]
         if "error" in r:
-            lines.append(f"| {name} | {r['impl']} | failed: {r['error'][:100]} | | | | |")
-            continue
-        ref = refs.get(r["config"])
-        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        mem = f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x" if ref else "-"
-        lines.append(
-            f"| {name} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} "
-            f"| {r['peak_rss_bytes'] / gib:.2f} | {speed} | {mem} |"
-        )
+            cells.append(f"failed: {r['error'][:100]} |" + " |" * (len(headers) - 4))
+        else:
+            ref = refs.get(r["config"])
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            mem = f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x" if ref else "-"
+            cells += [fn(r) for _, fn in columns] + [f"{r['peak_rss_bytes'] / 1024**3:.2f}", speed, mem]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table(results: list[dict]) -> str:
+    def name(r: dict) -> str:
+        layers, batch, seq_len = CONFIGS[r["config"]]
+        return f"{r['config']} ({layers} layers, {batch} x {seq_len})"
+
+    columns = [("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"), ("step (s)", lambda r: f"{r['median_step_s']:.3f}")]
+    return comparison_table(results, "torch", "torch", name, columns)
 
 
 def main() -> None:
