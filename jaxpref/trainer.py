@@ -167,11 +167,20 @@ class Trainer:
             return (grads_acc, loss_acc + loss.astype(jnp.float32), metrics_acc), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        metrics_shape = jax.eval_shape(
-            lambda: self._micro_loss(params, frozen, companions, first, num_items, step_key, train=True)[1]
-        )
-        init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
-        (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
+        if accum == 1:
+            # No accumulator: a zero-filled float32 copy of the gradients (one more parameter-sized
+            # buffer and two passes over it) for a single micro-batch would be pure overhead.
+            (loss, metrics), grads = grad_fn(
+                params, frozen, companions, first, num_items, jax.random.fold_in(step_key, 0), train=True
+            )
+            to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
+            grads, loss, metrics = to_f32(grads), loss.astype(jnp.float32), to_f32(metrics)
+        else:
+            metrics_shape = jax.eval_shape(
+                lambda: self._micro_loss(params, frozen, companions, first, num_items, step_key, train=True)[1]
+            )
+            init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
+            (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
