@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxpref.cli import run_command, setup_logging
+from jaxpref.cli import reexec_with_malloc_tuning, run_command, setup_logging
 from jaxpref.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger("jaxpref")
@@ -685,4 +685,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tuning()
     sys.exit(main())

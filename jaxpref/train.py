@@ -22,7 +22,7 @@ import yaml
 
 from jaxpref import sharding as shd
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
-from jaxpref.cli import run_command, setup_logging
+from jaxpref.cli import reexec_with_malloc_tuning, run_command, setup_logging
 from jaxpref.errors import ConfigError
 from jaxpref.logs import RunLogger
 from jaxpref.optim import make_optimizer
@@ -486,4 +486,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tuning()
     sys.exit(main())
