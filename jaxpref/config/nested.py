@@ -49,9 +49,10 @@ class MeshConfig(Section):
 class FusedKernelConfig(Section):
     """The fused LM-head kernel (log-sum-exp and gathered logits without materialising [N, V])."""
 
-    impl: Literal["auto", "reference", "xla_chunked", "pallas"] = Field(
+    impl: Literal["auto", "reference", "xla_chunked", "xla_onepass", "pallas"] = Field(
         "auto",
-        description="auto: Pallas on GPU/TPU, chunked XLA on CPU; reference materialises full logits.",
+        description="auto: Pallas on GPU/TPU; on CPU xla_onepass for token-sum losses (SFT, KD: value and "
+        "gradient in one pass over the vocabulary) and xla_chunked otherwise; reference materialises full logits.",
     )
     block_n: int | None = Field(None, ge=1, description="Rows per block; None = the per-backend table.")
     block_v: int | None = Field(None, ge=1, description="Vocabulary entries per block; None = the table.")

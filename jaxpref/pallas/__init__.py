@@ -3,6 +3,12 @@
 Imports nothing from the rest of jaxpref.
 """
 
-from .linear_lse import IMPLS, BlockSizes, PallasUnsupportedError, linear_logsumexp_gather
+from .linear_lse import IMPLS, BlockSizes, PallasUnsupportedError, linear_logsumexp_gather, linear_logsumexp_gather_loss
 
-__all__ = ["IMPLS", "BlockSizes", "PallasUnsupportedError", "linear_logsumexp_gather"]
+__all__ = [
+    "IMPLS",
+    "BlockSizes",
+    "PallasUnsupportedError",
+    "linear_logsumexp_gather",
+    "linear_logsumexp_gather_loss",
+]

@@ -5,7 +5,7 @@ default on CPU), ``pallas_gpu`` (Triton kernels) and ``pallas_tpu`` (Mosaic kern
 the per-backend tile table. docs/kernels.md describes the design.
 """
 
-from .api import IMPLS, linear_logsumexp_gather
+from .api import IMPLS, linear_logsumexp_gather, linear_logsumexp_gather_loss
 from .blocks import BlockSizes, default_block_sizes, resolve_block_sizes
 from .pallas_gpu import PallasUnsupportedError
 
@@ -15,5 +15,6 @@ __all__ = [
     "PallasUnsupportedError",
     "default_block_sizes",
     "linear_logsumexp_gather",
+    "linear_logsumexp_gather_loss",
     "resolve_block_sizes",
 ]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .blocks import resolve_block_sizes
+from .onepass import RowLoss, linear_logsumexp_gather_loss_onepass
 from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
 from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
 from .reference import linear_logsumexp_gather_reference
 from .xla import linear_logsumexp_gather_xla
 
-IMPLS = ("auto", "reference", "xla_chunked", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "reference", "xla_chunked", "xla", "xla_onepass", "pallas", "pallas_gpu", "pallas_tpu")
 _PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linear_logsumexp_gather_pallas_tpu}
 
 
@@ -54,6 +56,8 @@ def linear_logsumexp_gather(
         kernel cannot compile for the shape; xla_chunked on CPU), "reference", "xla_chunked" (alias
         "xla"), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic), "pallas" (the one for this backend;
         pallas_gpu on CPU). On CPU the Pallas kernels run in interpret mode (tests only).
+        "xla_onepass" needs a row-separable loss (``linear_logsumexp_gather_loss``); here it means
+        xla_chunked.
       block_n, block_v, block_h: tile overrides; defaults come from ``blocks.py`` per backend
         (``block_h`` is used by pallas_gpu only).
 
@@ -89,13 +93,62 @@ def linear_logsumexp_gather(
     )
 
 
+def linear_logsumexp_gather_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    ids: jax.Array,
+    row_loss: RowLoss,
+    row_inputs: Any,
+    *,
+    bias: jax.Array | None = None,
+    temperatures: Sequence[float] = (1.0,),
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+    block_h: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``row_loss(lse, gathered, row_inputs)`` for ``lse, gathered = linear_logsumexp_gather(...)``, fused.
+
+    ``row_loss`` must be a sum of independent per-row terms (row i's term reads only ``lse[:, i]``,
+    ``gathered[i]`` and row i of ``row_inputs``), e.g. an unnormalised token cross-entropy or top-k KD
+    sum; the caller divides by its N. That lets "xla_onepass" finish each row chunk's value and
+    gradient in one pass over the vocabulary (three LM-head matmuls instead of four; see onepass.py).
+    Other implementations compute ``linear_logsumexp_gather`` and apply ``row_loss`` to it, so every
+    ``impl`` gives the same value and gradients (up to float32 rounding).
+
+    Args:
+      hidden, weight, ids, bias, temperatures, block_n, block_v, block_h: as ``linear_logsumexp_gather``.
+      row_loss: ``(lse [T, n], gathered [n, K'], row_inputs) -> float32 scalar``; a static Python
+        callable (it must not close over traced values: pass those through ``row_inputs``).
+      row_inputs: pytree of arrays with leading dim N (masks, targets); not differentiated.
+      impl: as ``linear_logsumexp_gather``; "auto" is "xla_onepass" on CPU.
+
+    Returns:
+      (value float32 scalar, lse [T, N], gathered [N, K']); only ``value`` carries gradients (lse and
+      gathered are for metrics).
+    """
+    temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
+    backend = _backend()
+    if impl == "xla_onepass" or (impl == "auto" and backend == "cpu"):
+        sizes = resolve_block_sizes(backend, "xla_onepass", block_n=block_n)
+        return linear_logsumexp_gather_loss_onepass(
+            hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, block_n=sizes.block_n
+        )
+    lse, gathered = linear_logsumexp_gather(
+        hidden, weight, ids, bias=bias, temperatures=temps, impl=impl, block_n=block_n, block_v=block_v,
+        block_h=block_h,
+    )  # fmt: skip
+    value = row_loss(lse, gathered, row_inputs).astype(jnp.float32)
+    return value, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(gathered)
+
+
 def _resolve(impl: str, backend: str) -> str:
     """Implementation name for ``impl`` on ``backend``."""
     if impl == "auto":
         return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla_chunked")
     if impl == "pallas":
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
-    return "xla_chunked" if impl == "xla" else impl
+    return "xla_chunked" if impl in ("xla", "xla_onepass") else impl
 
 
 def _check_args(hidden, weight, ids, bias, temperatures, impl) -> tuple[float, ...]:

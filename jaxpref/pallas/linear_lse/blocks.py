@@ -28,6 +28,10 @@ class BlockSizes:
 # pallas_* on CPU: interpret mode (tests only), small tiles so the interpreter stays quick.
 _TABLE: dict[tuple[str, str], BlockSizes] = {
     ("cpu", "xla_chunked"): BlockSizes(block_n=4096, block_v=2048),
+    # xla_onepass: rows per chunk (block_v unused); onepass.chunk_rows caps [rows, V] float32 by bytes.
+    ("cpu", "xla_onepass"): BlockSizes(block_n=1024, block_v=0),
+    ("gpu", "xla_onepass"): BlockSizes(block_n=4096, block_v=0),
+    ("tpu", "xla_onepass"): BlockSizes(block_n=4096, block_v=0),
     ("gpu", "xla_chunked"): BlockSizes(block_n=8192, block_v=8192),
     ("tpu", "xla_chunked"): BlockSizes(block_n=8192, block_v=8192),
     ("gpu", "pallas_gpu"): BlockSizes(block_n=64, block_v=128, block_h=64),
