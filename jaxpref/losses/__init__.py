@@ -6,7 +6,7 @@ imports nothing from the rest of jaxpref. See docs/losses.md for one example per
 """
 
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores
-from .fused import fused_kd_loss, fused_token_logps
+from .fused import fused_cross_entropy, fused_kd_loss, fused_token_logps
 from .kd import kd_loss, kd_loss_from_gathered, kd_topk_loss, kd_topk_loss_from_gathered
 from .kto import KTO_LOSS_TYPES, kto_loss
 from .logps import (
@@ -35,6 +35,7 @@ __all__ = [
     "cross_entropy_loss",
     "dpo_loss",
     "f_divergence_scores",
+    "fused_cross_entropy",
     "fused_kd_loss",
     "fused_token_logps",
     "gather_logits",

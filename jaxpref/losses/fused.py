@@ -1,9 +1,11 @@
 """Losses straight from hidden states and the LM-head weight, without materialising [N, V] logits.
 
-Each function makes one call to ``jaxpref.pallas.linear_logsumexp_gather`` (log-sum-exp over the
-vocabulary at the temperatures it needs, plus the raw logits at a few ids per position) and hands the
-result to the ``*_from_gathered`` loss, so values and gradients equal the full-logits losses
-(``kd_loss``, ``token_logps``) up to float32 rounding.
+``fused_kd_loss`` and ``fused_cross_entropy`` are sums of per-token terms, so they go through
+``jaxpref.pallas.linear_logsumexp_gather_loss`` (on CPU: value and gradient in one pass over the
+vocabulary); ``fused_token_logps`` returns per-token values for sequence-level losses (DPO & co.) and
+uses ``linear_logsumexp_gather`` (log-sum-exp at the temperatures needed plus the raw logits at a few
+ids). Values and gradients equal the full-logits losses (``kd_loss``, ``cross_entropy_loss``,
+``token_logps``) up to float32 rounding.
 
 Hidden states may carry leading dims ``[..., H]``; they are flattened here. Ids outside the vocabulary
 (e.g. -100 label padding) are clipped into it, exactly as ``gather_logits`` does; mask those positions.
@@ -13,11 +15,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxpref.pallas import linear_logsumexp_gather
+from jaxpref.pallas import linear_logsumexp_gather, linear_logsumexp_gather_loss
 
-from ._utils import Array, ArrayLike
-from .kd import kd_loss_from_gathered
-from .logps import token_logps_from_gathered
+from ._utils import Array, ArrayLike, as_mask, metric, normaliser
+from .kd import kd_loss_from_gathered, kd_trainable_positions
+from .logps import cross_entropy_from_gathered, token_logps_from_gathered
+
+
+def _flat_ids(hidden: Array, ids: Array, vocab: int) -> tuple[Array, Array]:
+    """hidden [..., H] -> [N, H]; ids [..., K'] -> int32 [N, K'] clipped into the vocabulary."""
+    if ids.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ids leading dims {ids.shape[:-1]} do not match hidden {hidden.shape}")
+    ids = jnp.clip(ids.astype(jnp.int32), 0, vocab - 1)
+    return hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, ids.shape[-1])
 
 
 def _lse_and_gathered(
@@ -30,22 +40,12 @@ def _lse_and_gathered(
     block_v: int | None,
 ) -> tuple[Array, Array]:
     """Kernel call on flattened rows: ids [..., K'] -> (lse [T, ...], gathered [..., K'])."""
-    hidden = jnp.asarray(hidden)
-    weight = jnp.asarray(lm_head_weight)
-    lead = hidden.shape[:-1]
-    if ids.shape[:-1] != lead:
-        raise ValueError(f"ids leading dims {ids.shape[:-1]} do not match hidden {hidden.shape}")
-    ids = jnp.clip(ids.astype(jnp.int32), 0, weight.shape[1] - 1)
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
+    h, flat_ids = _flat_ids(hidden, ids, weight.shape[1])
     lse, gathered = linear_logsumexp_gather(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        ids.reshape(-1, ids.shape[-1]),
-        temperatures=temperatures,
-        impl=impl,
-        block_n=block_n,
-        block_v=block_v,
+        h, weight, flat_ids, temperatures=temperatures, impl=impl, block_n=block_n, block_v=block_v
     )
-    return lse.reshape((len(temperatures),) + lead), gathered.reshape(ids.shape)
+    return lse.reshape((len(temperatures),) + hidden.shape[:-1]), gathered.reshape(ids.shape)
 
 
 def fused_kd_loss(
@@ -83,29 +83,77 @@ def fused_kd_loss(
       ``(loss, metrics)`` equal to ``kd_loss(hidden @ lm_head_weight, ...)``.
     """
     t = float(temperature)
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
     tt_ids = jnp.asarray(target_token_ids)
-    lbl = jnp.asarray(labels)
-    ids = jnp.concatenate([tt_ids.astype(jnp.int32), lbl.astype(jnp.int32)[..., None]], axis=-1)
-    # One kernel call: lse at T for KD and at 1 for CE (the same row when T == 1).
-    temps = (t,) if t == 1.0 else (t, 1.0)
-    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, temps, impl, block_n, block_v)
     k = tt_ids.shape[-1]
-    return kd_loss_from_gathered(
-        gathered[..., :k],
-        lse[0],
-        target_logprobs,
-        target_mask,
-        gathered[..., k],
-        lse[-1],
-        kd_alpha=kd_alpha,
-        kd_ce_alpha=kd_ce_alpha,
-        loss_mask=loss_mask,
-        temperature=t,
-        beta=beta,
-        normalize_topk=normalize_topk,
+    ids = jnp.concatenate([tt_ids.astype(jnp.int32), jnp.asarray(labels).astype(jnp.int32)[..., None]], axis=-1)
+    h, flat_ids = _flat_ids(hidden, ids, weight.shape[1])
+    target_logprobs = jnp.asarray(target_logprobs)
+    target_mask = jnp.broadcast_to(jnp.asarray(target_mask), target_logprobs.shape)
+    trainable = kd_trainable_positions(target_logprobs, target_mask, loss_mask)
+    n = normaliser(jnp.sum(trainable), num_items)  # over all rows: the one-pass kernel sees row chunks
+    inputs = {
+        "lp": target_logprobs.reshape(-1, k),
+        "mask": target_mask.reshape(-1, k),
+        "trainable": trainable.reshape(-1),
+    }
+    opts = dict(
+        kd_alpha=kd_alpha, kd_ce_alpha=kd_ce_alpha, temperature=t, beta=beta, normalize_topk=normalize_topk,
         zscore_base_temp=zscore_base_temp,
-        num_items=num_items,
+    )  # fmt: skip
+
+    def terms(lse, gathered, inp, num_items):
+        return kd_loss_from_gathered(
+            gathered[:, :k], lse[0], inp["lp"], inp["mask"], gathered[:, k], lse[-1],
+            loss_mask=inp["trainable"], num_items=num_items, **opts,
+        )  # fmt: skip
+
+    # One kernel call: lse at T for KD and at 1 for CE (the same row when T == 1). The kernel sums the
+    # per-token terms (divisor 1); dividing by N afterwards is exact.
+    temps = (t,) if t == 1.0 else (t, 1.0)
+    total, lse, gathered = linear_logsumexp_gather_loss(
+        h, weight, flat_ids, lambda lse, g, inp: terms(lse, g, inp, 1.0)[0], inputs,
+        temperatures=temps, impl=impl, block_n=block_n, block_v=block_v,
+    )  # fmt: skip
+    loss = total / n
+    _, metrics = terms(lse, gathered, inputs, n)  # from the kernel's (gradient-free) lse and gathered
+    return loss, {**metrics, "loss": metric(loss)}
+
+
+def fused_cross_entropy(
+    hidden: ArrayLike,
+    lm_head_weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    num_items: ArrayLike | None = None,
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """``cross_entropy_loss(hidden @ lm_head_weight, labels, ...)`` without the [..., V] logits (the SFT loss).
+
+    Args:
+      hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; labels: ``[...]`` int.
+      mask: optional ``[...]`` bool trainable tokens; num_items: divisor N (default: their number).
+      impl, block_n, block_v: see ``linear_logsumexp_gather_loss``.
+
+    Returns:
+      ``(loss, {"ce_loss": loss})``, ``loss = sum_t -log p(label_t) / N`` (float32, nats per token).
+    """
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
+    h, flat_ids = _flat_ids(hidden, jnp.asarray(labels)[..., None], weight.shape[1])
+    m = as_mask(mask, hidden.shape[:-1])
+    n = normaliser(jnp.sum(m), num_items)
+
+    def nll_sum(lse, gathered, row_mask):
+        return cross_entropy_from_gathered(gathered[:, 0], lse[0], mask=row_mask, num_items=1.0)[0]
+
+    total, _, _ = linear_logsumexp_gather_loss(
+        h, weight, flat_ids, nll_sum, m.reshape(-1), impl=impl, block_n=block_n, block_v=block_v
     )
+    loss = total / n
+    return loss, {"ce_loss": metric(loss)}
 
 
 def fused_token_logps(
@@ -136,4 +184,4 @@ def fused_token_logps(
     return token_logps_from_gathered(gathered[..., 0], lse[0], mask=mask, temperature=t)
 
 
-__all__ = ["fused_kd_loss", "fused_token_logps"]
+__all__ = ["fused_cross_entropy", "fused_kd_loss", "fused_token_logps"]

@@ -201,6 +201,17 @@ def kd_topk_loss(
     )
 
 
+def kd_trainable_positions(
+    target_logprobs: ArrayLike, target_mask: ArrayLike, loss_mask: ArrayLike | None = None
+) -> Array:
+    """``[...]`` bool positions the KD + CE loss trains on: ``loss_mask``, or by default the positions
+    with at least one valid teacher entry (``target_mask`` and a finite log-prob)."""
+    lp = f32(target_logprobs)
+    if loss_mask is None:
+        return jnp.any(_entry_mask(lp, target_mask), axis=-1)
+    return jnp.broadcast_to(jnp.asarray(loss_mask).astype(bool), lp.shape[:-1])
+
+
 def kd_loss_from_gathered(
     student_topk_logits: ArrayLike,
     student_logsumexp: ArrayLike,
@@ -234,8 +245,7 @@ def kd_loss_from_gathered(
     """
     lp = f32(target_logprobs)
     m = _entry_mask(lp, target_mask)
-    trainable = jnp.any(m, axis=-1) if loss_mask is None else jnp.asarray(loss_mask).astype(bool)
-    trainable = jnp.broadcast_to(trainable, lp.shape[:-1])
+    trainable = kd_trainable_positions(lp, target_mask, loss_mask)
     n = normaliser(jnp.sum(trainable), num_items)
     kd, metrics = kd_topk_loss_from_gathered(
         student_topk_logits,

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxpref.losses.fused import fused_token_logps
+from jaxpref.losses.fused import fused_cross_entropy
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 
@@ -43,10 +43,9 @@ def build_sft(cfg: Any) -> Objective:
 
     def loss(model: Any, batch: Batch, num_items: jnp.ndarray, *, train: bool):
         hidden = forward_hidden(model, batch, train=train)
-        h = hidden.reshape(-1, hidden.shape[-1])
-        logps = fused_token_logps(h, model.lm_head_weight(), batch["labels"].reshape(-1), **kopts)
-        mask = batch["loss_mask"].reshape(-1)
-        nll = -jnp.sum(jnp.where(mask, logps, 0.0)) / num_items
+        nll, _ = fused_cross_entropy(
+            hidden, model.lm_head_weight(), batch["labels"], mask=batch["loss_mask"], num_items=num_items, **kopts
+        )
         return nll, {}
 
     return Objective(name="sft", count=trainable_tokens, loss=loss)

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref.losses import kd_loss, token_logps
-from jaxpref.losses.fused import fused_kd_loss, fused_token_logps
+from jaxpref.losses import cross_entropy_loss, kd_loss, token_logps
+from jaxpref.losses.fused import fused_cross_entropy, fused_kd_loss, fused_token_logps
 
 B, T, H, V, K = 2, 5, 16, 97, 4
 XLA = dict(impl="xla_chunked", block_n=4, block_v=32)  # 3 row chunks, ragged last vocabulary block
+ONEPASS = dict(impl="xla_onepass", block_n=4)  # 2 full row chunks and a tail of 2 rows
 
 
 def make_inputs(seed=0):
@@ -62,9 +63,36 @@ def _assert_same(expected, actual):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl_kw", [XLA, ONEPASS], ids=["xla_chunked", "xla_onepass"])
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_fused_kd_loss_equals_kd_loss(kw):
-    _assert_same(*_both(kw, XLA))
+def test_fused_kd_loss_equals_kd_loss(kw, impl_kw):
+    _assert_same(*_both(kw, impl_kw))
+
+
+def test_fused_kd_loss_default_loss_mask_and_num_items():
+    """No loss_mask / num_items: N = positions with a valid teacher entry, counted over all row chunks."""
+    hidden, weight, ids, lp, mask, labels, _ = make_inputs(3)
+    full = kd_loss(jnp.einsum("bth,hv->btv", hidden, weight), ids, lp, mask, labels, kd_ce_alpha=0.5)
+    fused = fused_kd_loss(hidden, weight, ids, lp, mask, labels, kd_ce_alpha=0.5, **ONEPASS)
+    np.testing.assert_allclose(fused[0], full[0], rtol=1e-5)
+    for name in full[1]:
+        np.testing.assert_allclose(fused[1][name], full[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("impl_kw", [XLA, ONEPASS, {}], ids=["xla_chunked", "xla_onepass", "auto"])
+@pytest.mark.parametrize("num_items", [None, 13.0])
+def test_fused_cross_entropy_equals_cross_entropy(impl_kw, num_items):
+    hidden, weight, _, _, _, labels, loss_mask = make_inputs(4)
+
+    def full(h, w):
+        z = jnp.einsum("bth,hv->btv", h, w)
+        return cross_entropy_loss(z, jnp.where(loss_mask, labels, 0), mask=loss_mask, num_items=num_items)
+
+    def fused(h, w):
+        return fused_cross_entropy(h, w, labels, mask=loss_mask, num_items=num_items, **impl_kw)
+
+    grad = lambda f: jax.value_and_grad(f, argnums=(0, 1), has_aux=True)  # noqa: E731
+    _assert_same(*jax.jit(lambda h, w: (grad(full)(h, w), grad(fused)(h, w)))(hidden, weight))
 
 
 def test_fused_kd_loss_pallas_interpret_equals_kd_loss():
