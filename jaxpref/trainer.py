@@ -48,10 +48,6 @@ class LoopSettings:
     skip_nonfinite: bool = False
 
 
-def _tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def _zeros_f32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
@@ -184,10 +180,14 @@ class Trainer:
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params = _tree_where(finite, new_params, params)
-        new_opt_state = _tree_where(finite, new_opt_state, opt_state)
+        def update(state):
+            p, o = state
+            updates, new_o = self.tx.update(grads, o, p)
+            return optax.apply_updates(p, updates), new_o
+
+        # A cond, not a select over every parameter: the update streams p, m, v once instead of
+        # reading the old and the new values of each for a where.
+        new_params, new_opt_state = jax.lax.cond(finite, update, lambda state: state, (params, opt_state))
         stats = {
             "loss": loss,
             "grad_norm": grad_norm,
