@@ -241,21 +241,27 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--out", default=None, help="write the markdown table (and machine line) here")
     p.add_argument("--json", default=None, help="write the raw results here")
-    p.add_argument("--worker", default=None, choices=["prepare", "trl", "jaxpref"], help=argparse.SUPPRESS)
+    p.add_argument("--malloc", default="tuned", choices=["tuned", "default"], help="as bench_kd_step.py --malloc")
+    p.add_argument("--no-bound", action="store_true", help="skip the matmul-bound measurement")
+    p.add_argument("--worker", default=None, choices=["prepare", "trl", "jaxpref", "gemm"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.impl = args.worker
+        layers, pairs, seq_len, _ = CONFIGS[args.config]
         if args.worker == "prepare":
-            out = kd._prepare(args.model_dir, CONFIGS[args.config][0])
+            out = kd._prepare(args.model_dir, layers)
+        elif args.worker == "gemm":  # policy forward + backward, reference forward, on 2 x pairs sequences
+            tokens = 2 * pairs * seq_len
+            out = {"config": args.config, **kd.gemm_bound_worker(layers, tokens, tokens, args.steps)}
         else:
             out = {"trl": _trl_worker, "jaxpref": _jax_worker}[args.worker](args)
         print(json.dumps(out))
         return
 
     load_start = os.getloadavg()
-    results = []
+    results, bounds = [], []
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         for config in args.configs.split(","):
             model_dir = str(Path(tmp) / config)
@@ -267,16 +273,22 @@ def main() -> None:
                 results.append(kd.run_worker(__file__, impl, config, model_dir, args))
                 short = {k: v for k, v in results[-1].items() if k != "losses"}
                 print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
+            if not args.no_bound:
+                print(f"running {config} / matmul bound ...", file=sys.stderr, flush=True)
+                bounds.append(kd.run_worker(__file__, "gemm", config, model_dir, args))
+                print(f"  {json.dumps(bounds[-1])}", file=sys.stderr, flush=True)
     load_end = os.getloadavg()
     text = [
         f"Machine: {kd.machine()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end.",
         f"float32, V={kd.VOCAB}, d={kd.HIDDEN}, {kd.HEADS} heads / {kd.KV_HEADS} kv heads; DPO sigmoid, beta "
         f"{BETA}, full fine-tune + frozen reference copy, AdamW, clip {MAX_GRAD_NORM}; tokens = chosen + rejected "
         f"tokens per step; median of {args.steps} steps after {args.warmup} warm-up steps; peak memory = peak "
-        f"RSS of the process; jaxpref settings: {JAXPREF_SETTINGS}.",
+        f"RSS of the process; jaxpref settings: {JAXPREF_SETTINGS}; malloc: {args.malloc} for both.",
         "",
         table(results),
     ]
+    if bounds:
+        text += ["", *kd.bound_lines(bounds, results, "trl")]
     checks = []
     for config in args.configs.split(","):
         first = {r["impl"]: r["losses"][0] for r in results if r["config"] == config and r.get("losses")}

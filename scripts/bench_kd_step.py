@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxpref.cli import MALLOC_TUNABLES, NO_MALLOC_TUNING
+
 # name: (layers, batch, seq_len)
 CONFIGS = {"small": (4, 4, 256), "large": (8, 8, 1024)}
 # jaxpref config keys per benchmark config (the reference runs as it is). The large config is the memory
@@ -200,6 +202,81 @@ def _jax_worker(args: argparse.Namespace) -> dict:
     return _timed(step, args, batch * seq_len, extra)
 
 
+def weight_shapes(layers: int) -> list[tuple[int, int]]:
+    """[in, out] of every weight matmul of the model: per layer q, k, v, o, gate, up, down; the LM head."""
+    d, kv = HIDDEN // HEADS, KV_HEADS * (HIDDEN // HEADS)
+    per_layer = [(HIDDEN, HIDDEN), (HIDDEN, kv), (HIDDEN, kv), (HIDDEN, HIDDEN)]
+    per_layer += [(HIDDEN, INTERMEDIATE), (HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
+    assert d * HEADS == HIDDEN
+    return per_layer * layers + [(HIDDEN, VOCAB)]
+
+
+def gemm_bound_worker(layers: int, train_tokens: int, forward_tokens: int, steps: int) -> dict:
+    """Seconds per step spent in the weight matmuls alone, at this machine's float32 GEMM speed.
+
+    A train step needs, per weight [a, b] and n trained tokens, three GEMMs (forward x @ W, input
+    gradient dy @ W^T, weight gradient x^T @ dy; 6 n a b FLOPs), plus one forward GEMM per
+    forward-only token (a frozen reference). Attention's T x T products, norms, softmax, the optimizer
+    and all memory traffic are left out, so no implementation of the step can beat this time on this
+    machine: ``tokens / time`` is an upper bound on tokens/s. The GEMMs run back to back in JAX (XLA)
+    and in PyTorch; the faster of the two counts.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    shapes = weight_shapes(layers)
+    flops = sum(2 * a * b * (3 * train_tokens + forward_tokens) for a, b in shapes)
+    key = jax.random.key(0)
+
+    def arrays(n, pick):
+        return [jax.random.normal(jax.random.fold_in(key, i), (n, pick(a, b))) for i, (a, b) in enumerate(shapes)]
+
+    ws = [jax.random.normal(jax.random.fold_in(key, 1000 + i), s) for i, s in enumerate(shapes)]
+    xs, dys = arrays(train_tokens, lambda a, b: a), arrays(train_tokens, lambda a, b: b)
+    xfs = arrays(forward_tokens, lambda a, b: a) if forward_tokens else None
+
+    @jax.jit
+    def run_jax(ws, xs, dys, xfs):
+        out = []
+        for i, (w, x, dy) in enumerate(zip(ws, xs, dys)):
+            out += [jnp.sum(x @ w), jnp.sum(dy @ w.T), jnp.sum(x.T @ dy)]
+            if xfs is not None:
+                out.append(jnp.sum(xfs[i] @ w))
+        return sum(out)
+
+    def time_it(fn) -> float:
+        fn()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_jax = time_it(lambda: run_jax(ws, xs, dys, xfs).block_until_ready())
+    tw, tx, tdy = ([torch.from_numpy(np.array(a)) for a in group] for group in (ws, xs, dys))
+    txf = [torch.from_numpy(np.array(x)) for x in xfs] if xfs else None
+
+    def run_torch():
+        with torch.no_grad():
+            for i, (w, x, dy) in enumerate(zip(tw, tx, tdy)):
+                x @ w, dy @ w.T, x.T @ dy
+                if txf is not None:
+                    txf[i] @ w
+
+    t_torch = time_it(run_torch)
+    best = min(t_jax, t_torch)
+    return {
+        "gemm_flops": flops,
+        "gemm_s_jax": t_jax,
+        "gemm_s_torch": t_torch,
+        "gemm_s": best,
+        "gemm_gflops_per_s": flops / best / 1e9,
+        "tokens_per_s_bound": train_tokens / best,
+    }
+
+
 def _timed(step, args: argparse.Namespace, tokens: int, extra: dict) -> dict:
     rss_setup = rss_bytes()
     losses, warm = [], []
@@ -241,7 +318,10 @@ def run_worker(script: str, mode: str, config: str, model_dir: str, args: argpar
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     for item in getattr(args, "set", None) or ():
         cmd += ["--set", item]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", NO_MALLOC_TUNING)}
+    if getattr(args, "malloc", "tuned") == "tuned":
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # what the jaxpref commands run with (jaxpref/cli.py)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         return {"config": config, "impl": mode, "error": " | ".join(tail)}
@@ -264,8 +344,14 @@ def comparison_table(
 ) -> str:
     """Markdown table: config, impl, ``columns`` (header, cell function), peak memory, and the ratios of
     tokens/s and memory to the ``reference`` implementation's row of the same config."""
-    headers = ["config", "impl", *(h for h, _ in columns), "peak memory (GiB)", f"tokens/s vs {label}",
-               f"memory vs {label}"]
+    headers = [
+        "config",
+        "impl",
+        *(h for h, _ in columns),
+        "peak memory (GiB)",
+        f"tokens/s vs {label}",
+        f"memory vs {label}",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     refs = {r["config"]: r for r in results if r["impl"] == reference and "error" not in r}
     for r in results:
@@ -290,6 +376,30 @@ def table(results: list[dict]) -> str:
     return comparison_table(results, "torch", "torch", name, columns)
 
 
+def bound_lines(bounds: list[dict], results: list[dict], reference: str) -> list[str]:
+    """One line per config: the weight-GEMM bound on tokens/s and what it is as a multiple of ``reference``."""
+    lines = []
+    for b in bounds:
+        if "error" in b:
+            lines.append(f"- {b['config']}: matmul bound not measured ({b['error'][:100]})")
+            continue
+        ref = next(
+            (r for r in results if r["config"] == b["config"] and r["impl"] == reference and "error" not in r), None
+        )
+        ratio = f" = {b['tokens_per_s_bound'] / ref['tokens_per_s']:.2f}x {reference}" if ref else ""
+        lines.append(
+            f"- {b['config']}: weight GEMMs alone take {b['gemm_s']:.3f} s per step "
+            f"({b['gemm_flops'] / 1e9:.0f} GFLOP at {b['gemm_gflops_per_s']:.0f} GFLOP/s; XLA "
+            f"{b['gemm_s_jax']:.3f} s, PyTorch {b['gemm_s_torch']:.3f} s): at most "
+            f"{b['tokens_per_s_bound']:,.0f} tokens/s{ratio}"
+        )
+    if lines:
+        lines.insert(
+            0, "Matmul bound (no implementation of the step can be faster on this machine; see gemm_bound_worker):"
+        )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="small,large")
@@ -299,19 +409,32 @@ def main() -> None:
     p.add_argument("--set", action="append", help="extra jaxpref config key=value (e.g. remat_policy=full)")
     p.add_argument("--out", default=None, help="write the markdown table (and machine line) here")
     p.add_argument("--json", default=None, help="write the raw results here")
-    p.add_argument("--worker", default=None, choices=["prepare", "torch", "jaxpref"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="glibc malloc for both implementations: 'tuned' = GLIBC_TUNABLES as the jaxpref commands set it "
+        "(transparent huge pages), 'default' = glibc's defaults",
+    )
+    p.add_argument("--no-bound", action="store_true", help="skip the matmul-bound measurement")
+    p.add_argument("--worker", default=None, choices=["prepare", "torch", "jaxpref", "gemm"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.impl = args.worker
-        fn = {"torch": _torch_worker, "jaxpref": _jax_worker}.get(args.worker)
-        out = _prepare(args.model_dir, CONFIGS[args.config][0]) if fn is None else fn(args)
+        layers, batch, seq_len = CONFIGS[args.config]
+        if args.worker == "gemm":
+            out = {"config": args.config, **gemm_bound_worker(layers, batch * seq_len, 0, args.steps)}
+        elif args.worker == "prepare":
+            out = _prepare(args.model_dir, layers)
+        else:
+            out = {"torch": _torch_worker, "jaxpref": _jax_worker}[args.worker](args)
         print(json.dumps(out))
         return
 
     load_start = os.getloadavg()
-    results = []
+    results, bounds = [], []
     with tempfile.TemporaryDirectory(prefix="bench_kd_") as tmp:
         for config in args.configs.split(","):
             model_dir = str(Path(tmp) / config)
@@ -323,16 +446,23 @@ def main() -> None:
                 results.append(run_worker(__file__, impl, config, model_dir, args))
                 short = {k: v for k, v in results[-1].items() if k not in ("losses",)}
                 print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
+            if not args.no_bound:
+                print(f"running {config} / matmul bound ...", file=sys.stderr, flush=True)
+                bounds.append(run_worker(__file__, "gemm", config, model_dir, args))
+                print(f"  {json.dumps(bounds[-1])}", file=sys.stderr, flush=True)
     load_end = os.getloadavg()
     text = [
         f"Machine: {machine()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end.",
         f"float32, V={VOCAB}, d={HIDDEN}, {HEADS} heads / {KV_HEADS} kv heads, top-{TOP_K}, "
         f"kd_alpha={KD['kd_alpha']}, kd_ce_alpha={KD['kd_ce_alpha']}, T={KD['kd_temperature']}; median of "
         f"{args.steps} steps after {args.warmup} warm-up steps; peak memory = peak RSS of the process; "
-        f"jaxpref settings: {JAXPREF_SETTINGS} {args.set or ''}.",
+        f"jaxpref settings: {JAXPREF_SETTINGS} {args.set or ''}; malloc: {args.malloc} for both "
+        f"({'GLIBC_TUNABLES=' + MALLOC_TUNABLES if args.malloc == 'tuned' else 'glibc defaults'}).",
         "",
         table(results),
     ]
+    if bounds:
+        text += ["", *bound_lines(bounds, results, "torch")]
     checks = []
     for config in args.configs.split(","):
         first = {r["impl"]: r["losses"][0] for r in results if r["config"] == config and "error" not in r}
