@@ -1,7 +1,8 @@
 """Causal (packed) self-attention behind one function, so other kernels can be slotted in.
 
-Everything goes through ``jax.nn.dot_product_attention``: cuDNN on GPU where it applies, XLA
-elsewhere. A TPU splash-attention path would be one more branch in ``attention``.
+On CPU the default is ``blocked_attention`` (query blocks, causal key ranges, a flash-style custom VJP:
+no [B, heads, T, T] buffer). Elsewhere it is ``jax.nn.dot_product_attention``: cuDNN on GPU where it
+applies, XLA otherwise. A TPU splash-attention path would be one more branch in ``attention``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+from .blocked_attention import blocked_attention
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -50,12 +53,15 @@ def attention(
       q: [B, T, N, D] queries (RoPE applied).
       k, v: [B, T, K, D] keys and values, N a multiple of K.
       segment_ids: int [B, T] packed-sequence ids (0 = padding) or None for one sequence per row.
-      impl: "auto" (cuDNN on GPU when dtype and head_dim allow, else XLA), "xla" or "cudnn".
+      impl: "auto" (blocked on CPU; cuDNN on GPU when dtype and head_dim allow; else XLA), "xla",
+        "cudnn" or "blocked".
     Returns:
       [B, T, N, D] in q's dtype.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "blocked" or (impl == "auto" and jax.default_backend() == "cpu"):
+        return blocked_attention(q, k, v, segment_ids=segment_ids)
     if segment_ids is None:
         mask, is_causal = None, True
     else:
