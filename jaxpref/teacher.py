@@ -23,6 +23,11 @@ config's ``mesh`` (parameters sharded by ``logical_axis_rules``), with no cross-
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: the re-exec restarts the interpreter
+    from jaxpref.cli import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()
+
 import argparse
 import dataclasses
 import hashlib
@@ -38,7 +43,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxpref.cli import reexec_with_malloc_tuning, run_command, setup_logging
+from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger("jaxpref")
@@ -685,5 +690,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
     sys.exit(main())

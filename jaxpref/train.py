@@ -8,6 +8,11 @@ without a traceback, with exit code 2.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: the re-exec restarts the interpreter
+    from jaxpref.cli import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()
+
 import argparse
 import logging
 import math
@@ -22,7 +27,7 @@ import yaml
 
 from jaxpref import sharding as shd
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
-from jaxpref.cli import reexec_with_malloc_tuning, run_command, setup_logging
+from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError
 from jaxpref.logs import RunLogger
 from jaxpref.optim import make_optimizer
@@ -486,5 +491,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
     sys.exit(main())
