@@ -2,7 +2,8 @@
 
 ``api.linear_logsumexp_gather`` dispatches to ``reference`` (full logits, tests), ``xla`` (chunked, the
 default on CPU), ``pallas_gpu`` (Triton kernels) and ``pallas_tpu`` (Mosaic kernels); ``blocks`` holds
-the per-backend tile table. docs/kernels.md describes the design.
+the per-backend tile table. ``api.linear_logsumexp_gather_loss`` adds a row-separable loss on top, with
+a one-pass value-and-gradient version (``onepass``, the CPU default). docs/kernels.md describes the design.
 """
 
 from .api import IMPLS, linear_logsumexp_gather, linear_logsumexp_gather_loss
