@@ -25,9 +25,9 @@ NO_MALLOC_TUNING = "JAXPREF_NO_MALLOC_TUNING"
 def reexec_with_malloc_tuning() -> None:
     """Re-run this command with ``GLIBC_TUNABLES=MALLOC_TUNABLES`` if it is not set yet.
 
-    Called from the commands' ``__main__`` blocks (never on import), on glibc Linux only; a no-op when
-    ``GLIBC_TUNABLES`` is already set (the user's choice wins) or ``JAXPREF_NO_MALLOC_TUNING=1``. The
-    process keeps its PID.
+    Called at the top of a command module run as ``__main__`` (never on import), on glibc Linux only; a
+    no-op when ``GLIBC_TUNABLES`` is already set (the user's choice wins) or ``JAXPREF_NO_MALLOC_TUNING=1``.
+    The process keeps its PID.
     """
     if (
         sys.platform != "linux"
