@@ -241,7 +241,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--out", default=None, help="write the markdown table (and machine line) here")
     p.add_argument("--json", default=None, help="write the raw results here")
-    p.add_argument("--malloc", default="tuned", choices=["tuned", "default"], help="as bench_kd_step.py --malloc")
+    p.add_argument(
+        "--malloc", default="as-shipped", choices=["as-shipped", "tuned", "default"], help="as bench_kd_step.py"
+    )
     p.add_argument("--no-bound", action="store_true", help="skip the matmul-bound measurement")
     p.add_argument("--worker", default=None, choices=["prepare", "trl", "jaxpref", "gemm"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -283,7 +285,7 @@ def main() -> None:
         f"float32, V={kd.VOCAB}, d={kd.HIDDEN}, {kd.HEADS} heads / {kd.KV_HEADS} kv heads; DPO sigmoid, beta "
         f"{BETA}, full fine-tune + frozen reference copy, AdamW, clip {MAX_GRAD_NORM}; tokens = chosen + rejected "
         f"tokens per step; median of {args.steps} steps after {args.warmup} warm-up steps; peak memory = peak "
-        f"RSS of the process; jaxpref settings: {JAXPREF_SETTINGS}; malloc: {args.malloc} for both.",
+        f"RSS of the process; jaxpref settings: {JAXPREF_SETTINGS}; malloc: {kd.malloc_note(args.malloc)}.",
         "",
         table(results),
     ]
