@@ -30,7 +30,7 @@ def _by_reason(groups: dict[str, str]) -> dict[str, str]:
 # Accepted, no effect, one warning line each (when set to anything but false/empty).
 IGNORED_KEYS: dict[str, str] = _by_reason(
     {
-        "a CUDA attention switch; jaxpref uses jax.nn.dot_product_attention": """
+        "a CUDA attention switch; jaxpref picks attention per backend, see docs/design.md": """
             flash_attention sdp_attention xformers_attention s2_attention flex_attention
             flex_attn_compile_kwargs sage_attention eager_attention attn_implementation flash_optimum
             gemma4_hybrid_attn_impl large_head_attention flash_attn_d512 sdpa_varlen heads_k_stride

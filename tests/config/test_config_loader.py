@@ -123,8 +123,8 @@ def test_ignored_keys_warn_once_each(write_yaml, caplog):
     with caplog.at_level(logging.WARNING, logger="jaxpref.config"):
         cfg = load_config(write_yaml(text), ["torch_compile=true"])
     assert cfg.warnings == (
-        "ignored: flash_attention (a CUDA attention switch; jaxpref uses jax.nn.dot_product_attention)",
-        "ignored: sdp_attention (a CUDA attention switch; jaxpref uses jax.nn.dot_product_attention)",
+        "ignored: flash_attention (a CUDA attention switch; jaxpref picks attention per backend, see docs/design.md)",
+        "ignored: sdp_attention (a CUDA attention switch; jaxpref picks attention per backend, see docs/design.md)",
         "ignored: deepspeed (a torch distributed setting; jaxpref shards over the mesh (data, fsdp, "
         "tensor) on every host)",
         "ignored: torch_compile (torch.compile; the jaxpref train step is always compiled with jax.jit)",
