@@ -30,7 +30,11 @@ SHORT = ["sequence_len=128", f"max_steps={STEPS}", "warmup_steps=10", "datasets.
 KL_START_MIN = 4.0  # held-out KL of the random-init student (measured 5.76)
 KL_RATIO = 0.3  # end / start held-out KL after STEPS (measured 0.13, 0.15)
 TOP1_MIN = 0.5  # held-out top-1 agreement with the teacher after STEPS (measured 0.63, 0.58)
-CE_RATIO = 1.0  # KD student's held-out CE / the CE-only student's (measured 0.989, 0.948)
+# The KD-vs-CE comparison trains both students on fewer rows (250: 16 epochs in 100 steps), where the
+# teacher's full top-k signal per token matters most (held-out CE ratio KD / CE-only measured 0.965 and
+# 0.921 on seeds 0 and 1; over 500 rows the gap was 0.988 and 0.948, too thin to assert on).
+SCARCE = "datasets.0.split=train[:250]"
+CE_RATIO = 0.98  # KD student's held-out CE / the CE-only student's, at most
 
 
 # ------------------------------------------------------------------------------------------ fast
@@ -216,9 +220,9 @@ def test_distillation_brings_the_student_close_to_the_teacher(demo, kd_student):
 
 
 @pytest.mark.slow
-def test_kd_student_beats_ce_only_student_on_held_out_ce(demo, kd_student):
+def test_kd_student_beats_ce_only_student_on_held_out_ce(demo):
     """Same rows, seed, steps and learning rate; only the objective differs (kd vs sft on the labels)."""
-    ce_student = demo.train("kd_trainer=false")
+    kd_student, ce_student = demo.train(SCARCE), demo.train("kd_trainer=false", SCARCE)
     kd, ce = demo.held_out(kd_student), demo.held_out(ce_student)
     assert kd["ce_loss"] < CE_RATIO * ce["ce_loss"], (kd, ce)
     assert kd["kd_loss"] < ce["kd_loss"], (kd, ce)
