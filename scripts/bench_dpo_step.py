@@ -263,22 +263,7 @@ def main() -> None:
         return
 
     load_start = os.getloadavg()
-    results, bounds = [], []
-    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
-        for config in args.configs.split(","):
-            model_dir = str(Path(tmp) / config)
-            prep = kd.run_worker(__file__, "prepare", config, model_dir, args)
-            if "error" in prep:
-                sys.exit(f"could not write the {config} checkpoint: {prep['error']}")
-            for impl in args.impls.split(","):  # sequential: never two measured processes at once
-                print(f"running {config} / {impl} ...", file=sys.stderr, flush=True)
-                results.append(kd.run_worker(__file__, impl, config, model_dir, args))
-                short = {k: v for k, v in results[-1].items() if k != "losses"}
-                print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
-            if not args.no_bound:
-                print(f"running {config} / matmul bound ...", file=sys.stderr, flush=True)
-                bounds.append(kd.run_worker(__file__, "gemm", config, model_dir, args))
-                print(f"  {json.dumps(bounds[-1])}", file=sys.stderr, flush=True)
+    results, bounds = kd.run_configs(__file__, args, prefix="bench_dpo_")
     load_end = os.getloadavg()
     text = [
         f"Machine: {kd.machine()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end.",

@@ -329,6 +329,26 @@ def run_worker(script: str, mode: str, config: str, model_dir: str, args: argpar
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_configs(script: str, args: argparse.Namespace, prefix: str) -> tuple[list[dict], list[dict]]:
+    """Per config: write its checkpoint, run each implementation, then the matmul bound, one process at a
+    time (never two measured processes at once). Returns (results, bounds)."""
+    results, bounds = [], []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for config in args.configs.split(","):
+            model_dir = str(Path(tmp) / config)
+            prep = run_worker(script, "prepare", config, model_dir, args)
+            if "error" in prep:
+                sys.exit(f"could not write the {config} checkpoint: {prep['error']}")
+            modes = args.impls.split(",") + ([] if args.no_bound else ["gemm"])
+            for mode in modes:
+                label = "matmul bound" if mode == "gemm" else mode
+                print(f"running {config} / {label} ...", file=sys.stderr, flush=True)
+                out = run_worker(script, mode, config, model_dir, args)
+                (bounds if mode == "gemm" else results).append(out)
+                print(f"  {json.dumps({k: v for k, v in out.items() if k != 'losses'})}", file=sys.stderr, flush=True)
+    return results, bounds
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -444,22 +464,7 @@ def main() -> None:
         return
 
     load_start = os.getloadavg()
-    results, bounds = [], []
-    with tempfile.TemporaryDirectory(prefix="bench_kd_") as tmp:
-        for config in args.configs.split(","):
-            model_dir = str(Path(tmp) / config)
-            prep = run_worker(__file__, "prepare", config, model_dir, args)
-            if "error" in prep:
-                sys.exit(f"could not write the {config} checkpoint: {prep['error']}")
-            for impl in args.impls.split(","):  # sequential: never two measured processes at once
-                print(f"running {config} / {impl} ...", file=sys.stderr, flush=True)
-                results.append(run_worker(__file__, impl, config, model_dir, args))
-                short = {k: v for k, v in results[-1].items() if k not in ("losses",)}
-                print(f"  {json.dumps(short)}", file=sys.stderr, flush=True)
-            if not args.no_bound:
-                print(f"running {config} / matmul bound ...", file=sys.stderr, flush=True)
-                bounds.append(run_worker(__file__, "gemm", config, model_dir, args))
-                print(f"  {json.dumps(bounds[-1])}", file=sys.stderr, flush=True)
+    results, bounds = run_configs(__file__, args, prefix="bench_kd_")
     load_end = os.getloadavg()
     text = [
         f"Machine: {machine()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end.",
