@@ -152,34 +152,27 @@ class Trainer:
         step_key = jax.random.fold_in(self._base_key, step)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
-        def one(carry, xs):
-            grads_acc, loss_acc, metrics_acc = carry
-            mb, i = xs
+        def micro(mb, i):
+            """(grads, loss, metrics) of one micro-batch, all float32."""
             (loss, metrics), grads = grad_fn(
                 params, frozen, companions, mb, num_items, jax.random.fold_in(step_key, i), train=True
             )
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            metrics_acc = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metrics_acc, metrics)
-            return (grads_acc, loss_acc + loss.astype(jnp.float32), metrics_acc), None
+            return jax.tree.map(lambda x: x.astype(jnp.float32), (grads, loss, metrics))
 
-        first = jax.tree.map(lambda x: x[0], batch)
+        def one(carry, xs):
+            return jax.tree.map(jnp.add, carry, micro(*xs)), None
+
         if accum == 1:
             # No accumulator: a zero-filled float32 copy of the gradients (one more parameter-sized
             # buffer and two passes over it) for a single micro-batch would be pure overhead.
-            (loss, metrics), grads = grad_fn(
-                params, frozen, companions, first, num_items, jax.random.fold_in(step_key, 0), train=True
-            )
-            to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
-            grads, loss, metrics = to_f32(grads), loss.astype(jnp.float32), to_f32(metrics)
+            grads, loss, metrics = micro(jax.tree.map(lambda x: x[0], batch), 0)
         else:
-            metrics_shape = jax.eval_shape(
-                lambda: self._micro_loss(params, frozen, companions, first, num_items, step_key, train=True)[1]
-            )
-            init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
+            init = _zeros_f32(jax.eval_shape(micro, jax.tree.map(lambda x: x[0], batch), 0))
             (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
         def update(state):
             p, o = state
             updates, new_o = self.tx.update(grads, o, p)

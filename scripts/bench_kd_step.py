@@ -204,10 +204,9 @@ def _jax_worker(args: argparse.Namespace) -> dict:
 
 def weight_shapes(layers: int) -> list[tuple[int, int]]:
     """[in, out] of every weight matmul of the model: per layer q, k, v, o, gate, up, down; the LM head."""
-    d, kv = HIDDEN // HEADS, KV_HEADS * (HIDDEN // HEADS)
+    kv = KV_HEADS * (HIDDEN // HEADS)
     per_layer = [(HIDDEN, HIDDEN), (HIDDEN, kv), (HIDDEN, kv), (HIDDEN, HIDDEN)]
     per_layer += [(HIDDEN, INTERMEDIATE), (HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
-    assert d * HEADS == HIDDEN
     return per_layer * layers + [(HIDDEN, VOCAB)]
 
 

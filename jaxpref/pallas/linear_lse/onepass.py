@@ -93,10 +93,7 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
     num_full, tail = divmod(n, rows)
     run = functools.partial(_chunk, weight=weight, bias=bias, row_loss=row_loss, temps=temps)
 
-    def take(x, start, stop):
-        return x[start:stop]
-
-    first = run(hidden[:rows], ids=ids[:rows], inputs=jax.tree.map(lambda x: take(x, 0, rows), inputs))
+    first = run(hidden[:rows], ids=ids[:rows], inputs=jax.tree.map(lambda x: x[:rows], inputs))
     value, lse_parts, gathered_parts, gh_parts, gw, gb = first
     lse_parts, gathered_parts, gh_parts = [lse_parts], [gathered_parts], [gh_parts]
     if num_full > 1:
@@ -117,7 +114,7 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
         lse_parts.append(jnp.moveaxis(lse_s, 0, 1).reshape(len(temps), -1))
         gathered_parts.append(gathered_s.reshape(-1, gathered_s.shape[-1]))
         gh_parts.append(gh_s.reshape(-1, gh_s.shape[-1]))
-    if tail and num_full >= 1:
+    if tail:  # rows <= n (chunk_rows), so there is always a first full chunk
         start = num_full * rows
         v, lse_c, gathered_c, gh_c, gw_c, gb_c = run(
             hidden[start:], ids=ids[start:], inputs=jax.tree.map(lambda x: x[start:], inputs)
