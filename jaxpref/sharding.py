@@ -125,20 +125,73 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None)
     return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules))
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+def reduced_axis_names(
+    names: Sequence[str | None], param_shape: Sequence[int], shape: Sequence[int]
+) -> tuple[str | None, ...] | None:
+    """Logical names of an array derived from a parameter by dropping one axis (Adafactor's factored
+    row/column moments), or None when ``shape`` is not such a reduction of ``param_shape``.
+
+    When several dropped axes give ``shape`` (equal sizes), a dimension keeps its name only if every
+    candidate agrees on it; the others stay unnamed (replicated).
+    """
+    if len(shape) != len(param_shape) - 1 or len(names) != len(param_shape):
+        return None
+    candidates = [
+        tuple(names[:i]) + tuple(names[i + 1 :])
+        for i in range(len(param_shape))
+        if tuple(param_shape[:i]) + tuple(param_shape[i + 1 :]) == tuple(shape)
+    ]
+    if not candidates:
+        return None
+    return tuple(c[0] if all(x == c[0] for x in c) else None for c in zip(*candidates))
+
+
+def _param_shapes_by_path(params: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _spec_fn(mesh: Any, rules: Rules | None, like: Any) -> Any:
+    """``spec(path, leaf) -> PartitionSpec`` for the leaves of a state (see :func:`state_shardings`)."""
+    param_shapes = _param_shapes_by_path(like) if like is not None else {}
+
+    def param_shape(path: Any) -> tuple[int, ...] | None:
+        # The optimizer state nests parameter-shaped trees: a state path ends with its parameter's.
+        key = jax.tree_util.keystr(path)
+        matches = [p for p in param_shapes if key.endswith(p)]
+        return param_shapes[max(matches, key=len)] if matches else None
+
+    def spec(path: Any, leaf: Any) -> PartitionSpec:
+        if not isinstance(leaf, nnx.Variable):
+            return PartitionSpec()
+        names = leaf.get_metadata().get("out_sharding")
+        shape = leaf.get_value().shape
+        if names and len(names) != len(shape):
+            full = param_shape(path)
+            names = reduced_axis_names(names, full, shape) if full is not None else None
+        return logical_to_spec(names, shape, mesh, rules)
+
+    return spec
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None, *, like: Any = None) -> Any:
     """NamedShardings for every array in an ``nnx.State`` (or optimizer state built from one).
 
     The result has the structure of ``state`` (variables keep their metadata, holding a sharding as
     value), so it serves as ``jax.jit`` in/out shardings and for ``jax.device_put``. Arrays without
     logical names (optimizer step counters, RNG keys) are replicated.
+
+    ``like``: the parameters an optimizer ``state`` was built from. A state array whose shape is its
+    parameter's with one axis dropped (Adafactor's factored moments) is then sharded by the names of
+    the remaining axes; one of another shape (a placeholder) is replicated.
     """
+    spec = _spec_fn(mesh, rules, like)
 
-    def one(leaf: Any) -> Any:
-        if isinstance(leaf, nnx.Variable):
-            return leaf.replace(variable_sharding(leaf, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
+    def one(path: Any, leaf: Any) -> Any:
+        sharding = NamedSharding(mesh, spec(path, leaf))
+        return leaf.replace(sharding) if isinstance(leaf, nnx.Variable) else sharding
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> None:
@@ -183,19 +236,19 @@ def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh: Any) -> tuple[i
     return tuple(out)
 
 
-def per_device_bytes(state: Any, mesh: Any, rules: Rules | None = None) -> int:
+def per_device_bytes(state: Any, mesh: Any, rules: Rules | None = None, *, like: Any = None) -> int:
     """Bytes one device holds of ``state`` (concrete or ``eval_shape``'d) when sharded by the rules.
 
-    Every array is counted by its shard (:func:`logical_to_spec` on its logical names); arrays without
-    names (step counters, RNG keys) are replicated. ``mesh`` may be an :func:`abstract_mesh`.
+    Every array is counted by its shard (the spec :func:`state_shardings` gives it, ``like`` as there);
+    arrays without names (step counters, RNG keys) are replicated. ``mesh`` may be an :func:`abstract_mesh`.
     """
+    spec = _spec_fn(mesh, rules, like)
     total = 0
-    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]:
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         if not hasattr(value, "shape"):
             continue
-        spec = logical_to_spec(names, value.shape, mesh, rules)
         itemsize = 8 if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else np.dtype(value.dtype).itemsize
-        total += math.prod(shard_shape(value.shape, spec, mesh)) * itemsize
+        total += math.prod(shard_shape(value.shape, spec(path, leaf), mesh)) * itemsize
     return total

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxpref import precision
 from jaxpref import sharding as shd
 from jaxpref.errors import UserError
 from jaxpref.objectives.base import Objective
@@ -79,10 +80,17 @@ class Trainer:
         rules: Any = None,
         seed: int = 0,
         companions: Mapping[str, nnx.Module] | None = None,
+        rounding: str = "stochastic",
     ):
         """``companions``: frozen models the objective reads (``objective.companions`` names them:
         an online KD teacher, a DPO reference copy). They are sharded by the same rules, passed to
-        the jitted step as arguments (never baked in as constants) and never differentiated."""
+        the jitted step as arguments (never baked in as constants) and never differentiated.
+
+        ``rounding``: how updates reach bfloat16 parameters, "stochastic" (jaxpref's policy) or
+        "nearest" (what PyTorch's in-place bfloat16 update does; for comparisons, see
+        ``jaxpref.precision``)."""
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding={rounding!r}: use 'stochastic' or 'nearest'")
         self.objective = objective
         missing = [n for n in objective.companions if n not in (companions or {})]
         if missing:
@@ -101,10 +109,12 @@ class Trainer:
             self.companion_graphdefs[name], companion_states[name] = nnx.split(companions[name])
         self.companions_sharding = shd.state_shardings(companion_states, mesh, rules)
         self.companions = jax.device_put(companion_states, self.companions_sharding)
-        self.opt_sharding = shd.state_shardings(jax.eval_shape(tx.init, self.params), mesh, rules)
-        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params)
+        init_opt = lambda p: precision.init_optimizer_state(tx, p)
+        self.opt_sharding = shd.state_shardings(jax.eval_shape(init_opt, self.params), mesh, rules, like=self.params)
+        self.opt_state = jax.jit(init_opt, out_shardings=self.opt_sharding)(self.params)
         self.step = 0
         self._base_key = jax.random.key(seed)
+        self._seed, self._stochastic_rounding = seed, rounding == "stochastic"
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._train_step = jax.jit(
             self._train_step_impl,
@@ -127,7 +137,12 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
     def num_params(self) -> tuple[int, int]:
-        count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+        """(trainable, frozen) parameter counts; RNG state (LoRA dropout keys) is not a parameter."""
+
+        def count(state: Any) -> int:
+            leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            return sum(int(np.prod(v.shape)) for v in leaves if isinstance(v, nnx.Param))
+
         return count(self.params), count(self.frozen)
 
     # ---- jitted functions --------------------------------------------------------------------
@@ -176,7 +191,9 @@ class Trainer:
         def update(state):
             p, o = state
             updates, new_o = self.tx.update(grads, o, p)
-            return optax.apply_updates(p, updates), new_o
+            seed = precision.rounding_seed(self._seed, step) if self._stochastic_rounding else None
+            new_p = precision.apply_updates(p, updates, seed)
+            return new_p, precision.keep_dtypes(new_o, o)
 
         # A cond, not a select over every parameter: the update streams p, m, v once instead of
         # reading the old and the new values of each for a where.

@@ -15,9 +15,9 @@ from jaxpref.trainer import LoopHooks, LoopSettings, NonFiniteError, Trainer, fi
 class TinyLM(nnx.Module):
     """Embedding + one dense layer; enough to exercise the trainer without the real decoder."""
 
-    def __init__(self, vocab=11, dim=8, *, rngs):
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.dense = nnx.Linear(dim, vocab, rngs=rngs)
+    def __init__(self, vocab=11, dim=8, *, rngs, param_dtype=jnp.float32):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs, param_dtype=param_dtype)
+        self.dense = nnx.Linear(dim, vocab, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, ids):
         return self.dense(jnp.tanh(self.embed(ids)))
@@ -88,29 +88,41 @@ def test_loss_is_token_mean_over_the_whole_step():
     assert stats["nll"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_nonfinite_step_is_not_applied_and_stops_or_skips():
+@pytest.mark.parametrize(
+    ("param_dtype", "accum"),
+    [(jnp.float32, 1), (jnp.bfloat16, 1), (jnp.bfloat16, 2)],
+    ids=["f32", "bf16", "bf16-accum"],
+)
+def test_nonfinite_step_is_not_applied_and_stops_or_skips(param_dtype, accum):
+    """The guard keeps parameters and optimizer state (float32 moments of bfloat16 parameters too)."""
     obj = ce_objective()
-    before = jax.tree.map(np.asarray, fresh_trainer().params)
-    bad = make_batches(1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1, weight_decay=0.01))
 
     def nan_loss(model, batch, num_items, *, train):
         loss, m = obj.loss(model, batch, num_items, train=train)
         return loss * jnp.nan, m
 
-    def nan_trainer():
-        return Trainer(TinyLM(rngs=nnx.Rngs(0)), Objective("nan", obj.count, nan_loss), optax.sgd(0.1),
-                       mesh=make_mesh(None))
+    def trainer(objective):
+        model = TinyLM(rngs=nnx.Rngs(0), param_dtype=param_dtype)
+        return Trainer(model, objective, tx, mesh=make_mesh(None))
 
-    t2 = nan_trainer()
-    stats = t2.train_step(bad)
+    good = trainer(obj)
+    before = jax.tree.map(np.asarray, (good.params, good.opt_state))
+    good.train_step(make_batches(accum))  # a finite step moves the same state
+    pairs = zip(jax.tree.leaves(before[0]), jax.tree.leaves(good.params))
+    assert any(not np.array_equal(x, np.asarray(y)) for x, y in pairs)
+
+    t2 = trainer(Objective("nan", obj.count, nan_loss))
+    stats = t2.train_step(make_batches(accum))
     assert stats["finite"] == 0.0
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(t2.params)):
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves((t2.params, t2.opt_state))):
+        assert np.asarray(y).dtype == x.dtype
         np.testing.assert_array_equal(x, np.asarray(y))
 
-    t3 = nan_trainer()
+    t3 = trainer(Objective("nan", obj.count, nan_loss))
     with pytest.raises(NonFiniteError, match="step 1"):
         fit(t3, iter(make_batches(4)), LoopSettings(total_steps=2), LoopHooks())
-    t4 = nan_trainer()
+    t4 = trainer(Objective("nan", obj.count, nan_loss))
     fit(t4, iter(make_batches(4)), LoopSettings(total_steps=2, skip_nonfinite=True), LoopHooks())
     assert t4.step == 2
 
