@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -37,7 +38,10 @@ from jaxpref.models.hf_io import (
     write_safetensors,
 )
 from jaxpref.models.layers import Linear, make_param
+from jaxpref.precision import ADAPTER_DTYPE
 from jaxpref.sharding import Rules, logical_to_spec
+
+logger = logging.getLogger(__name__)
 
 PEFT_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVEABLE_MODULES = ("embed_tokens", "lm_head")
@@ -126,13 +130,17 @@ def apply_lora(
 ) -> None:
     """Attach LoRA adapters in place: A ~ U(+-1/sqrt(fan_in)) (PEFT's kaiming-uniform), B = 0.
 
+    Adapters are float32 whatever the base model's dtype (PEFT's ``autocast_adapter_dtype``): they
+    are small, and bfloat16 adapters would lose small updates. ``modules_to_save`` copies keep the
+    base module's dtype (PEFT copies the module).
+
     With tied embeddings, embed_tokens and lm_head name the same table: one trainable copy serves
     both (PEFT's ``ensure_weight_tying``). ``mesh``/``rules`` place the new parameters in shards.
     """
     if model.lora_config is not None:
         raise ModelError("model already has LoRA adapters")
     n_layers = model.config.num_hidden_layers
-    pdt = model.param_dtype
+    pdt = ADAPTER_DTYPE  # float32 whatever the base's dtype, as PEFT's autocast_adapter_dtype
     for _, lin in _lora_linears(model, cfg.target_modules):
         bound = 1.0 / math.sqrt(math.prod(lin.in_shape))
         key = rngs.params()
@@ -155,7 +163,15 @@ def apply_lora(
         lin.lora_scaling, lin.lora_dropout = cfg.scaling, cfg.dropout
     saved = set(cfg.modules_to_save)
     if model.lm_head is None and saved:
+        if saved != {"embed_tokens"}:
+            logger.warning(
+                "lora_modules_to_save %s: this model ties lm_head to embed_tokens (tie_word_embeddings), so "
+                "they are one table, trained as one copy (PEFT's ensure_weight_tying); the adapter lists "
+                "modules_to_save [embed_tokens], as PEFT writes it.",
+                sorted(saved),
+            )
         saved = {"embed_tokens"}
+        cfg = dataclasses.replace(cfg, modules_to_save=("embed_tokens",))
     if "embed_tokens" in saved:
         emb = model.embed_tokens
         emb.embedding_copy = make_param(jnp.copy(emb.embedding[...]), ("vocab", "embed"), ModulesToSaveParam)
@@ -224,12 +240,15 @@ def export_peft_adapter(
     base_model_name_or_path: str | None = None,
     dtype: Any = None,
 ) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel`` loads."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel`` loads.
+
+    ``dtype``: tensor dtype on disk; None keeps each tensor's own (float32 adapters, ``modules_to_save``
+    copies in the base's dtype), as PEFT's ``save_pretrained`` does.
+    """
     cfg = model.lora_config
     if cfg is None:
         raise ModelError("export_peft_adapter: the model has no LoRA adapters")
     out_dir = os.fspath(out_dir)
-    out_dtype = np.dtype(model.param_dtype if dtype is None else jnp.dtype(dtype))
     tensors = []
     for name, shape, var, layer, to_peft, _ in _adapter_tensors(model):
 
@@ -237,6 +256,7 @@ def export_peft_adapter(
             value = var[...] if layer is None else var[...][layer]
             return to_peft(to_host(value))
 
+        out_dtype = np.dtype(var.get_value().dtype if dtype is None else jnp.dtype(dtype))
         tensors.append((name, shape, out_dtype, fetch))
     tensors.sort(key=lambda t: hf_sort_key(t[0]))
     write_safetensors(tensors, out_dir, base="adapter_model", max_shard_size=2**62)
@@ -332,7 +352,7 @@ def load_peft_adapter(
         for name, shape, var, layer, _, from_peft in specs:
             by_var.setdefault(id(var), [var, []])[1].append((name, shape, layer, from_peft))
         for var, items in by_var.values():
-            host = np.empty(var.shape, dtype=np.dtype(model.param_dtype))
+            host = np.empty(var.shape, dtype=np.dtype(var.get_value().dtype))
             for name, shape, layer, from_peft in items:
                 t = reader.get(present[name])
                 if tuple(t.shape) != shape:
