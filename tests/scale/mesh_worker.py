@@ -241,8 +241,85 @@ def run(name: str) -> dict:
     return results
 
 
+# ---- every optimizer name on the mixed mesh, bfloat16 parameters -----------------------------------------
+# Wide enough for Adafactor to factor (two dimensions >= 128): embedding [256, 128], MLP [2, 128, 256].
+WIDE = {**TINY, "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
+OPTIMIZERS = ("adamw", "adam", "adafactor", "lion", "sgd")
+
+
+def expected_optimizer_spec(path: str, fsdp: bool, tensor: bool) -> tuple:
+    """Adafactor's factored moments by hand: ``v_row`` drops the parameter's largest dimension,
+    ``v_col`` its second largest, and keep the other dimensions' shardings; every other state array
+    (Adam/Lion moments, unfactored ``v``) is sharded like its parameter; placeholders are replicated."""
+    f, t = ("fsdp" if fsdp else None), ("tensor" if tensor else None)
+    factored = {
+        "embed_tokens.embedding": ((f,), (t,)),  # [V=256, H=128]: v_row [H], v_col [V]
+        "lm_head.kernel": ((f,), (t,)),  # [H=128, V=256]
+        "mlp.gate_proj.kernel": ((None, f), (None, t)),  # [L, H=128, I=256]: v_row [L, H], v_col [L, I]
+        "mlp.up_proj.kernel": ((None, f), (None, t)),
+        "mlp.down_proj.kernel": ((None, f), (None, t)),  # [L, I=256, H=128]
+    }
+    for suffix, (row, col) in factored.items():
+        if path.endswith(suffix) and (".v_row." in path or ".v_col." in path):
+            return row if ".v_row." in path else col
+    if ".v_row." in path or ".v_col." in path:
+        return ()  # a (1,) placeholder of an unfactored array
+    if ".v." in path and any(path.endswith(s) for s in factored):
+        return ()  # a (1,) placeholder: this array is factored
+    return expected_spec(path, fsdp, tensor)
+
+
+def run_optimizers() -> dict:
+    """One step of every optimizer name (``jaxpref.optim``) on bfloat16 parameters, 1 device vs (2, 2, 2)."""
+    from jaxpref.optim import make_optimizer
+
+    wide = models.ModelConfig.from_hf_dict(WIDE)
+    objective = case("kd")[0]
+    rng = np.random.default_rng(0)
+    batch = kd_micro_batch(rng, 8)
+    results = {}
+    for name in OPTIMIZERS:
+        cfg = SimpleNamespace(
+            learning_rate=1e-2, lr_scheduler="constant", warmup_steps=None, warmup_ratio=None, cosine_min_lr_ratio=None,
+            optimizer=name, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+        )
+        entry, params_by_mesh = {}, {}
+        for shape in (None, (2, 2, 2)):
+            mesh = shd.make_mesh(None, devices=jax.devices()[:1]) if shape is None else shd.make_mesh(
+                dict(zip(shd.MESH_AXES, shape))
+            )
+            model = models.from_config(wide, seed=0, param_dtype=jax.numpy.bfloat16, mesh=mesh)
+            tx, _ = make_optimizer(cfg, 10)
+            trainer = Trainer(model, objective, tx, mesh=mesh)
+            if shape is None:
+                start = {p: np.asarray(x, np.float32) for p, x in _leaves(trainer.params)}
+            stats = trainer.train_step([batch])
+            params_by_mesh[str(shape)] = {p: np.asarray(x, np.float32) for p, x in _leaves(trainer.params)}
+            entry[str(shape)] = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "finite": stats["finite"]}
+            if shape is not None:
+                entry["mismatches"] = sharding_mismatches(trainer.params, shape) + sharding_mismatches(
+                    trainer.opt_state, shape, expected_optimizer_spec
+                )
+                entry["state_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(trainer.opt_state)})
+                entry["param_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(trainer.params)})
+                entry["factored"] = sorted(p for p, x in _leaves(trainer.opt_state) if ".v_row." in p and x.size > 1)
+        one, eight = params_by_mesh["None"], params_by_mesh["(2, 2, 2)"]
+        # the same update on both meshes: equal but for a rare flip at a bfloat16 rounding boundary
+        entry["differing_fraction"] = float(
+            sum(np.sum(one[p] != eight[p]) for p in one) / sum(one[p].size for p in one)
+        )
+        # how far the two results are apart, relative to how far the step moved the weights
+        entry["discrepancy"] = float(
+            sum(np.abs(one[p] - eight[p]).sum() for p in one) / sum(np.abs(one[p] - start[p]).sum() for p in one)
+        )
+        moved = sum(np.sum(one[p] != start[p]) for p in one)
+        entry["moved_fraction"] = float(moved / sum(v.size for v in one.values()))
+        results[name] = entry
+    return results
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    out = run(sys.argv[1])
+    out = run_optimizers() if sys.argv[1] == "optimizers" else run(sys.argv[1])
     with open(sys.argv[2], "w") as f:
         json.dump(out, f, indent=1)

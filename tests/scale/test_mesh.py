@@ -1,6 +1,6 @@
 """One train step on 8 simulated CPU devices equals the 1-device step, and every array sits in the
-shards the default rules give (KD on meshes (8,1,1), (1,8,1), (2,2,2); DPO on (2,2,2);
-tests/scale/mesh_worker.py).
+shards the default rules give (KD on meshes (8,1,1), (1,8,1), (2,2,2); DPO, and every optimizer name
+with bfloat16 parameters, on (2,2,2); tests/scale/mesh_worker.py).
 
 KD: full fine-tuning, stored top-k targets, two accumulated micro-batches. DPO: LoRA adapters on
 q/v/down projections and a frozen reference-model companion. SGD with momentum makes the update
@@ -54,3 +54,26 @@ def test_one_step_on_8_devices_matches_1_device(case, tmp_path):
         assert r["batch_specs"] == ["(None, ('data', 'fsdp'))"], shape  # [accum, batch over data x fsdp, ...]
     # trainable params (+ frozen base and companion weights for DPO) were all checked
     assert res[shapes[0]]["n_checked"] == (12 if case == "kd" else 12 + 6 + 12)
+
+
+@pytest.mark.slow
+def test_every_optimizer_steps_bfloat16_parameters_on_the_mixed_mesh(tmp_path):
+    """adamw, adam, adafactor, lion and sgd (every name the config maps to) take one step on the
+    (2, 2, 2) mesh with bfloat16 parameters: float32 state sharded like the parameters (Adafactor's
+    factored moments by the axes they keep), the same loss, gradient norm and update as on 1 device
+    (stochastic rounding's noise depends on the element's index, not on the sharding)."""
+    res = run_worker("optimizers", tmp_path)
+    assert sorted(res) == ["adafactor", "adam", "adamw", "lion", "sgd"]
+    for name, r in res.items():
+        one, eight = r["None"], r["(2, 2, 2)"]
+        assert one["finite"] and eight["finite"], name
+        assert abs(eight["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), name
+        assert abs(eight["grad_norm"] - one["grad_norm"]) <= 1e-4 * one["grad_norm"], name
+        assert r["mismatches"] == [], (name, r["mismatches"])
+        assert r["param_dtypes"] == ["bfloat16"], name
+        assert set(r["state_dtypes"]) <= {"float32", "int32"}, (name, r["state_dtypes"])
+        assert r["moved_fraction"] > 0.1, (name, r["moved_fraction"])  # sgd's small steps: 15% (stochastic)
+        # bfloat16 gradients summed in another order round differently now and then (measured: at most
+        # 0.8% of the weights, Adafactor, by one rounding step; 4e-5 of the update's size in all)
+        assert r["differing_fraction"] < 0.02 and r["discrepancy"] < 1e-3, (name, r)
+    assert len(res["adafactor"]["factored"]) == 5  # embedding, lm_head, gate/up/down: v_row of each
