@@ -88,8 +88,29 @@ class Checkpointer:
         )
         self.manager.save(step, args=args, force=True)
 
+    def _check_dtypes(self, step: int, item: str, target: Any) -> None:
+        """UserError when the arrays saved under ``item`` have other dtypes than ``target``'s (orbax
+        would cast them silently: a float32 run resumed as bfloat16, or the reverse)."""
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / item).tree
+        except (OSError, ValueError, KeyError):
+            return  # unreadable metadata: restore itself reports the problem
+        saved = sorted(((tuple(m.shape), np.dtype(m.dtype)) for m in jax.tree.leaves(metadata)), key=str)
+        wanted = sorted(((tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(target)), key=str)
+        same_shapes = [s for s, _ in saved] == [s for s, _ in wanted]
+        if saved != wanted and same_shapes:
+            have = sorted({str(d) for _, d in saved})
+            need = sorted({str(d) for _, d in wanted})
+            raise UserError(
+                f"cannot restore checkpoint {self.directory / str(step)}: its {item} are {'/'.join(have)} but this "
+                f"config builds them as {'/'.join(need)}. Resume with the param_dtype the run was started with, "
+                "or start a new output_dir."
+            )
+
     def restore(self, step: int, params_target: Any, opt_target: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """Restore ``step`` into arrays shaped and sharded like the targets (abstract or concrete)."""
+        """Restore ``step`` into arrays shaped and sharded like the targets (abstract or concrete); the
+        dtypes must be the checkpoint's."""
+        self._check_dtypes(step, "params", params_target)
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract(params_target)),

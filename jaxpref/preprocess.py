@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config file (axolotl key names)")
     p.add_argument("--force", action="store_true", help="prepare again even when the cache has this key")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (datasets.0.path=x)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

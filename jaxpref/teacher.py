@@ -670,7 +670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--process_count", type=int, help="number of processes (default: jax.process_count())")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (mesh.tensor=2)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

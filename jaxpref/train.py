@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from jaxpref import precision
 from jaxpref import sharding as shd
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
 from jaxpref.cli import run_command, setup_logging
@@ -142,6 +143,26 @@ def build_companions(cfg: Any, names: tuple[str, ...], vocab_needed: int, mesh: 
     return out
 
 
+def build_trainer(
+    cfg: Any, objective: Any, data: Any, tokenizer: Any, mesh: Any, total_steps: int
+) -> tuple[Trainer, Any]:
+    """The model (+ LoRA, score head, reference pass), optimizer and companions, as a Trainer at step 0;
+    also returns the learning-rate schedule."""
+    from jaxpref import lora
+
+    model = build_model(cfg, len(tokenizer), mesh)
+    if objective.data == "preference":
+        from jaxpref.objectives.precompute import prepare_preference_run
+
+        prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
+    tx, schedule = make_optimizer(cfg, total_steps)
+    trainer = Trainer(
+        model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
+        seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
+    )
+    return trainer, schedule
+
+
 def remat_policy(cfg: Any) -> str:
     if cfg.remat_policy:
         return cfg.remat_policy
@@ -211,27 +232,19 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     logger.info(data.report.summary())
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
-    model = build_model(cfg, len(tokenizer), mesh)
-    if objective.data == "preference":
-        from jaxpref.objectives.precompute import prepare_preference_run
-
-        prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
-    tx, schedule = make_optimizer(cfg, total_steps)
-    from jaxpref import lora
-
-    trainer = Trainer(
-        model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
-        seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
-    )
-    del model
+    trainer, schedule = build_trainer(cfg, objective, data, tokenizer, mesh, total_steps)
     n_train, n_frozen = trainer.num_params()
     logger.info("parameters: %s trainable, %s frozen; %d steps", f"{n_train:,}", f"{n_frozen:,}", total_steps)
 
+    eval_every = _every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch, total_steps)
+    if data.has_eval and eval_every is None:
+        eval_every = total_steps
+        logger.info("evaluating once, after the last step (set eval_steps or evals_per_epoch to evaluate more often)")
     settings = LoopSettings(
         total_steps=total_steps,
         grad_accum=cfg.gradient_accumulation_steps,
         logging_steps=max(1, cfg.logging_steps or 1),
-        eval_every=_every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch, total_steps),
+        eval_every=eval_every,
         save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch, total_steps) or steps_per_epoch,
         skip_nonfinite=cfg.skip_nonfinite_steps,
     )
@@ -391,7 +404,7 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     total_steps = int(cfg.max_steps) if cfg.max_steps else None
     tx, _ = make_optimizer(cfg, total_steps or 1000)
-    opt_state = jax.eval_shape(tx.init, trainable)
+    opt_state = jax.eval_shape(lambda p: precision.init_optimizer_state(tx, p), trainable)
     grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)  # float32 accumulators
 
     companion_bytes = 0
@@ -422,7 +435,7 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     flash = memory.activation_bytes(**shapes, xla_attention=False)
     parts = {
         "params": shd.per_device_bytes(params, mesh, rules),
-        "optimizer": shd.per_device_bytes(opt_state, mesh, rules),
+        "optimizer": shd.per_device_bytes(opt_state, mesh, rules, like=trainable),
         "gradients": shd.per_device_bytes(grads, mesh, rules),
         "activations": act.bytes,
         "companions": companion_bytes,
@@ -472,7 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry_run_processes", type=int, help="--dry_run: plan for this many processes (hosts); default 1")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (mesh.fsdp=4)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

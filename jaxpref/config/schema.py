@@ -178,7 +178,8 @@ class RunSection(Section):
     logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     eval_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
         None,
-        description="Evaluate every N steps, or at a fraction (0, 1) of the run; excludes evals_per_epoch.",
+        description="Evaluate every N steps, or at a fraction (0, 1) of the run; excludes evals_per_epoch. "
+        "Default (neither set): with an eval set, once after the last step.",
     )
     evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
     save_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
@@ -384,15 +385,22 @@ class JaxprefConfig(
 
     @model_validator(mode="after")
     def _resolve_and_check(self, info: ValidationInfo) -> JaxprefConfig:
-        self._resolve_defaults()
-        problems = self._problems(require_datasets=(info.context or {}).get("require_datasets", True))
+        problems = self._resolve_defaults()
+        problems += self._problems(require_datasets=(info.context or {}).get("require_datasets", True))
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
-    def _resolve_defaults(self) -> None:
+    def _resolve_defaults(self) -> list[str]:
+        """Fill the defaults that depend on other keys; returns the contradictions found doing so."""
+        p: list[str] = []
         if self.remat_policy is None:
             self.remat_policy = "full" if self.gradient_checkpointing else "none"
+        elif self.remat_policy == "none" and self.gradient_checkpointing:
+            p.append(
+                "gradient_checkpointing: true and remat_policy: none contradict each other; remove one "
+                "(remat_policy none turns checkpointing off, full/dots/dots_with_no_batch_dims turn it on)"
+            )
         self.gradient_checkpointing = self.remat_policy != "none"
         if self.eval_batch_size is None:
             self.eval_batch_size = self.micro_batch_size
@@ -402,6 +410,7 @@ class JaxprefConfig(
             self.dataset_processes = min(32, os.cpu_count() or 1)
         if self.chat_template_jinja and "chat_template" not in self.model_fields_set:
             self.chat_template = "jinja"
+        return p
 
     def _problems(self, *, require_datasets: bool) -> list[str]:
         """Cross-field checks; each problem is one line naming the keys involved."""
@@ -454,6 +463,18 @@ class JaxprefConfig(
                 warn(f"ignored: {', '.join(stray)} (adapter is not lora: full fine-tuning)")
         if self.precompute_ref_log_probs and (self.rl in ("orpo", "simpo") or self.reward_model):
             warn(f"precompute_ref_log_probs has no effect: {self.rl or 'reward_model'} uses no reference model")
+        if self.train_on_inputs and (self.rl or self.reward_model):
+            warn(
+                f"train_on_inputs has no effect with {f'rl: {self.rl}' if self.rl else 'reward_model'}: preference "
+                "losses score the completion only (as TRL's trainers); the prompt is context"
+            )
+        if self.rl == "kto" and self.micro_batch_size < 2 and not self.precompute_ref_log_probs:
+            p.append(
+                "rl: kto with micro_batch_size 1: KTO's KL term pairs each row with another row of its "
+                "micro-batch, so with one row it pairs the row with itself and the loss stays at its "
+                "starting value (TRL refuses this too); set micro_batch_size >= 2, or "
+                "precompute_ref_log_probs: true (partners fixed across the whole dataset)"
+            )
         p.extend(self._preference_problems())
         return p
 

@@ -290,6 +290,14 @@ class LMData:
             **(batching or {}),
         )
         self._train = MicroBatches(train, batch_size=micro_batch_size, seed=seed, **common)
+        if 0 < len(train) < self._train.global_batch:
+            log.warning(
+                "micro_batch_size=%d x %d process(es) asks for %d rows per micro-batch, but the training data "
+                "has %d rows (after packing, if on): every micro-batch holds those %d rows and %d padding rows "
+                "(which count for nothing). Lower micro_batch_size or add data.",
+                micro_batch_size, shard_count, self._train.global_batch, len(train), len(train),
+                self._train.global_batch - len(train),
+            )
         self._eval = MicroBatches(eval_, batch_size=eval_batch_size, seed=None, **common) if eval_ else None
         self._eval_batches: list[dict[str, np.ndarray]] | None = None
 

@@ -259,12 +259,7 @@ def build_preference_data(
         keep_parts=kind == "kto",
     )
     batching: dict[str, Callable]
-    if kind == "kto":
-        if micro_batch_size < 2:
-            log.warning(
-                "KTO with micro_batch_size 1: each row's mismatched (KL) pair is the row itself, so the KL "
-                "estimate equals the implied reward; use micro_batch_size >= 2 (TRL requires it)"
-            )
+    if kind == "kto":  # micro_batch_size >= 2 (the KL pairs) is checked with the config
         longest = functools.partial(kto_longest, shard_count=shard_count, sequence_len=sequence_len)
         batching = {"longest": longest, "collate_fn": CollateKTO(sequence_len)}
     else:

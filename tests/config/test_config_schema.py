@@ -174,6 +174,11 @@ def test_precision_mapping():
     assert cfg.compute_dtype == "bfloat16" and any("fp16" in w for w in cfg.warnings)
     cfg = make(bfloat16=True)
     assert (cfg.compute_dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+    cfg = make(float16=True)
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+    assert any("float16" in w for w in cfg.warnings)
+    cfg = make(tf32=True)
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("float32", "float32") and any("tf32" in w for w in cfg.warnings)
     cfg = make(bf16=True, compute_dtype="float32", param_dtype="bfloat16")  # jaxpref's own keys win
     assert (cfg.compute_dtype, cfg.param_dtype) == ("float32", "bfloat16")
     assert "bf16: expected true, false or auto, got 'yes please'" in problem(bf16="yes please")
@@ -244,6 +249,31 @@ def test_gradient_checkpointing_variants():
     assert any("activation offloading is not implemented" in w for w in cfg.warnings)
     cfg = make(remat_policy="dots")
     assert cfg.gradient_checkpointing is True and cfg.remat_policy == "dots"
+    cfg = make(gradient_checkpointing=False, remat_policy="full")
+    assert cfg.gradient_checkpointing is True and cfg.remat_policy == "full"
+
+
+def test_remat_policy_none_contradicts_gradient_checkpointing():
+    """It used to turn checkpointing off without a word."""
+    msg = problem(gradient_checkpointing=True, remat_policy="none")
+    assert "gradient_checkpointing: true and remat_policy: none contradict each other; remove one" in msg
+    assert make(gradient_checkpointing=False, remat_policy="none").remat_policy == "none"
+
+
+@pytest.mark.parametrize("objective", [{"rl": "dpo"}, {"rl": "orpo"}, {"reward_model": True}])
+def test_train_on_inputs_with_a_preference_objective_warns(objective):
+    """Preference losses never score the prompt (TRL's neither): the key has no effect, and says so."""
+    cfg = make(train_on_inputs=True, **objective)
+    name = f"rl: {objective['rl']}" if "rl" in objective else "reward_model"
+    assert any(w.startswith(f"train_on_inputs has no effect with {name}") for w in cfg.warnings), cfg.warnings
+    assert not make(train_on_inputs=True).warnings
+
+
+def test_kto_needs_two_rows_per_micro_batch():
+    msg = problem(rl="kto", micro_batch_size=1)
+    assert "rl: kto with micro_batch_size 1" in msg and "set micro_batch_size >= 2" in msg
+    assert make(rl="kto", micro_batch_size=2).rl == "kto"
+    assert make(rl="kto", micro_batch_size=1, precompute_ref_log_probs=True).rl == "kto"  # fixed partners
 
 
 def test_dpo_loss_type_accepts_axolotl_lists_of_one():

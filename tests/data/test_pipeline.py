@@ -194,6 +194,20 @@ def test_fractional_and_endless_epochs(tmp_path):
     assert len([next(it) for _ in range(7)]) == 7
 
 
+def test_a_micro_batch_larger_than_the_data_warns(tmp_path, caplog):
+    """3 rows and micro_batch_size 8: each batch holds the 3 rows and 5 padding rows; it used to say nothing."""
+    with caplog.at_level("WARNING", logger="jaxpref.data.pipeline"):
+        data = completion_data(tmp_path, text_rows([8] * 3), micro_batch_size=8)
+    expected = "micro_batch_size=8 x 1 process(es) asks for 8 rows per micro-batch, but the training data has 3"
+    assert expected in caplog.text
+    batch = epoch(data)[0]
+    assert batch["input_ids"].shape[0] == 8 and int((batch["segment_ids"].max(axis=1) > 0).sum()) == 3
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxpref.data.pipeline"):
+        completion_data(tmp_path, text_rows([8] * 3), micro_batch_size=3)
+    assert "micro_batch_size" not in caplog.text
+
+
 def chat(q: str, a: str) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 

@@ -102,6 +102,44 @@ def test_merge_and_adapter_reload(case, targets, saved, hf_checkpoint, tmp_path)
     np.testing.assert_array_equal(jax_logits(fresh, ids), lora_logits)
 
 
+def test_tied_model_trains_one_table_and_says_so(hf_checkpoint, tmp_path, caplog):
+    """[embed_tokens, lm_head] on a tied model are one table: one copy, a warning, and the adapter
+    config PEFT itself writes (modules_to_save [embed_tokens], ensure_weight_tying), which PEFT loads."""
+    path, _ = hf_checkpoint("qwen3_tied")
+    saved = ("embed_tokens", "lm_head")
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj",), modules_to_save=saved)
+    with caplog.at_level("WARNING", logger="jaxpref.lora"):
+        model = _lora_model(path, cfg)
+    assert "this model ties lm_head to embed_tokens" in caplog.text
+    assert model.lora_config.modules_to_save == ("embed_tokens",)
+    assert len(jax.tree.leaves(nnx.state(model, ModulesToSaveParam))) == 1
+    export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["embed_tokens"] and written["ensure_weight_tying"] is True
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(jax_logits(model, ids), _peft_logits(path, tmp_path / "adapter", ids), atol=ATOL)
+
+
+def test_bfloat16_base_gets_float32_adapters_that_peft_loads(hf_checkpoint, tmp_path):
+    """PEFT's autocast_adapter_dtype: float32 adapters on a bfloat16 base, written as float32."""
+    from safetensors import safe_open
+
+    path, _ = hf_checkpoint("qwen3")
+    model = from_pretrained(path, param_dtype=jnp.bfloat16)
+    apply_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "down_proj")), rngs=nnx.Rngs(0))
+    _randomize_adapters(model)
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {jnp.dtype(jnp.float32)}
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, BASE_PARAMS))} == {jnp.dtype(jnp.bfloat16)}
+    export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+    # the base as PEFT sees it: bfloat16 weights (computed in float32, as jaxpref's compute_dtype here)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).float().eval()
+    ids = random_ids((2, 12))
+    expected = hf_logits(PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), ids)
+    np.testing.assert_allclose(jax_logits(model, ids), expected, rtol=0, atol=ATOL)
+
+
 def test_adapter_made_by_peft_loads(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("qwen3")
     base = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -2,8 +2,11 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from jaxpref.checkpoint import Checkpointer
@@ -14,24 +17,28 @@ from jaxpref.trainer import Trainer
 from .test_trainer import TinyLM, ce_objective, make_batches
 
 
-def _trainer():
-    return Trainer(TinyLM(rngs=nnx.Rngs(0)), ce_objective(), optax.adamw(1e-2), mesh=make_mesh(None))
+def _trainer(param_dtype=jnp.float32):
+    model = TinyLM(rngs=nnx.Rngs(0), param_dtype=param_dtype)
+    return Trainer(model, ce_objective(), optax.adamw(1e-2), mesh=make_mesh(None))
 
 
-def test_save_restore_continues_identically(tmp_path):
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_save_restore_continues_identically(tmp_path, param_dtype):
     batches = make_batches(6)
-    ref = _trainer()
+    ref = _trainer(param_dtype)
     ref_losses = [ref.train_step([b])["loss"] for b in batches]
 
-    a = _trainer()
+    a = _trainer(param_dtype)
     ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
     for b in batches[:3]:
         a.train_step([b])
     ckpt.save(3, a.params, a.opt_state, {"step": 3, "data_state": [{"next_index": 3}]})
     ckpt.wait()
 
-    b_tr = _trainer()  # fresh weights: the restore must overwrite all of them
+    b_tr = _trainer(param_dtype)  # fresh weights: the restore must overwrite all of them
     params, opt, meta = ckpt.restore(ckpt.latest_step(), b_tr.params, b_tr.opt_state)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(opt) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
     b_tr.restore_state(params, opt, meta["step"])
     assert meta["data_state"] == [{"next_index": 3}]
     resumed = [b_tr.train_step([b])["loss"] for b in batches[3:]]
@@ -67,8 +74,6 @@ def test_run_logger_rewinds_on_resume(tmp_path):
 
 
 def test_restore_shapes_mismatch_is_user_error(tmp_path):
-    import pytest
-
     from jaxpref.errors import UserError
 
     t = _trainer()
@@ -77,4 +82,17 @@ def test_restore_shapes_mismatch_is_user_error(tmp_path):
     ckpt.close()
     other = Trainer(TinyLM(vocab=13, rngs=nnx.Rngs(0)), ce_objective(), optax.adamw(1e-2), mesh=make_mesh(None))
     with pytest.raises(UserError, match="does not match this config"):
+        Checkpointer(tmp_path).restore(1, other.params, other.opt_state)
+
+
+def test_restore_into_another_param_dtype_is_user_error(tmp_path):
+    """orbax would cast silently: a float32 run resumed with param_dtype bfloat16 (or the reverse)."""
+    from jaxpref.errors import UserError
+
+    t = _trainer(jnp.float32)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, t.params, t.opt_state, {"step": 1, "data_state": [None]})
+    ckpt.close()
+    other = _trainer(jnp.bfloat16)
+    with pytest.raises(UserError, match="its params are float32 but this config builds them as bfloat16"):
         Checkpointer(tmp_path).restore(1, other.params, other.opt_state)

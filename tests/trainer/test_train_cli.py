@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from jaxpref.train import main
 
@@ -79,8 +81,11 @@ def test_sft_run_writes_logs_checkpoints_and_a_transformers_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_gives_the_uninterrupted_loss_curve(tmp_path):
-    steps = ["max_steps=24", "save_steps=4"]
+@pytest.mark.parametrize("precision", [[], ["bfloat16=true"]], ids=["float32", "bfloat16"])
+def test_sigkill_and_restart_gives_the_uninterrupted_loss_curve(tmp_path, precision):
+    """bfloat16 (axolotl's key: bfloat16 parameters and compute) resumes exactly too: float32 optimizer
+    state in the checkpoint, stochastic rounding seeded by the step; its export is a bfloat16 model."""
+    steps = ["max_steps=24", "save_steps=4", *precision]
     ref_cfg = small_config(tmp_path / "ref")
     ref = run_cli(["--config", str(ref_cfg), *steps, "--no_progress"])
     _, err = ref.communicate(timeout=300)
@@ -110,6 +115,34 @@ def test_sigkill_and_restart_gives_the_uninterrupted_loss_curve(tmp_path):
         assert resumed[step]["loss"] == reference[step]["loss"], step
     final_ref, final = read_metrics(tmp_path / "ref" / "out", "eval"), read_metrics(out, "eval")
     assert final[24]["loss"] == final_ref[24]["loss"]
+    if precision:
+        _check_bfloat16_export(out)
+
+
+def _check_bfloat16_export(out: Path) -> None:
+    """A bfloat16 run writes a bfloat16 checkpoint that transformers loads with jaxpref's logits."""
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from jaxpref import models
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    ours = models.from_pretrained(out)  # float32 parameters holding the bfloat16 values
+    ids = np.arange(1, 30, dtype=np.int32)[None]
+    with torch.no_grad():
+        logits_hf = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours.logits(ours(ids))), logits_hf, atol=1e-4)
+
+
+def test_flags_may_follow_overrides(tmp_path, capsys):
+    """``... logging_steps=1 --dry_run`` used to be an argparse error."""
+    cfg = small_config(tmp_path)
+    assert main(["--config", str(cfg), "logging_steps=1", "--dry_run", "micro_batch_size=2"]) == 0
+    assert "parameters:" in capsys.readouterr().out
 
 
 def _bad(tmp_path, capsys, args):
@@ -180,8 +213,12 @@ def test_plugin_objective_by_import_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_sft_run_exports_a_peft_adapter(tmp_path):
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_lora_sft_run_exports_a_peft_adapter(tmp_path, param_dtype, capsys):
+    """Also: LoRA dropout's RNG state is not counted as frozen parameters, and with an eval set but no
+    eval cadence the run evaluates once, after the last step (it used to never evaluate)."""
     pytest.importorskip("peft")
+    import jax.numpy as jnp
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -191,21 +228,27 @@ def test_lora_sft_run_exports_a_peft_adapter(tmp_path):
     cfg = small_config(
         tmp_path, adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_linear=True,
         random_init_weights=False, base_model=str(tmp_path / "base"), learning_rate=1e-2,
-        tokenizer_config=str(REPO / "demo" / "tiny-llama"),
+        tokenizer_config=str(REPO / "demo" / "tiny-llama"), param_dtype=param_dtype, eval_steps=None,
     )
     base = models.from_config(models.load_model_config(REPO / "demo" / "tiny-llama"), seed=3)
     models.save_pretrained(base, tmp_path / "base")
     assert main(["--no_progress", "--config", str(cfg), "max_steps=3", "save_steps=3"]) == 0
     out = tmp_path / "out"
     assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    assert f"trainable, {n_base:,} frozen" in capsys.readouterr().err
+    assert set(read_metrics(out, "eval")) == {3}
 
-    ours = models.from_pretrained(tmp_path / "base")
+    dtype = jnp.dtype(param_dtype)
+    ours = models.from_pretrained(tmp_path / "base", param_dtype=dtype)
     lora.load_peft_adapter(ours, out)
     ids = np.arange(1, 20, dtype=np.int32)[None]
     logits_ours = np.asarray(ours.logits(ours(ids)))
     base_logits = np.asarray(base.logits(base(ids)))
     assert np.abs(logits_ours - base_logits).max() > 1e-4  # the adapter learned something
-    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out).eval()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[param_dtype]
+    hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch_dtype).float()  # as computed
+    hf = PeftModel.from_pretrained(hf_base, out).eval()
     with torch.no_grad():
         logits_hf = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits_ours, logits_hf, atol=1e-4)
