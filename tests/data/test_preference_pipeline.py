@@ -44,7 +44,8 @@ def chatml_ids(text: str) -> list[int]:
 def build(tmp_path, rows, *, rl="dpo", type_="chatml.prompt_pairs", tokenizer=None, **kw):
     split = {k: kw.pop(k) for k in ("shard_index", "shard_count", "micro_batch_size") if k in kw}
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    cfg = config(rl=rl, datasets=[dataset(path=path, type=type_)], **kw)
+    mbs = split.get("micro_batch_size", 2 if rl == "kto" else 1)  # KTO's KL pairs need two rows
+    cfg = config(rl=rl, datasets=[dataset(path=path, type=type_)], micro_batch_size=mbs, **kw)
     return build_preference_data(cfg, tokenizer or chatml_tokenizer(), **split)
 
 
@@ -220,7 +221,8 @@ def test_bad_rows_are_counted(tmp_path):
     # KTO: a null label and (in a dataset of its own: JSON columns have one type) an integer label
     good = write_jsonl(tmp_path / "kto.jsonl", kto_rows(5) + [{"prompt": "p", "completion": "c", "label": None}])
     ints = write_jsonl(tmp_path / "ints.jsonl", [{"prompt": "p", "completion": "c", "label": 1}])
-    cfg = config(rl="kto", datasets=[dataset(path=good, type="chatml.ultra"), dataset(path=ints, type="chatml.ultra")])
+    kto_sets = [dataset(path=good, type="chatml.ultra"), dataset(path=ints, type="chatml.ultra")]
+    cfg = config(rl="kto", datasets=kto_sets, micro_batch_size=2)
     assert build_preference_data(cfg, chatml_tokenizer()).report.dropped == {"missing_field": 1, "bad_label": 1}
 
 

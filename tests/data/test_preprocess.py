@@ -208,7 +208,7 @@ def test_preference_data_goes_through_the_cache_and_the_cli(tmp_path, tok, monke
     second = build_preference_data(cfg, tok)
     assert all(same(a, b) for a, b in zip(first.train_iterator(1), second.train_iterator(1), strict=True))
     monkeypatch.undo()
-    path = write_config(tmp_path, FIXTURES / fixture, kd_trainer=False, rl=rl,
+    path = write_config(tmp_path, FIXTURES / fixture, kd_trainer=False, rl=rl, micro_batch_size=2,
                         datasets=[{"path": str(FIXTURES / fixture), "type": type_}])
     assert main(["--config", path, f"dataset_prepared_path={prepared}"]) == 0
     out = capsys.readouterr().out

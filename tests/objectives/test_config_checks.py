@@ -17,7 +17,7 @@ from tests.data.helpers import config
         (dict(rl="dpo", dpo_loss_type="hinge", dpo_label_smoothing=0.1), "no effect with dpo_loss_type hinge"),
         (dict(rl="ipo", dpo_label_smoothing=0.1), "no effect with dpo_loss_type ipo"),
         (dict(rl="orpo", dpo_label_smoothing=0.1), "no effect with orpo"),
-        (dict(rl="kto", dpo_loss_type="hinge"), "dpo_loss_type has no effect with rl: kto"),
+        (dict(rl="kto", micro_batch_size=2, dpo_loss_type="hinge"), "dpo_loss_type has no effect with rl: kto"),
         (dict(rl="simpo", precompute_ref_log_probs=True), "precompute_ref_log_probs has no effect"),
         (dict(rl="dpo", dpo_loss_type="robust", dpo_label_smoothing=0.1), None),
         (dict(rl="dpo", dpo_loss_type="aot", dpo_label_smoothing=0.1), None),
