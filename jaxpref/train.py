@@ -405,7 +405,9 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     total_steps = int(cfg.max_steps) if cfg.max_steps else None
     tx, _ = make_optimizer(cfg, total_steps or 1000)
     opt_state = jax.eval_shape(lambda p: precision.init_optimizer_state(tx, p), trainable)
-    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)  # float32 accumulators
+    # one micro-batch's gradients keep the parameters' dtype; accumulation sums them in float32
+    accumulates = cfg.gradient_accumulation_steps > 1
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32 if accumulates else x.dtype), trainable)
 
     companion_bytes = 0
     for name in objective.companions:

@@ -167,25 +167,29 @@ class Trainer:
         step_key = jax.random.fold_in(self._base_key, step)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
-        def micro(mb, i):
-            """(grads, loss, metrics) of one micro-batch, all float32."""
+        def micro(mb, i, float32_grads=True):
+            """(grads, loss, metrics) of one micro-batch; float32, but for the gradients of a single
+            micro-batch, which keep their parameters' dtype."""
             (loss, metrics), grads = grad_fn(
                 params, frozen, companions, mb, num_items, jax.random.fold_in(step_key, i), train=True
             )
-            return jax.tree.map(lambda x: x.astype(jnp.float32), (grads, loss, metrics))
+            if float32_grads:
+                grads = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
+            return grads, *jax.tree.map(lambda x: x.astype(jnp.float32), (loss, metrics))
 
         def one(carry, xs):
             return jax.tree.map(jnp.add, carry, micro(*xs)), None
 
         if accum == 1:
             # No accumulator: a zero-filled float32 copy of the gradients (one more parameter-sized
-            # buffer and two passes over it) for a single micro-batch would be pure overhead.
-            grads, loss, metrics = micro(jax.tree.map(lambda x: x[0], batch), 0)
+            # buffer and two passes over it) for a single micro-batch would be pure overhead, and so
+            # would a float32 copy of bfloat16 gradients (the optimizer upcasts as it reads them).
+            grads, loss, metrics = micro(jax.tree.map(lambda x: x[0], batch), 0, float32_grads=False)
         else:
             init = _zeros_f32(jax.eval_shape(micro, jax.tree.map(lambda x: x[0], batch), 0))
             (grads, loss, metrics), _ = jax.lax.scan(one, init, (batch, jnp.arange(accum)))
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(state):

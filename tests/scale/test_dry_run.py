@@ -35,6 +35,21 @@ def cfg(*overrides: str):
     return load_config(REPO / "configs" / "sft.yaml", ["micro_batch_size=8", *overrides])
 
 
+def test_bfloat16_parameters_plan_float32_optimizer_state():
+    """The dtype policy (jaxpref/precision.py) in the plan: bfloat16 parameters and single-micro-batch
+    gradients, float32 moments, a float32 accumulator when accumulating; Adafactor's factored state."""
+    f32 = dry_run(cfg("mesh.data=1"), devices=1)
+    bf16 = dry_run(cfg("mesh.data=1", "bfloat16=true"), devices=1)
+    assert bf16["param_bytes_per_device"] == f32["param_bytes_per_device"] // 2 == 2 * PARAMS
+    assert bf16["optimizer_bytes_per_device"] == f32["optimizer_bytes_per_device"]  # float32 moments either way
+    assert bf16["gradient_bytes_per_device"] == 2 * PARAMS
+    accum = dry_run(cfg("mesh.data=1", "bfloat16=true", "gradient_accumulation_steps=2"), devices=1)
+    assert accum["gradient_bytes_per_device"] == 4 * PARAMS
+    factored = dry_run(cfg("mesh.data=1", "bfloat16=true", "optimizer=adafactor"), devices=1)
+    # factored second moments are far smaller than Adam's two full moments, and still float32
+    assert 0 < factored["optimizer_bytes_per_device"] < f32["optimizer_bytes_per_device"] / 2
+
+
 def test_fsdp_and_tensor_shards_by_hand():
     # 16 devices planned on a 1-device machine: data 2 x fsdp 4 x tensor 2
     r = dry_run(cfg("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"), processes=2)
