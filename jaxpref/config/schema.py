@@ -60,12 +60,14 @@ class ModelSection(Section):
     special_tokens: SpecialTokensConfig | None = Field(None, description="Special tokens to set on the tokenizer.")
     param_dtype: DType = Field(
         "float32",
-        description="Parameter (and optimizer state) dtype. axolotl's bfloat16/float16: true set it.",
+        description="Storage dtype of the model's parameters, trained and frozen (optimizer state and LoRA "
+        "adapters stay float32; bfloat16 parameters are updated with stochastic rounding: see Precision). "
+        "axolotl's bfloat16/float16: true set it.",
     )
     compute_dtype: DType = Field(
         "float32",
-        description="Activation/matmul dtype; bf16: true|auto sets bfloat16 (axolotl's bf16 defaults to auto "
-        "on GPUs; jaxpref's default is float32).",
+        description="Activation/matmul dtype (norms, softmax and losses stay float32); bf16: true|auto sets "
+        "bfloat16 (axolotl's bf16 defaults to auto on GPUs; jaxpref's default is float32).",
     )
     gradient_checkpointing: Annotated[bool, BeforeValidator(coerce.gradient_checkpointing)] = Field(
         False, description="Rematerialise activations in backward (axolotl's offload variants -> true)."
