@@ -138,6 +138,26 @@ def _check_bfloat16_export(out: Path) -> None:
     np.testing.assert_allclose(np.asarray(ours.logits(ours(ids))), logits_hf, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--config", "configs/sft.yaml", "param_dtype=bfloat16"],
+        ["--config", "configs/dpo_lora.yaml", "param_dtype=bfloat16", "bf16=true"],
+        ["--config", "configs/sft.yaml", "optimizer=adafactor"],
+    ],
+    ids=["sft-bf16", "dpo_lora-bf16", "sft-adafactor"],
+)
+def test_the_commands_that_crashed_run(tmp_path, command, monkeypatch):
+    """Issue 20's reproductions (both ended in a lax.cond traceback; Adafactor in the sharding rules)."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    assert main([*command, "max_steps=2", f"output_dir={out}", "use_tensorboard=false", "--no_progress"]) == 0
+    train = read_metrics(out)  # the configs log every 10 steps: the last step is logged
+    assert np.isfinite(train[2]["loss"]) and np.isfinite(train[2]["grad_norm"])
+    assert (out / "checkpoints" / "2").is_dir()
+
+
 def test_flags_may_follow_overrides(tmp_path, capsys):
     """``... logging_steps=1 --dry_run`` used to be an argparse error."""
     cfg = small_config(tmp_path)
