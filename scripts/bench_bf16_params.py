@@ -326,29 +326,38 @@ def main() -> None:
                     flush=True,
                 )
     if "memory" in args.what:
-        print("\n## memory: compiled train step, 125M Llama, 4 x 1024 tokens, bf16 compute, remat (GiB)\n")
-        print("| parameters | tuning | trainable | frozen | optimizer | XLA arguments | XLA temporaries |")
-        print("|---|---|---|---|---|---|---|")
-        for adapter in ("full", "lora"):
-            for dtype in ("float32", "bfloat16"):
-                r = _in_subprocess("memory", dtype, adapter)
-                print(
-                    f"| {dtype} | {adapter} | {_gib(r['trainable_bytes'])} | {_gib(r['frozen_bytes'])} | "
-                    f"{_gib(r['optimizer_bytes'])} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} |",
-                    flush=True,
-                )
-        print("\n## plan: --dry_run of Llama-3.2-1B on one device, 1 x 4096 tokens (GiB)\n")
-        print("| parameters | tuning | parameters | optimizer | gradients | total (with activations) |")
-        print("|---|---|---|---|---|---|")
-        for adapter in ("full", "lora"):
-            for dtype in ("float32", "bfloat16"):
-                r = _in_subprocess("plan", dtype, adapter)
-                print(
-                    f"| {dtype} | {adapter} | {_gib(r['param_bytes_per_device'])} | "
-                    f"{_gib(r['optimizer_bytes_per_device'])} | {_gib(r['gradient_bytes_per_device'])} | "
-                    f"{_gib(r['total_bytes_per_device'])} |",
-                    flush=True,
-                )
+        _size_table(
+            "memory: compiled train step, 125M Llama, 4 x 1024 tokens, bf16 compute, remat",
+            "memory",
+            {
+                "trainable": "trainable_bytes",
+                "frozen": "frozen_bytes",
+                "optimizer": "optimizer_bytes",
+                "XLA arguments": "argument_bytes",
+                "XLA temporaries": "temp_bytes",
+            },
+        )
+        _size_table(
+            "plan: --dry_run of Llama-3.2-1B on one device, 1 x 4096 tokens",
+            "plan",
+            {
+                "parameters": "param_bytes_per_device",
+                "optimizer": "optimizer_bytes_per_device",
+                "gradients": "gradient_bytes_per_device",
+                "total (with activations)": "total_bytes_per_device",
+            },
+        )
+
+
+def _size_table(title: str, worker: str, columns: dict[str, str]) -> None:
+    """One row per (tuning, parameter dtype) from ``worker``: the ``columns`` (header -> key), in GiB."""
+    print(f"\n## {title} (GiB)\n")
+    print("| parameters | tuning | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for adapter in ("full", "lora"):
+        for dtype in ("float32", "bfloat16"):
+            r = _in_subprocess(worker, dtype, adapter)
+            print(f"| {dtype} | {adapter} | " + " | ".join(_gib(r[k]) for k in columns.values()) + " |", flush=True)
 
 
 if __name__ == "__main__":
