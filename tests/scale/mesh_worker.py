@@ -16,6 +16,7 @@ import time
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -277,6 +278,15 @@ def run_optimizers() -> dict:
     objective = case("kd")[0]
     rng = np.random.default_rng(0)
     batch = kd_micro_batch(rng, 8)
+    meshes = {
+        None: shd.make_mesh(None, devices=jax.devices()[:1]),
+        (2, 2, 2): shd.make_mesh(dict(zip(shd.MESH_AXES, (2, 2, 2)))),
+    }
+    # one initialisation per mesh; each optimizer's trainer gets a copy (the step donates its parameters)
+    initial = {
+        shape: nnx.split(models.from_config(wide, seed=0, param_dtype=jax.numpy.bfloat16, mesh=mesh))
+        for shape, mesh in meshes.items()
+    }
     results = {}
     for name in OPTIMIZERS:
         cfg = SimpleNamespace(
@@ -284,11 +294,9 @@ def run_optimizers() -> dict:
             optimizer=name, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         )
         entry, params_by_mesh = {}, {}
-        for shape in (None, (2, 2, 2)):
-            mesh = shd.make_mesh(None, devices=jax.devices()[:1]) if shape is None else shd.make_mesh(
-                dict(zip(shd.MESH_AXES, shape))
-            )
-            model = models.from_config(wide, seed=0, param_dtype=jax.numpy.bfloat16, mesh=mesh)
+        for shape, mesh in meshes.items():
+            graphdef, state = initial[shape]
+            model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
             tx, _ = make_optimizer(cfg, 10)
             trainer = Trainer(model, objective, tx, mesh=mesh)
             if shape is None:
