@@ -4,7 +4,8 @@ The step takes ``[accum, micro_batch, ...]`` arrays. It sums the objective's ``c
 them (and, through the global arrays, over all devices) to get ``num_items``, then scans over the
 micro-batches accumulating float32 gradients of ``objective.loss(model, mb, num_items)``. The result
 is exactly the gradient of the one-big-batch loss. Only the trainable part of the model (all
-parameters, or the LoRA adapters) is differentiated and has optimizer state.
+parameters, or the LoRA adapters) is differentiated and has optimizer state, which is float32 whatever
+the parameters' dtype; bfloat16 parameters take the update by stochastic rounding (``jaxpref.precision``).
 
 A non-finite loss or gradient norm leaves parameters and optimizer state unchanged inside the step;
 the loop then stops with an error naming the step, or skips it with ``skip_nonfinite_steps``.
