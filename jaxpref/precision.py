@@ -38,25 +38,13 @@ ADAPTER_DTYPE = jnp.float32
 OPTIMIZER_STATE_DTYPE = jnp.float32
 
 
-def _float32(tree: Any) -> Any:
-    """``tree`` with every floating array as float32 (shape structs stay structs)."""
-
-    def one(x: Any) -> Any:
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, OPTIMIZER_STATE_DTYPE, sharding=x.sharding)
-        return x.astype(OPTIMIZER_STATE_DTYPE)
-
-    return jax.tree.map(one, tree)
-
-
 def init_optimizer_state(tx: optax.GradientTransformation, params: Any) -> Any:
     """``tx.init`` with float32 state whatever the parameters' dtype (optax sizes moments like params).
 
-    Works on arrays and on ``jax.eval_shape`` structs alike.
+    Traceable: ``jax.eval_shape`` of it plans the state without allocating it.
     """
-    return tx.init(_float32(params))
+    as_float32 = lambda x: x.astype(OPTIMIZER_STATE_DTYPE) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return tx.init(jax.tree.map(as_float32, params))
 
 
 def keep_dtypes(new: Any, old: Any) -> Any:

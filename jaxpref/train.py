@@ -403,7 +403,7 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     params = nnx.state(abstract, nnx.Param)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     total_steps = int(cfg.max_steps) if cfg.max_steps else None
-    tx, _ = make_optimizer(cfg, total_steps or 1000)
+    tx, _ = make_optimizer(cfg, total_steps or 2**31 - 1)  # only the state's shapes are used (no warmup warning)
     opt_state = jax.eval_shape(lambda p: precision.init_optimizer_state(tx, p), trainable)
     # one micro-batch's gradients keep the parameters' dtype; accumulation sums them in float32
     accumulates = cfg.gradient_accumulation_steps > 1
