@@ -194,6 +194,15 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None, *, like:
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)``; abstract leaves (``jax.ShapeDtypeStruct``, from
+    ``nnx.eval_shape``) become structs carrying their sharding, so a state can be lowered unbuilt."""
+    leaves = jax.tree.leaves(tree)
+    if leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.device_put(tree, shardings)
+
+
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> None:
     """Move every array variable of ``module`` (in place) into the sharding its logical axes give."""
     for _, node in nnx.iter_graph(module):

@@ -363,7 +363,7 @@ class TeacherRunner:
 def load_teacher(cfg: Any, vocab_needed: int, mesh: Any) -> Any:
     """``kd_teacher_model`` into its shards; ConfigError when its vocabulary is smaller than the tokenizer."""
     from jaxpref import models
-    from jaxpref.train import DTYPES
+    from jaxpref.assembly import DTYPES
 
     teacher = models.from_pretrained(
         cfg.kd_teacher_model,

@@ -27,6 +27,14 @@ import yaml
 
 from jaxpref import precision
 from jaxpref import sharding as shd
+from jaxpref.assembly import (
+    DTYPES,
+    build_data,
+    build_trainer,
+    lora_config,
+    objective_name,
+    remat_policy,
+)
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
 from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError
@@ -36,19 +44,7 @@ from jaxpref.trainer import LoopHooks, LoopSettings, Trainer, fit
 
 logger = logging.getLogger("jaxpref")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHECKPOINTS = "checkpoints"
-
-
-def objective_name(cfg: Any) -> str:
-    """The objective a config asks for: an explicit ``objective``, else by ``rl``/KD keys, else SFT."""
-    if cfg.objective:
-        return cfg.objective
-    if getattr(cfg, "rl", None) or getattr(cfg, "reward_model", False):
-        return cfg.rl or "reward"
-    if getattr(cfg, "kd_trainer", False):
-        return "kd"
-    return "sft"
 
 
 def check_output_dir(path: Path) -> None:
@@ -61,112 +57,6 @@ def check_output_dir(path: Path) -> None:
         raise ConfigError(
             f"output_dir: cannot write to {path} ({exc.strerror}); choose a writable directory."
         ) from exc
-
-
-def build_model(cfg: Any, vocab_needed: int, mesh: Any = None) -> Any:
-    """The base model (pretrained or random init), with LoRA applied when configured.
-
-    With a mesh, every parameter is created (or read) straight into its shard.
-    """
-    from flax import nnx
-
-    from jaxpref import lora, models
-
-    rules = cfg.logical_axis_rules
-    common = dict(
-        dtype=DTYPES[cfg.compute_dtype],
-        param_dtype=DTYPES[cfg.param_dtype],
-        remat_policy=remat_policy(cfg),
-        scan_layers=cfg.scan_layers,
-        mesh=mesh,
-        rules=rules,
-    )
-    if cfg.random_init_weights:
-        mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
-        model = models.from_config(mcfg, seed=cfg.seed, **common)
-    else:
-        model = models.from_pretrained(cfg.base_model, **common)
-    vocab = model.config.vocab_size
-    if vocab_needed > vocab:
-        raise ConfigError(
-            f"the tokenizer has {vocab_needed} tokens but the model's vocab_size is {vocab}; use the "
-            "model's own tokenizer (tokenizer_config) or do not add tokens beyond the embedding size."
-        )
-    if cfg.adapter == "lora":
-        lcfg = lora.LoraConfig(
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=tuple(lora.resolve_target_modules(cfg.lora_target_modules, cfg.lora_target_linear)),
-            modules_to_save=tuple(cfg.lora_modules_to_save or ()),
-        )
-        lora.apply_lora(model, lcfg, rngs=nnx.Rngs(cfg.seed + 1), mesh=mesh, rules=rules)
-        if cfg.lora_model_dir:
-            lora.load_peft_adapter(model, cfg.lora_model_dir, mesh=mesh, rules=rules)
-    return model
-
-
-def build_data(cfg: Any, tokenizer: Any, kind: str) -> Any:
-    """This process's shard of the training (and eval) data for an objective's data ``kind``."""
-    from jaxpref.data import build_lm_data, build_preference_data
-
-    builders = {"lm": build_lm_data, "preference": build_preference_data}
-    if kind not in builders:
-        raise ConfigError(f"objective needs data of kind {kind!r}; jaxpref has {', '.join(builders)}")
-    return builders[kind](cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
-
-
-def build_companions(cfg: Any, names: tuple[str, ...], vocab_needed: int, mesh: Any) -> dict[str, Any]:
-    """The frozen models an objective reads: ``teacher`` (``kd_teacher_model``), ``reference``
-    (a frozen copy of the base model, without adapters). Each is created straight into its shards."""
-    from jaxpref import models
-
-    out = {}
-    for name in names:
-        if name == "teacher":
-            dtype = DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype]
-            teacher = models.from_pretrained(
-                cfg.kd_teacher_model, dtype=DTYPES[cfg.compute_dtype], param_dtype=dtype,
-                scan_layers=cfg.scan_layers, mesh=mesh, rules=cfg.logical_axis_rules,
-            )
-            if teacher.config.vocab_size < vocab_needed:
-                raise ConfigError(
-                    f"kd_teacher_model {cfg.kd_teacher_model} has vocab_size {teacher.config.vocab_size} but the "
-                    f"tokenizer has {vocab_needed} tokens; teacher and student must share the tokenizer."
-                )
-            out[name] = teacher
-        elif name == "reference":
-            dtype = cfg.rl_reference_dtype or cfg.param_dtype
-            out[name] = build_model(cfg.model_copy(update={"adapter": None, "param_dtype": dtype}), vocab_needed, mesh)
-        else:
-            raise ConfigError(f"the objective needs a companion model {name!r} that jaxpref cannot build")
-    return out
-
-
-def build_trainer(
-    cfg: Any, objective: Any, data: Any, tokenizer: Any, mesh: Any, total_steps: int
-) -> tuple[Trainer, Any]:
-    """The model (+ LoRA, score head, reference pass), optimizer and companions, as a Trainer at step 0;
-    also returns the learning-rate schedule."""
-    from jaxpref import lora
-
-    model = build_model(cfg, len(tokenizer), mesh)
-    if objective.data == "preference":
-        from jaxpref.objectives.precompute import prepare_preference_run
-
-        prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
-    tx, schedule = make_optimizer(cfg, total_steps)
-    trainer = Trainer(
-        model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
-        seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
-    )
-    return trainer, schedule
-
-
-def remat_policy(cfg: Any) -> str:
-    if cfg.remat_policy:
-        return cfg.remat_policy
-    return "full" if cfg.gradient_checkpointing else "none"
 
 
 def _every(explicit: float | None, per_epoch: int | None, steps_per_epoch: int, total: int) -> int | None:
@@ -388,14 +278,7 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     def student() -> Any:
         model = models.from_config(mcfg, seed=0, **kwargs)
         if cfg.adapter == "lora":
-            lcfg = lora.LoraConfig(
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                target_modules=tuple(lora.resolve_target_modules(cfg.lora_target_modules, cfg.lora_target_linear)),
-                modules_to_save=tuple(cfg.lora_modules_to_save or ()),
-            )
-            lora.apply_lora(model, lcfg, rngs=nnx.Rngs(0))
+            lora.apply_lora(model, lora_config(cfg), rngs=nnx.Rngs(0))
         return model
 
     abstract = nnx.eval_shape(student)
@@ -479,15 +362,38 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
     return report
 
 
+def lower(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``--dry_run --lower_for``: the memory plan, then the train step lowered for each platform."""
+    from jaxpref import lowering
+
+    platforms = lowering.parse_platforms(args.lower_for)
+    devices = lowering.mesh_devices(cfg, args.dry_run_devices)
+    lowering.ensure_devices(devices)  # before anything starts JAX: simulated devices for the mesh
+    dry_run(cfg, devices=devices, processes=args.dry_run_processes)
+    report = lowering.lower_train_step(cfg, platforms, out_dir=args.lower_out, devices=devices)
+    print(yaml.safe_dump({"lowered": report}, sort_keys=False, width=120))
+    return report
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxpref.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config file (axolotl key names)")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="validate and report sizes, then exit")
     p.add_argument("--dry_run_devices", type=int, help="--dry_run: plan for this many devices (default: the mesh's)")
     p.add_argument("--dry_run_processes", type=int, help="--dry_run: plan for this many processes (hosts); default 1")
+    p.add_argument(
+        "--lower_for",
+        metavar="PLATFORMS",
+        help="--dry_run: also lower the real train step for these platforms (tpu,cuda) with jax.export and "
+        "report its kernels; on simulated CPU devices when this machine has fewer than the mesh",
+    )
+    p.add_argument("--lower_out", metavar="DIR", help="--lower_for: write DIR/<platform>.mlir (StableHLO text)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (mesh.fsdp=4)")
-    return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
+    args = p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
+    if args.lower_out and not args.lower_for:
+        p.error("--lower_out needs --lower_for (e.g. --lower_for tpu,cuda)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> None:
         cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
+        if args.lower_for:
+            lower(cfg, args)
+        elif args.dry_run:
             dry_run(cfg, devices=args.dry_run_devices, processes=args.dry_run_processes)
         else:
             run(cfg, show_progress=not args.no_progress)

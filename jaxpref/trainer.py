@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpref import precision
+from jaxpref import platform, precision
 from jaxpref import sharding as shd
 from jaxpref.errors import UserError
 from jaxpref.objectives.base import Objective
@@ -101,36 +101,66 @@ class Trainer:
         self.rules = rules
         graphdef, params, frozen = nnx.split(model, trainable, ...)
         self.graphdef = graphdef
+        # A model from nnx.eval_shape gives a Trainer whose state is shapes only: lowered, never run.
+        self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
         self.params_sharding = shd.state_shardings(params, mesh, rules)
         self.frozen_sharding = shd.state_shardings(frozen, mesh, rules)
-        self.params = jax.device_put(params, self.params_sharding)
-        self.frozen = jax.device_put(frozen, self.frozen_sharding)
+        self.params = shd.place(params, self.params_sharding)
+        self.frozen = shd.place(frozen, self.frozen_sharding)
         self.companion_graphdefs, companion_states = {}, {}
         for name in objective.companions:
             self.companion_graphdefs[name], companion_states[name] = nnx.split(companions[name])
         self.companions_sharding = shd.state_shardings(companion_states, mesh, rules)
-        self.companions = jax.device_put(companion_states, self.companions_sharding)
+        self.companions = shd.place(companion_states, self.companions_sharding)
         init_opt = lambda p: precision.init_optimizer_state(tx, p)
-        self.opt_sharding = shd.state_shardings(jax.eval_shape(init_opt, self.params), mesh, rules, like=self.params)
-        self.opt_state = jax.jit(init_opt, out_shardings=self.opt_sharding)(self.params)
+        opt_shapes = jax.eval_shape(init_opt, self.params)
+        self.opt_sharding = shd.state_shardings(opt_shapes, mesh, rules, like=self.params)
+        if self.abstract:
+            self.opt_state = shd.place(opt_shapes, self.opt_sharding)
+        else:
+            self.opt_state = jax.jit(init_opt, out_shardings=self.opt_sharding)(self.params)
         self.step = 0
-        self._base_key = jax.random.key(seed)
         self._seed, self._stochastic_rounding = seed, rounding == "stochastic"
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._train_step = jax.jit(
-            self._train_step_impl,
+        self._train_step = self._jit_train_step(self._train_step_impl)
+        self._eval_step = jax.jit(
+            self._eval_step_impl,
+            in_shardings=(self.params_sharding, self.frozen_sharding, self.companions_sharding, None),
+            out_shardings=self._replicated,
+        )
+
+    def _jit_train_step(self, impl: Callable) -> Callable:
+        return jax.jit(
+            impl,
             in_shardings=(
                 self.params_sharding, self.frozen_sharding, self.companions_sharding, self.opt_sharding, None,
                 self._replicated,
             ),
             out_shardings=(self.params_sharding, self.opt_sharding, self._replicated),
             donate_argnums=(0, 3),
-        )
-        self._eval_step = jax.jit(
-            self._eval_step_impl,
-            in_shardings=(self.params_sharding, self.frozen_sharding, self.companions_sharding, None),
-            out_shardings=self._replicated,
-        )
+        )  # fmt: skip
+
+    def export_train_step(self, batch: Mapping[str, jax.ShapeDtypeStruct], target: str) -> jax.export.Exported:
+        """The jitted train step lowered with ``jax.export`` for ``target`` ("tpu" or "cuda"), kernels
+        chosen as on that platform (``jaxpref.platform.lowering_for``).
+
+        ``batch``: [accum, micro_batch, ...] shapes and dtypes of the stacked micro-batches (global).
+        """
+        sharding = shd.batch_sharding(self.mesh, leading_dims=1)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        # Kernels are chosen while tracing and JAX caches traces (remat, scan) by function: start clean,
+        # and leave clean, so no trace made for one platform is reused for another.
+        jax.clear_caches()
+        try:
+            with platform.lowering_for(target), platform.kernel_mesh(self.mesh):
+                # a fresh function object: the jit trace cache must not return another platform's trace
+                step_fn = self._jit_train_step(lambda *a: self._train_step_impl(*a))
+                return jax.export.export(
+                    step_fn, platforms=[target], disabled_checks=platform.export_safety_exemptions(target)
+                )(self.params, self.frozen, self.companions, self.opt_state, batch, step)
+        finally:
+            jax.clear_caches()
 
     # ---- model views -------------------------------------------------------------------------
     def model(self) -> nnx.Module:
@@ -165,7 +195,9 @@ class Trainer:
         accum = jax.tree.leaves(batch)[0].shape[0]
         counts = jax.vmap(self.objective.count)(batch)
         num_items = jnp.maximum(jnp.sum(counts), 1.0)
-        step_key = jax.random.fold_in(self._base_key, step)
+        # the key is made inside the step, not closed over: a captured array would be a hoisted constant
+        # argument, which jax.export of the step cannot carry
+        step_key = jax.random.fold_in(jax.random.key(self._seed), step)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
         def micro(mb, i, float32_grads=True):
@@ -223,9 +255,10 @@ class Trainer:
         """Run one optimizer step on ``accum`` micro-batches (numpy, per process)."""
         stacked = stack_micro_batches(micro_batches)
         batch = shd.global_batch(stacked, self.mesh, leading_dims=1)
-        self.params, self.opt_state, stats = self._train_step(
-            self.params, self.frozen, self.companions, self.opt_state, batch, jnp.int32(self.step)
-        )
+        with platform.kernel_mesh(self.mesh):
+            self.params, self.opt_state, stats = self._train_step(
+                self.params, self.frozen, self.companions, self.opt_state, batch, jnp.int32(self.step)
+            )
         self.step += 1
         return {k: float(v) for k, v in jax.device_get(stats).items()}
 
@@ -233,7 +266,8 @@ class Trainer:
         """Count-weighted means of the objective's loss and metrics over ``batches``."""
         totals = None
         for mb in batches:
-            out = self._eval_step(self.params, self.frozen, self.companions, shd.global_batch(mb, self.mesh))
+            with platform.kernel_mesh(self.mesh):
+                out = self._eval_step(self.params, self.frozen, self.companions, shd.global_batch(mb, self.mesh))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if totals is None:
             return {}

@@ -112,10 +112,10 @@ def quality_worker(what: str, policy: str, seed: int) -> dict:
 
     from jaxpref import lora
     from jaxpref import sharding as shd
+    from jaxpref.assembly import build_data, build_model, objective_name
     from jaxpref.data import load_tokenizer
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
-    from jaxpref.train import build_data, build_model, objective_name
     from jaxpref.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,10 +163,10 @@ def memory_worker(param_dtype: str, adapter: str | None) -> dict:
 
     from jaxpref import lora
     from jaxpref import sharding as shd
+    from jaxpref.assembly import build_model
     from jaxpref.config import validate_config
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
-    from jaxpref.train import build_model
     from jaxpref.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

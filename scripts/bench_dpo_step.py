@@ -10,7 +10,7 @@ tokens (EOS included), so both implementations see [2 x pairs, seq_len] sequence
   the pairs into text that tokenizes back to exactly the same ids. Step times come from a callback
   (``on_step_begin`` -> ``on_step_end``: forward of policy and reference, backward, clip, AdamW).
 * jaxpref: a validated config (``rl: dpo``), ``build_objective(cfg, "dpo")``, the reference built by
-  ``jaxpref.train.build_companions``, AdamW from ``jaxpref.optim``, ``Trainer.train_step`` on the pair
+  ``jaxpref.assembly.build_companions``, AdamW from ``jaxpref.optim``, ``Trainer.train_step`` on the pair
   batch in the pipeline's layout (docs/design.md "Batches").
 
 Each (config, implementation) runs in its own fresh subprocess, one after the other; peak memory is
@@ -176,10 +176,10 @@ def _jax_worker(args: argparse.Namespace) -> dict:
     import jax
 
     from jaxpref import sharding as shd
+    from jaxpref.assembly import build_companions, build_model
     from jaxpref.config import validate_config
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
-    from jaxpref.train import build_companions, build_model
     from jaxpref.trainer import Trainer
 
     layers, pairs, seq_len, prompt_len = CONFIGS[args.config]

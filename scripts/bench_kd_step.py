@@ -161,10 +161,10 @@ def _jax_worker(args: argparse.Namespace) -> dict:
     import yaml
 
     from jaxpref import sharding as shd
+    from jaxpref.assembly import build_model
     from jaxpref.config import validate_config
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
-    from jaxpref.train import build_model
     from jaxpref.trainer import Trainer
 
     layers, batch, seq_len = CONFIGS[args.config]

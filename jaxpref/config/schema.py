@@ -308,6 +308,11 @@ class ScaleSection(Section):
     fused_kernel: FusedKernelConfig = Field(
         default_factory=FusedKernelConfig, description="Fused LM-head kernel (see fused_kernel below)."
     )
+    attention_impl: Literal["auto", "blocked", "splash", "cudnn", "xla"] = Field(
+        "auto",
+        description="Attention kernel. auto: blocked (flash-style XLA) on CPU, splash attention (Pallas) on "
+        "TPU, cuDNN flash attention on GPU for bfloat16/float16 with head_dim <= 128 (else XLA).",
+    )
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,
         description="Multi-process start-up (see distributed below); automatic under srun, mpirun and TPU pods.",

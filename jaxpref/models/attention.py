@@ -1,20 +1,35 @@
-"""Causal (packed) self-attention behind one function, so other kernels can be slotted in.
+"""Causal (packed) self-attention behind one function, one implementation per platform.
 
-On CPU the default is ``blocked_attention`` (query blocks, causal key ranges, a flash-style custom VJP:
-no [B, heads, T, T] buffer). Elsewhere it is ``jax.nn.dot_product_attention``: cuDNN on GPU where it
-applies, XLA otherwise. A TPU splash-attention path would be one more branch in ``attention``.
+``impl="auto"`` chooses by the platform kernels are chosen for (``jaxpref.platform``: the default
+backend, or the platform a step is lowered for):
+
+* CPU: ``blocked_attention`` (query blocks, causal key ranges, a flash-style custom VJP: no
+  [B, heads, T, T] buffer).
+* TPU: splash attention (``splash_attention.py``: Pallas Mosaic, causal + segment ids + GQA).
+* GPU: cuDNN flash attention through ``jax.nn.dot_product_attention(implementation="cudnn")`` when
+  the dtype (bfloat16/float16) and head_dim (a multiple of 8, at most 128) allow it, else XLA.
+
+On a GPU, cuDNN's own trace-time checks (library version, layout) failing falls back to XLA with a
+warning; when lowering for a platform (``--lower_for``) any kernel that cannot be built is an error.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxpref import platform
+from jaxpref.sharding import BATCH_AXES
 
 from .blocked_attention import blocked_attention
+from .splash_attention import splash_attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "splash")
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -29,14 +44,25 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal[None])[:, None]
 
 
-def _cudnn_applies(q: jax.Array) -> bool:
+def cudnn_applies(q: jax.Array) -> bool:
+    """Whether cuDNN flash attention takes queries like ``q`` [B, T, N, D]: bfloat16/float16, D a
+    multiple of 8 and at most 128."""
     head_dim = q.shape[-1]
-    return (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and head_dim % 8 == 0
-        and head_dim <= 128
-    )
+    return q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def resolve_impl(impl: str, q: jax.Array) -> str:
+    """The implementation ``impl`` means for queries ``q`` on the platform kernels are chosen for."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    target = platform.kernel_platform()
+    if target == "tpu":
+        return "splash"
+    if target == "gpu":
+        return "cudnn" if cudnn_applies(q) else "xla"
+    return "blocked"
 
 
 def attention(
@@ -53,26 +79,53 @@ def attention(
       q: [B, T, N, D] queries (RoPE applied).
       k, v: [B, T, K, D] keys and values, N a multiple of K.
       segment_ids: int [B, T] packed-sequence ids (0 = padding) or None for one sequence per row.
-      impl: "auto" (blocked on CPU; cuDNN on GPU when dtype and head_dim allow; else XLA), "xla",
-        "cudnn" or "blocked".
+      impl: "auto" (see the module docstring), "blocked", "splash", "cudnn" or "xla".
     Returns:
       [B, T, N, D] in q's dtype.
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "blocked" or (impl == "auto" and jax.default_backend() == "cpu"):
+    name = resolve_impl(impl, q)
+    if name == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids)
+    if name == "splash":
+        return splash_attention(q, k, v, segment_ids=segment_ids)
+    if name == "xla":
+        return _dot_product_attention(q, k, v, segment_ids, "xla")
+    if platform.lowering_target() is not None and not cudnn_applies(q):
+        raise platform.KernelLoweringError(
+            "cuDNN attention", "gpu", f"it takes bfloat16/float16 with head_dim a multiple of 8 and at most "
+            f"128, got {q.dtype} with head_dim {q.shape[-1]} (set compute_dtype: bfloat16)"
+        )
+    try:
+        return _cudnn(q, k, v, segment_ids)
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        if impl != "auto" or platform.lowering_target() is not None:
+            raise
+        # cuDNN's trace-time checks (library version, layout) failed on this machine.
+        warnings.warn(f"jaxpref attention: cuDNN unavailable ({e}); using XLA attention", RuntimeWarning, stacklevel=2)
+        return _dot_product_attention(q, k, v, segment_ids, "xla")
+
+
+def _dot_product_attention(q, k, v, segment_ids, implementation: str) -> jax.Array:
     if segment_ids is None:
         mask, is_causal = None, True
     else:
         mask, is_causal = segment_mask(segment_ids), False
-    run = partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=is_causal)
-    if impl == "auto":
-        if not _cudnn_applies(q):
-            return run(implementation="xla")
-        try:
-            return run(implementation="cudnn")
-        except (ValueError, NotImplementedError, RuntimeError):
-            # cuDNN's trace-time checks (version, layout) failed: fall back rather than fail.
-            return run(implementation="xla")
-    return run(implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+
+
+def _cudnn(q, k, v, segment_ids) -> jax.Array:
+    """cuDNN attention; on a mesh of several devices under ``shard_map`` (batch over the batch axes,
+    heads over ``tensor`` where they divide), which the exported module can carry."""
+    run = partial(_dot_product_attention, implementation="cudnn")
+    mesh = platform.mesh_for_kernels()
+    if mesh is None:
+        return run(q, k, v, segment_ids)
+    b, n, kv = q.shape[0], q.shape[2], k.shape[2]
+    batch = platform.spec_entry(platform.dividing_axes(mesh, BATCH_AXES, b))
+    heads = platform.spec_entry(platform.dividing_axes(mesh, ("tensor",), math.gcd(n, kv)))
+    qkv = PartitionSpec(batch, None, heads, None)
+    seg_spec = None if segment_ids is None else PartitionSpec(batch, None)
+    return jax.shard_map(
+        lambda q, k, v, s: run(q, k, v, s), mesh=mesh, in_specs=(qkv, qkv, qkv, seg_spec), out_specs=qkv,
+        check_vma=False,
+    )(q, k, v, segment_ids)

@@ -192,7 +192,7 @@ def test_reference_mode_follows_the_config():
 
 
 def test_reference_copy_is_built_frozen_without_adapters_in_rl_reference_dtype(base_dir):
-    from jaxpref.train import build_companions
+    from jaxpref.assembly import build_companions
     from tests.data.helpers import DEMO_MODEL
 
     c = config(

@@ -80,9 +80,9 @@ def _host(state):
 @pytest.mark.parametrize("tuning", ["full", "lora"])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_two_steps_in_every_dtype(objective, tuning, tmp_path, checkpoint):
+    from jaxpref.assembly import build_data, build_trainer, objective_name
     from jaxpref.data import load_tokenizer
     from jaxpref.objectives import build_objective
-    from jaxpref.train import build_data, build_trainer, objective_name
 
     base = _config(objective, tuning, tmp_path, checkpoint)
     obj = build_objective(base, objective_name(base))

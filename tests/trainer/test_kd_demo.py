@@ -48,9 +48,9 @@ BF16_KL_RATIO = 1.10
 
 
 def test_kd_configs_validate():
+    from jaxpref.assembly import objective_name
     from jaxpref.config import load_config
     from jaxpref.teacher import load_teacher_config
-    from jaxpref.train import objective_name
 
     kd = load_config(CONFIGS / "kd.yaml")
     assert objective_name(kd) == "kd" and kd.random_init_weights and kd.base_model == "demo/tiny-llama"
@@ -164,16 +164,16 @@ class KDDemo:
 
     @staticmethod
     def _setup(cfg):
+        from jaxpref.assembly import build_data, objective_name
         from jaxpref.data import load_tokenizer
         from jaxpref.objectives import build_objective
-        from jaxpref.train import build_data, objective_name
 
         objective = build_objective(cfg, objective_name(cfg))
         tokenizer = load_tokenizer(cfg)
         return objective, tokenizer, build_data(cfg, tokenizer, objective.data)
 
     def fresh_student(self, cfg=None):
-        from jaxpref.train import build_model
+        from jaxpref.assembly import build_model
 
         return build_model(cfg or self.kd_cfg, len(self.tokenizer), self.mesh)
 

@@ -9,6 +9,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxpref import platform
 
 from .blocks import resolve_block_sizes
 from .onepass import RowLoss, linear_logsumexp_gather_loss_onepass
@@ -22,9 +25,8 @@ _PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linea
 
 
 def _backend() -> str:
-    """'cpu', 'gpu' or 'tpu' for the default backend (cuda/rocm count as gpu)."""
-    platform = jax.default_backend()
-    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+    """'cpu', 'gpu' or 'tpu': the platform kernels are chosen for (``jaxpref.platform``)."""
+    return platform.kernel_platform()
 
 
 def linear_logsumexp_gather(
@@ -75,12 +77,17 @@ def linear_logsumexp_gather(
         opts = dict(temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v, interpret=backend == "cpu")
         if name == "pallas_gpu":
             opts["block_h"] = sizes.block_h
-        kernel = _PALLAS[name]
+        kernel = functools.partial(_over_mesh, functools.partial(_PALLAS[name], **opts))
+        if platform.lowering_target() is not None:
+            try:
+                return kernel(hidden, weight, ids, bias)
+            except PallasUnsupportedError as e:
+                raise platform.KernelLoweringError(f"fused LM-head ({name})", backend, str(e)) from e
         if impl != "auto":
-            return kernel(hidden, weight, ids, bias=bias, **opts)
+            return kernel(hidden, weight, ids, bias)
         reason = _pallas_failure(name, _signature(hidden, weight, ids, bias), tuple(sorted(opts.items())))
         if reason is None:
-            return kernel(hidden, weight, ids, bias=bias, **opts)
+            return kernel(hidden, weight, ids, bias)
         warnings.warn(
             f"jaxpref linear_logsumexp_gather: {name} kernel unavailable ({reason}); using xla_chunked",
             RuntimeWarning,
@@ -140,6 +147,24 @@ def linear_logsumexp_gather_loss(
     )  # fmt: skip
     value = row_loss(lse, gathered, row_inputs).astype(jnp.float32)
     return value, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(gathered)
+
+
+def _over_mesh(kernel, hidden, weight, ids, bias):
+    """``kernel(hidden, weight, ids, bias=bias)``; on a mesh of several devices under ``shard_map``
+    (XLA cannot partition a Pallas call): rows split over every mesh axis that divides N, the LM head
+    gathered whole on each device (its gradient is summed back over the devices)."""
+    mesh = platform.mesh_for_kernels()
+    if mesh is None:
+        return kernel(hidden, weight, ids, bias=bias)
+    rows = platform.spec_entry(platform.dividing_axes(mesh, tuple(mesh.axis_names), hidden.shape[0]))
+    row_spec = PartitionSpec(rows, None)
+    return jax.shard_map(
+        lambda h, w, i, b: kernel(h, w, i, bias=b),
+        mesh=mesh,
+        in_specs=(row_spec, PartitionSpec(), row_spec, None if bias is None else PartitionSpec()),
+        out_specs=(PartitionSpec(None, rows), row_spec),
+        check_vma=False,  # Pallas outputs carry no varying-axis types
+    )(hidden, weight, ids, bias)
 
 
 def _resolve(impl: str, backend: str) -> str:

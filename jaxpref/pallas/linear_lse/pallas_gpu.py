@@ -253,6 +253,7 @@ def _call(kernel, cfg: _Config, grid, out_shape, args):
         functools.partial(kernel, cfg=cfg),
         out_shape=out_shape,
         grid=grid,
+        name="linear_lse" + kernel.__name__.removesuffix("_kernel"),  # named in profiles and exported modules
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=[pl.no_block_spec] * len(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -200,6 +200,7 @@ def _forward(hidden, weight, bias, ids, cfg: _Config):
     args.append(ids)
     lse, gathered = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
+        name="linear_lse_fwd",
         out_shape=[jax.ShapeDtypeStruct((cfg.n, nt), _F32), jax.ShapeDtypeStruct((cfg.n, k), _F32)],
         grid=(cfg.row_blocks, cfg.vocab_blocks),
         in_specs=in_specs,
@@ -230,6 +231,7 @@ def _backward(hidden, weight, bias, ids, lse, g_lse, g_gathered, cfg: _Config):
     args = [hidden, weight] + ([bias.reshape(1, -1)] if cfg.has_bias else []) + row_arrays
     gh = pl.pallas_call(
         functools.partial(_dh_kernel, cfg=cfg),
+        name="linear_lse_dh",
         out_shape=jax.ShapeDtypeStruct((cfg.n, h_dim), _F32),
         grid=(cfg.row_blocks, cfg.vocab_blocks),
         in_specs=specs(lambda i, j: i, lambda i, j: j),
@@ -244,6 +246,7 @@ def _backward(hidden, weight, bias, ids, lse, g_lse, g_gathered, cfg: _Config):
         out_specs.append(pl.BlockSpec((1, bv), lambda j, i: (0, j)))
     outs = pl.pallas_call(
         functools.partial(_dw_kernel, cfg=cfg),
+        name="linear_lse_dw",
         out_shape=out_shape,
         grid=(cfg.vocab_blocks, cfg.row_blocks),
         in_specs=specs(lambda j, i: i, lambda j, i: j),
