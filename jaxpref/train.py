@@ -316,8 +316,11 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
         remat_policy=remat_policy(cfg),
         compute_bytes=jnp.dtype(DTYPES[cfg.compute_dtype]).itemsize,
     )
-    act = memory.activation_bytes(**shapes)
-    flash = memory.activation_bytes(**shapes, xla_attention=False)
+    # Only XLA attention keeps the [heads, T, T] probabilities; the default kernels (blocked on CPU, splash
+    # on TPU, cuDNN on GPU in bfloat16) do not. XLA is what attention_impl auto falls back to on a GPU
+    # for float32 compute or head_dim > 128: that case is reported beside.
+    xla = memory.activation_bytes(**shapes, xla_attention=True)
+    act = xla if cfg.attention_impl == "xla" else memory.activation_bytes(**shapes, xla_attention=False)
     parts = {
         "params": shd.per_device_bytes(params, mesh, rules),
         "optimizer": shd.per_device_bytes(opt_state, mesh, rules, like=trainable),
@@ -344,7 +347,7 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
         "optimizer_bytes_per_device": parts["optimizer"],
         "gradient_bytes_per_device": parts["gradients"],
         "activation_bytes_per_device": parts["activations"],
-        "activation_bytes_per_device_flash_attention": flash.bytes,  # cuDNN attention keeps no probabilities
+        "activation_bytes_per_device_xla_attention": xla.bytes,  # attention_impl xla, or GPU float32 auto
         "companion_bytes_per_device": parts["companions"],
         "total_bytes_per_device": sum(parts.values()),
         "per_device": {k: v["human"] for k, v in memory.summarize(parts).items()},
@@ -352,8 +355,9 @@ def dry_run(cfg: Any, *, devices: int | None = None, processes: int | None = Non
             "remat_policy": remat_policy(cfg),
             "rows_per_device": act.rows_per_device,
             "tokens_per_device": act.tokens_per_device,
+            "attention_impl": cfg.attention_impl,
             "kept_per_token_and_layer": f"{act.elements_per_token_layer:g} x {cfg.compute_dtype}"
-            + f" + {act.attention_bytes_per_token_layer:g} B of attention probabilities (XLA attention)",
+            + f" + {act.attention_bytes_per_token_layer:g} B of attention probabilities",
             "formula": "tokens x (layers x kept + one recomputed layer + hidden) x bytes (docs/scaling.md)",
         },
         "steps": steps,

@@ -43,13 +43,15 @@ JAXPREF_SETTINGS = {"small": {}, "large": {"gradient_checkpointing": True}}
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-6, 1.0
 
 
-def make_pairs(pairs: int, seq_len: int, prompt_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_pairs(
+    pairs: int, seq_len: int, prompt_len: int, seed: int = 0, *, vocab: int = kd.VOCAB
+) -> dict[str, np.ndarray]:
     """Token ids: prompt [pairs, P], chosen/rejected completions [pairs, seq_len - P] (last one = EOS)."""
     rng = np.random.default_rng(seed)
     comp = seq_len - prompt_len
-    prompt = rng.integers(3, kd.VOCAB, (pairs, prompt_len))
-    chosen = rng.integers(3, kd.VOCAB, (pairs, comp))
-    rejected = rng.integers(3, kd.VOCAB, (pairs, comp))
+    prompt = rng.integers(3, vocab, (pairs, prompt_len))
+    chosen = rng.integers(3, vocab, (pairs, comp))
+    rejected = rng.integers(3, vocab, (pairs, comp))
     chosen[:, -1] = rejected[:, -1] = 2  # EOS
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 

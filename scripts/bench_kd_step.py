@@ -69,20 +69,24 @@ def _model_config(layers: int) -> dict:
     }
 
 
-def make_batch(batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(
+    batch: int, seq_len: int, seed: int = 0, *, vocab: int = VOCAB, top_k: int = TOP_K
+) -> dict[str, np.ndarray]:
     """A KD micro-batch in jaxpref's layout (prediction-aligned, docs/design.md "Batches").
 
     Distinct teacher ids per position (``base + j * 7919 mod V``), teacher log-probs a log-softmax of
     random logits sorted high to low; every position trainable except the last of each row.
     """
+    if top_k > vocab or vocab % 7919 == 0:
+        raise ValueError(f"top_k={top_k} distinct ids need V >= K and V not a multiple of 7919 (V={vocab})")
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, VOCAB, (batch, seq_len), dtype=np.int32)
+    ids = rng.integers(3, vocab, (batch, seq_len), dtype=np.int32)
     labels = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
     loss_mask = np.ones((batch, seq_len), bool)
     loss_mask[:, -1] = False
-    base = rng.integers(0, VOCAB, (batch, seq_len, 1))
-    target_ids = ((base + np.arange(TOP_K) * 7919) % VOCAB).astype(np.int32)
-    logits = np.sort(rng.normal(size=(batch, seq_len, TOP_K)) * 2.0, axis=-1)[..., ::-1]
+    base = rng.integers(0, vocab, (batch, seq_len, 1))
+    target_ids = ((base + np.arange(top_k) * 7919) % vocab).astype(np.int32)
+    logits = np.sort(rng.normal(size=(batch, seq_len, top_k)) * 2.0, axis=-1)[..., ::-1]
     logits = logits - logits.max(-1, keepdims=True)
     target_logprobs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
     target_mask = np.broadcast_to(loss_mask[..., None], target_ids.shape).copy()

@@ -53,6 +53,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dpo_step  # noqa: E402  (the benchmarks' batch layouts)
+import bench_kd_step  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_1B = REPO / "configs" / "models" / "Llama-3.2-1B"
 PARTS = ("fused", "kd", "dpo")
@@ -417,58 +421,14 @@ def run_fused(plan: Plan, sink: Sink, model_dir: str) -> None:
 
 
 def kd_batch(rows: int, seq_len: int, vocab: int, top_k: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A KD micro-batch in jaxpref's layout (prediction-aligned; docs/design.md "Batches").
-
-    input_ids / labels / positions / segment_ids int32 [B, T], loss_mask bool [B, T] (all but the last
-    position), teacher targets [B, T, K]: distinct ids (base + j * 7919 mod V), log-probs a sorted
-    log-softmax of random logits (float32), mask bool.
-    """
-    stride = 7919  # prime: distinct ids per position whenever V is not a multiple of it
-    if top_k > vocab or vocab % stride == 0:
-        raise ValueError(f"top_k={top_k} distinct ids need V >= K and V not a multiple of {stride} (V={vocab})")
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (rows, seq_len), dtype=np.int32)
-    labels = np.concatenate([ids[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
-    loss_mask = np.ones((rows, seq_len), bool)
-    loss_mask[:, -1] = False
-    base = rng.integers(0, vocab, (rows, seq_len, 1))
-    target_ids = ((base + np.arange(top_k) * stride) % vocab).astype(np.int32)
-    logits = np.sort(rng.normal(size=(rows, seq_len, top_k)) * 2.0, axis=-1)[..., ::-1]
-    logprobs = logits - logits.max(-1, keepdims=True)
-    logprobs = logprobs - np.log(np.exp(logprobs).sum(-1, keepdims=True))
-    target_mask = np.broadcast_to(loss_mask[..., None], target_ids.shape).copy()
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-        "segment_ids": np.ones((rows, seq_len), np.int32),
-        "target_token_ids": np.where(target_mask, target_ids, 0).astype(np.int32),
-        "target_logprobs": np.where(target_mask, logprobs, 0.0).astype(np.float32),
-        "target_mask": target_mask,
-    }
+    """A KD micro-batch in jaxpref's layout: ``bench_kd_step.make_batch`` (teacher top-k targets)."""
+    return bench_kd_step.make_batch(rows, seq_len, seed, vocab=vocab, top_k=top_k)
 
 
 def dpo_batch(pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A DPO pair batch in jaxpref's layout: for side in chosen/rejected, ``{side}_input_ids`` / labels /
-    positions / segment_ids int32 [pairs, T] and ``{side}_loss_mask`` bool [pairs, T] (the predictions of
-    completion tokens), a shared prompt of ``prompt_len`` tokens; ``pair_mask`` bool [pairs]."""
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(3, vocab, (pairs, prompt_len), dtype=np.int32)
-    out: dict[str, np.ndarray] = {}
-    for side in ("chosen", "rejected"):
-        completion = rng.integers(3, vocab, (pairs, seq_len - prompt_len), dtype=np.int32)
-        completion[:, -1] = 2  # EOS
-        seq = np.concatenate([prompt, completion], axis=1)
-        loss_mask = np.zeros((pairs, seq_len), bool)
-        loss_mask[:, prompt_len - 1 : seq_len - 1] = True  # position t predicts token t + 1
-        out[f"{side}_input_ids"] = seq
-        out[f"{side}_labels"] = np.concatenate([seq[:, 1:], np.zeros((pairs, 1), np.int32)], axis=1)
-        out[f"{side}_loss_mask"] = loss_mask
-        out[f"{side}_positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (pairs, seq_len)).copy()
-        out[f"{side}_segment_ids"] = np.ones((pairs, seq_len), np.int32)
-    out["pair_mask"] = np.ones((pairs,), bool)
-    return out
+    """A DPO pair batch in jaxpref's layout: ``bench_dpo_step``'s (a shared prompt of ``prompt_len``
+    tokens, chosen/rejected completions ending in EOS, loss on the completions' predictions)."""
+    return bench_dpo_step.jaxpref_batch(bench_dpo_step.make_pairs(pairs, seq_len, prompt_len, seed, vocab=vocab))
 
 
 def train_config(plan: Plan, objective: str, model_dir: str, output_dir: str) -> dict[str, Any]:
