@@ -91,32 +91,38 @@ def build_data(cfg: Any, tokenizer: Any, kind: str) -> Any:
     return builders[kind](cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
+def build_teacher(cfg: Any, vocab_needed: int, mesh: Any, *, weights: bool = True) -> Any:
+    """``kd_teacher_model`` (frozen, ``kd_teacher_dtype``) straight into its shards; ConfigError when its
+    vocabulary is smaller than the tokenizer's. ``weights=False``: from its ``config.json`` only."""
+    from jaxpref import models
+
+    opts = dict(
+        dtype=DTYPES[cfg.compute_dtype], param_dtype=DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype],
+        scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl, mesh=mesh, rules=cfg.logical_axis_rules,
+    )  # fmt: skip
+    if weights:
+        teacher = models.from_pretrained(cfg.kd_teacher_model, **opts)
+    else:
+        teacher = models.from_config(models.load_model_config(cfg.kd_teacher_model), seed=0, **opts)
+    vocab = teacher.config.vocab_size
+    if vocab < vocab_needed:
+        raise ConfigError(
+            f"kd_teacher_model {cfg.kd_teacher_model} has vocab_size {vocab} but the tokenizer has {vocab_needed} "
+            "tokens; the teacher must use the student's tokenizer (tokenizer_config / base_model)."
+        )
+    return teacher
+
+
 def build_companions(
     cfg: Any, names: tuple[str, ...], vocab_needed: int, mesh: Any, *, weights: bool = True
 ) -> dict[str, Any]:
     """The frozen models an objective reads: ``teacher`` (``kd_teacher_model``), ``reference``
     (a frozen copy of the base model, without adapters). Each is created straight into its shards.
     ``weights=False``: from the checkpoints' ``config.json`` only (see ``build_model``)."""
-    from jaxpref import models
-
     out = {}
     for name in names:
         if name == "teacher":
-            opts = dict(
-                dtype=DTYPES[cfg.compute_dtype], param_dtype=DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype],
-                scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl, mesh=mesh,
-                rules=cfg.logical_axis_rules,
-            )  # fmt: skip
-            if weights:
-                teacher = models.from_pretrained(cfg.kd_teacher_model, **opts)
-            else:
-                teacher = models.from_config(models.load_model_config(cfg.kd_teacher_model), seed=0, **opts)
-            if teacher.config.vocab_size < vocab_needed:
-                raise ConfigError(
-                    f"kd_teacher_model {cfg.kd_teacher_model} has vocab_size {teacher.config.vocab_size} but the "
-                    f"tokenizer has {vocab_needed} tokens; teacher and student must share the tokenizer."
-                )
-            out[name] = teacher
+            out[name] = build_teacher(cfg, vocab_needed, mesh, weights=weights)
         elif name == "reference":
             dtype = cfg.rl_reference_dtype or cfg.param_dtype
             reference_cfg = cfg.model_copy(update={"adapter": None, "param_dtype": dtype})

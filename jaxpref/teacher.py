@@ -360,30 +360,6 @@ class TeacherRunner:
         return np.asarray(ids), np.asarray(logprobs)
 
 
-def load_teacher(cfg: Any, vocab_needed: int, mesh: Any) -> Any:
-    """``kd_teacher_model`` into its shards; ConfigError when its vocabulary is smaller than the tokenizer."""
-    from jaxpref import models
-    from jaxpref.assembly import DTYPES
-
-    teacher = models.from_pretrained(
-        cfg.kd_teacher_model,
-        dtype=DTYPES[cfg.compute_dtype],
-        param_dtype=DTYPES[cfg.kd_teacher_dtype or cfg.param_dtype],
-        scan_layers=cfg.scan_layers,
-        mesh=mesh,
-        rules=cfg.logical_axis_rules,
-    )
-    vocab = teacher.config.vocab_size
-    if vocab < vocab_needed:
-        raise ConfigError(
-            f"kd_teacher_model {cfg.kd_teacher_model} has vocab_size {vocab} but the tokenizer has {vocab_needed} "
-            "tokens; the teacher must use the student's tokenizer (tokenizer_config / base_model)."
-        )
-    if cfg.kd_teacher_top_k > vocab:
-        raise ConfigError(f"kd_teacher_top_k={cfg.kd_teacher_top_k} exceeds the teacher's vocab_size {vocab}")
-    return teacher
-
-
 def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices of kept rows in batches of similar length (longest first; ties in row order)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -437,6 +413,7 @@ def run_teacher(
     from tqdm import tqdm
 
     from jaxpref import sharding as shd
+    from jaxpref.assembly import build_teacher
     from jaxpref.data import load_tokenizer
     from jaxpref.data.formats import get_format
     from jaxpref.data.pipeline import ProcessRow
@@ -501,7 +478,11 @@ def run_teacher(
     if todo:
         mesh_sizes = cfg.mesh.model_dump() if cfg.mesh is not None else None
         mesh = shd.make_mesh(mesh_sizes, devices=jax.local_devices())
-        teacher = load_teacher(cfg, len(tokenizer), mesh)
+        teacher = build_teacher(cfg, len(tokenizer), mesh)
+        if cfg.kd_teacher_top_k > teacher.config.vocab_size:
+            raise ConfigError(
+                f"kd_teacher_top_k={cfg.kd_teacher_top_k} exceeds the teacher's vocab_size {teacher.config.vocab_size}"
+            )
         runner = TeacherRunner(teacher, mesh, cfg.kd_teacher_top_k, cfg.teacher_temperature, cfg.micro_batch_size)
         del teacher
         logger.info(

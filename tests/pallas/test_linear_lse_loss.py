@@ -133,3 +133,22 @@ def test_onepass_temporaries_are_a_fraction_of_the_logits():
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
     assert f"f32[{n},{v}]" not in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < n * v * 4 / 2
+
+
+def test_a_frozen_lm_head_gets_no_weight_gradient_work():
+    """Differentiating only the hidden states (LoRA, a frozen tied head): the same hidden gradient, and
+    neither the dW GEMM nor the [H, V] float32 gradient sum is in the compiled step."""
+    hidden, weight, bias, ids, inputs = make_inputs()
+
+    def loss(h, w, b):
+        return linear_logsumexp_gather_loss(h, w, ids, row_loss, inputs, bias=b, impl="xla_onepass", block_n=8)[0]
+
+    frozen = jax.jit(jax.grad(loss))(hidden, weight, bias)
+    expected = jax.grad(lambda h: reference(h, weight, bias, ids, inputs, (1.0,))[0])(hidden)
+    np.testing.assert_allclose(frozen, expected, rtol=1e-4, atol=2e-5)
+
+    def dots(argnums):
+        return jax.jit(jax.grad(loss, argnums=argnums)).lower(hidden, weight, bias).as_text().count("dot_general")
+
+    # logits and grad_h per chunk (a first chunk, the scanned ones, the tail) vs also grad_w
+    assert dots(0) == 6 and dots((0, 1)) == 9

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal
 
 from .xla import linear_logsumexp_gather_xla
 
@@ -57,8 +58,9 @@ def linear_logsumexp_gather_loss_onepass(
     return value, lax.stop_gradient(lse), lax.stop_gradient(gathered)
 
 
-def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, ...]):
-    """One row chunk: (value, lse [T, n], gathered [n, K'], grad_h [n, H] f32, grad_w [H, V] f32, grad_b)."""
+def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, ...], head_grads: bool = True):
+    """One row chunk: (value, lse [T, n], gathered [n, K'], grad_h [n, H] f32, grad_w [H, V] f32, grad_b);
+    grad_w and grad_b are None without ``head_grads``."""
     z = jnp.dot(h, weight, preferred_element_type=_F32)
     if bias is not None:
         z = z + bias.astype(_F32)[None, :]
@@ -82,16 +84,20 @@ def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, 
     rows = jnp.arange(h.shape[0], dtype=jnp.int32)[:, None]
     dz = dz.at[rows, ids].add(g_gathered.astype(_F32), mode="promise_in_bounds")
     grad_h = lax.dot_general(dz, weight, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    if not head_grads:
+        return value.astype(_F32), lse, gathered, grad_h, None, None
     grad_w = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
     grad_b = None if bias is None else jnp.sum(dz, axis=0)
     return value.astype(_F32), lse, gathered, grad_h, grad_w, grad_b
 
 
-def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
-    """Full chunks under a scan (the first one outside it seeds the gradient sums), then a static tail."""
+def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows, head_grads=True):
+    """Full chunks under a scan (the first one outside it seeds the gradient sums), then a static tail.
+    Without ``head_grads`` no [H, V] gradient is formed (a frozen LM head: LoRA, a teacher)."""
     n = hidden.shape[0]
     num_full, tail = divmod(n, rows)
-    run = functools.partial(_chunk, weight=weight, bias=bias, row_loss=row_loss, temps=temps)
+    run = functools.partial(_chunk, weight=weight, bias=bias, row_loss=row_loss, temps=temps, head_grads=head_grads)
+    add = lambda a, b: None if a is None else a + b  # noqa: E731
 
     first = run(hidden[:rows], ids=ids[:rows], inputs=jax.tree.map(lambda x: x[:rows], inputs))
     value, lse_parts, gathered_parts, gh_parts, gw, gb = first
@@ -106,8 +112,7 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
             total, gw, gb = carry
             h, i, inp = xs
             v, lse_c, gathered_c, gh_c, gw_c, gb_c = run(h, ids=i, inputs=inp)
-            gb = None if gb is None else gb + gb_c
-            return (total + v, gw + gw_c, gb), (lse_c, gathered_c, gh_c)
+            return (total + v, add(gw, gw_c), add(gb, gb_c)), (lse_c, gathered_c, gh_c)
 
         xs = (stack(hidden), stack(ids), jax.tree.map(stack, inputs))
         (value, gw, gb), (lse_s, gathered_s, gh_s) = lax.scan(step, (value, gw, gb), xs)
@@ -119,8 +124,7 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
         v, lse_c, gathered_c, gh_c, gw_c, gb_c = run(
             hidden[start:], ids=ids[start:], inputs=jax.tree.map(lambda x: x[start:], inputs)
         )
-        value, gw = value + v, gw + gw_c
-        gb = None if gb is None else gb + gb_c
+        value, gw, gb = value + v, add(gw, gw_c), add(gb, gb_c)
         lse_parts.append(lse_c)
         gathered_parts.append(gathered_c)
         gh_parts.append(gh_c)
@@ -136,16 +140,26 @@ def _onepass(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
 
 
 def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
-    value, lse, gathered, grads = _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows)
+    # symbolic_zeros: each differentiable input comes as CustomVJPPrimal(value, perturbed), so a frozen
+    # LM head (LoRA, tied embeddings not trained) costs neither the dW GEMM nor an [H, V] float32 sum.
+    head_grads = weight.perturbed or (bias is not None and bias.perturbed)
+    hidden, weight, bias, ids, inputs = jax.tree.map(
+        lambda p: p.value, (hidden, weight, bias, ids, inputs), is_leaf=lambda x: isinstance(x, CustomVJPPrimal)
+    )
+    value, lse, gathered, grads = _value_and_grads(
+        hidden, weight, bias, ids, inputs, row_loss, temps, rows, head_grads=head_grads
+    )
     dtypes = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), weight.dtype))  # residuals must be arrays
     return (value, lse, gathered), (grads, dtypes)
 
 
 def _onepass_bwd(row_loss, temps, rows, res, cotangents):
     (gh, gw, gb), (h_like, w_like) = res
-    g = cotangents[0].astype(_F32)  # lse and gathered leave the op through stop_gradient
+    g = cotangents[0]  # lse and gathered leave the op through stop_gradient
+    g = jnp.zeros((), _F32) if isinstance(g, jax.custom_derivatives.SymbolicZero) else g.astype(_F32)
+    grad_weight = None if gw is None else (g * gw).astype(w_like.dtype)
     grad_bias = None if gb is None else (g * gb).astype(w_like.dtype)
-    return (g * gh).astype(h_like.dtype), (g * gw).astype(w_like.dtype), grad_bias, None, None
+    return (g * gh).astype(h_like.dtype), grad_weight, grad_bias, None, None
 
 
-_onepass.defvjp(_onepass_fwd, _onepass_bwd)
+_onepass.defvjp(_onepass_fwd, _onepass_bwd, symbolic_zeros=True)
