@@ -27,17 +27,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.errors import ModelError
 from jaxpref.models.decoder import CausalLM
-from jaxpref.models.hf_io import (
-    SafetensorsReader,
-    abstract_model,
-    hf_module_name,
-    hf_sort_key,
-    iter_modules,
-    place,
-    to_host,
-    write_safetensors,
-)
+from jaxpref.models.hf_io import abstract_model, hf_module_name, hf_sort_key, iter_modules, place, to_host
 from jaxpref.models.layers import Linear, make_param
+from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.precision import ADAPTER_DTYPE
 from jaxpref.sharding import Rules, logical_to_spec
 

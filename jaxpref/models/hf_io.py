@@ -1,14 +1,20 @@
 """Hugging Face checkpoints <-> CausalLM: safetensors key maps, streaming load, sharded save.
 
-Tensors are read one at a time (memory-mapped by ``safetensors``), converted into jaxpref's layout
-(kernels [in, out], per-layer tensors stacked on a leading ``layers`` axis) and placed straight into
-their shards when a mesh is given; the checkpoint is never held in host memory twice.
+Tensors are read one at a time with plain file reads and converted into jaxpref's layout (kernels
+[in, out], per-layer tensors stacked on a leading ``layers`` axis): on the device, layer by layer into
+the stacked variable, or, when a mesh is given, on the host and then straight into the variable's
+shards. Saving writes each shard's header first, then fetches, writes and drops one tensor at a time.
+Either way the checkpoint is never held in memory twice: beyond the parameters, one tensor (with a
+mesh, one variable) is held at a time.
+
+Files are not memory-mapped: pages of a mapping that have been read count in the process's RSS for as
+long as it stays open, which for a sharded checkpoint read variable by variable is the whole checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,21 +24,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxpref.errors import ModelError
 from jaxpref.models.config import ModelConfig, load_model_config
 from jaxpref.models.decoder import CausalLM
 from jaxpref.models.layers import Embed, Linear, LMHead, RMSNorm
+from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.sharding import Rules, state_shardings, variable_sharding
 
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -152,50 +154,6 @@ def _spec_order(spec: TensorSpec) -> tuple:
     return (rank.get(spec.module[0], 4), spec.module, spec.suffix)
 
 
-class SafetensorsReader:
-    """Lazy tensor-by-tensor access to a single-file or sharded (indexed) safetensors checkpoint."""
-
-    def __init__(self, files: dict[str, str]):
-        self._files = files  # tensor name -> file
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-
-    @classmethod
-    def for_file(cls, file: str) -> SafetensorsReader:
-        with safe_open(file, framework="numpy") as f:
-            return cls(dict.fromkeys(f.keys(), file))  # noqa: SIM118 (safe_open has no __iter__)
-
-    @classmethod
-    def for_checkpoint(cls, path: str) -> SafetensorsReader:
-        """Reader over ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
-        index_path = os.path.join(path, SAFETENSORS_INDEX)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            return cls({k: os.path.join(path, v) for k, v in weight_map.items()})
-        if os.path.isfile(os.path.join(path, SAFETENSORS_NAME)):
-            return cls.for_file(os.path.join(path, SAFETENSORS_NAME))
-        raise ModelError(
-            f"{path}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX} (only safetensors checkpoints load; "
-            "convert .bin files with transformers' save_pretrained)"
-        )
-
-    def keys(self) -> set[str]:
-        return set(self._files)
-
-    def get(self, name: str) -> np.ndarray:
-        file = self._files[name]
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
-        return self._handles[file].get_tensor(name)
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-
 def _check_keys(expected: set[str], present: set[str], config: ModelConfig, where: str) -> None:
     ignorable = {k for k in present if k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
@@ -232,19 +190,60 @@ def load_specs(
     rules: Rules | None,
     where: str,
 ) -> None:
-    """Fill each spec's variable from the checkpoint, one (stacked) variable at a time."""
+    """Fill each spec's variable from the checkpoint, one (stacked) variable at a time.
+
+    Without a mesh each tensor goes to the device as read (on CPU without a copy) and is transposed,
+    converted and written into its layer there, in place (a stacked variable starts as zeros): memory
+    beyond the parameters is one checkpoint tensor, and the parameters are JAX's own buffers, which
+    donation reuses. With a mesh a variable is assembled on the host, then split into its shards.
+    """
+    dtype = np.dtype(dtype)
+
+    def read(spec: TensorSpec, name: str) -> np.ndarray:
+        shape = reader.entry(name).shape
+        if shape != spec.hf_shape:
+            raise ModelError(f"{where}: tensor {name} has shape {shape}, expected {spec.hf_shape}")
+        return reader.get(name)
+
     for spec in specs:
-        host = np.empty(spec.variable.shape, dtype=dtype)
-        for i, name in enumerate(spec.hf_names()):
-            t = reader.get(name)
-            if tuple(t.shape) != spec.hf_shape:
-                raise ModelError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {spec.hf_shape}")
+        names = spec.hf_names()
+        if mesh is None:
+            # Waiting for each update bounds the tensors in flight to one (dispatch is asynchronous).
             if spec.num_layers is None:
-                host[...] = spec.to_jax(t)
+                t = jax.device_put(read(spec, names[0]), may_alias=True)
+                value = _to_jax_on_device(t, spec.in_ndim, spec.layer_shape, dtype).block_until_ready()
+                del t
             else:
-                host[i] = spec.to_jax(t)
-        spec.variable.set_value(place(host, spec.variable, mesh, rules))
-        del host
+                value = jnp.zeros(spec.variable.shape, dtype)
+                for i, name in enumerate(names):
+                    t = jax.device_put(read(spec, name), may_alias=True)
+                    value = _set_layer_on_device(value, t, i, spec.in_ndim).block_until_ready()
+                    del t
+        else:
+            host = np.empty(spec.variable.shape, dtype=dtype)
+            for i, name in enumerate(names):
+                t = read(spec, name)
+                if spec.num_layers is None:
+                    host[...] = spec.to_jax(t)
+                else:
+                    host[i] = spec.to_jax(t)
+                del t
+            value = place(host, spec.variable, mesh, rules)
+            del host
+        spec.variable.set_value(value)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _to_jax_on_device(t: jax.Array, in_ndim: int, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+    """``TensorSpec.to_jax`` and the cast to the parameter dtype, compiled (a new buffer, not ``t``'s)."""
+    return (t.T if in_ndim else t).reshape(shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _set_layer_on_device(stacked: jax.Array, t: jax.Array, i: int | jax.Array, in_ndim: int) -> jax.Array:
+    """``stacked.at[i].set(to_jax(t))`` in place (``stacked`` is donated)."""
+    layer = (t.T if in_ndim else t).reshape(stacked.shape[1:]).astype(stacked.dtype)
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
 def abstract_model(config: ModelConfig, **kwargs: Any) -> CausalLM:
@@ -327,43 +326,6 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
-
-
-def write_safetensors(
-    tensors: Sequence[tuple[str, tuple[int, ...], Any, Any]], out_dir: str, *, base: str, max_shard_size: int
-) -> None:
-    """Write (name, shape, dtype, fetch) tensors as ``{base}.safetensors`` or shards plus an index.
-
-    ``fetch()`` returns the numpy array; it is called one shard at a time so at most one shard sits
-    in host memory. Only process 0 writes (all processes fetch, which may gather across hosts).
-    """
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, shape, dt, _) in enumerate(tensors):
-        nbytes = math.prod(shape) * np.dtype(dt).itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
-    weight_map, total = {}, 0
-    for s, idx in enumerate(shards):
-        fname = f"{base}.safetensors" if len(shards) == 1 else f"{base}-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        arrays = {}
-        for i in idx:
-            name, _, dt, fetch = tensors[i]
-            arrays[name] = np.ascontiguousarray(fetch().astype(dt))
-            total += arrays[name].nbytes
-            weight_map[name] = fname
-        if writer:
-            save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        del arrays
-    if writer and len(shards) > 1:
-        with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def _dtype_name(dt: Any) -> str:

@@ -27,8 +27,9 @@ from flax import nnx
 
 from jaxpref.errors import ModelError
 from jaxpref.models.decoder import CausalLM
-from jaxpref.models.hf_io import _dtype_name, hf_sort_key, tensor_specs, to_host, write_safetensors
+from jaxpref.models.hf_io import _dtype_name, hf_sort_key, tensor_specs, to_host
 from jaxpref.models.layers import make_param
+from jaxpref.models.safetensors_io import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def sequence_rewards(
 
 def load_score_head(model: CausalLM, path: str | os.PathLike) -> CausalLM:
     """Attach the ``score.weight`` of a saved sequence-classification checkpoint to ``model``."""
-    from jaxpref.models.hf_io import SafetensorsReader
+    from jaxpref.models.safetensors_io import SafetensorsReader
 
     with SafetensorsReader.for_checkpoint(os.fspath(path)) as reader:
         if "score.weight" not in reader.keys():  # noqa: SIM118  (a reader, not a dict)
