@@ -418,7 +418,7 @@ def run_teacher(
     from jaxpref.data.formats import get_format
     from jaxpref.data.pipeline import ProcessRow
     from jaxpref.data.sources import load_entries
-    from jaxpref.models.hf_io import resolve_checkpoint_dir
+    from jaxpref.models.config import resolve_checkpoint_dir
 
     check_config(cfg)
     explicit = process_index is not None or process_count is not None

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from jaxpref.errors import ModelError
@@ -233,8 +234,6 @@ def _parse_rope(d: dict) -> tuple[float, dict | None]:
 
 def load_model_config(path_or_repo_id: str | os.PathLike) -> ModelConfig:
     """Read ``config.json`` from a local directory (or a hub id, downloaded with huggingface_hub)."""
-    from jaxpref.models.hf_io import resolve_checkpoint_dir
-
     path = resolve_checkpoint_dir(path_or_repo_id, patterns=("config.json",))
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -245,3 +244,23 @@ def load_model_config(path_or_repo_id: str | os.PathLike) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{cfg_path}: cannot read config.json ({e})") from e
     return ModelConfig.from_hf_dict(d)
+
+
+def resolve_checkpoint_dir(
+    path_or_repo_id: str | os.PathLike, *, patterns: Sequence[str] = ("*.json", "*.safetensors")
+) -> str:
+    """A local directory, or a hub id downloaded with ``huggingface_hub`` (files matching patterns)."""
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"{path}: not a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=list(patterns))
+    except Exception as e:  # offline, unknown repo, gated, ...: all user-fixable
+        raise ModelError(
+            f"{path}: not a local directory, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). Offline machines need a local checkpoint directory."
+        ) from e

@@ -29,33 +29,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.errors import ModelError
-from jaxpref.models.config import ModelConfig, load_model_config
+from jaxpref.models.config import ModelConfig, load_model_config, resolve_checkpoint_dir
 from jaxpref.models.decoder import CausalLM
 from jaxpref.models.layers import Embed, Linear, LMHead, RMSNorm
 from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.sharding import Rules, state_shardings, variable_sharding
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def resolve_checkpoint_dir(
-    path_or_repo_id: str | os.PathLike, *, patterns: Sequence[str] = ("*.json", "*.safetensors")
-) -> str:
-    """A local directory, or a hub id downloaded with ``huggingface_hub`` (files matching patterns)."""
-    path = os.fspath(path_or_repo_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ModelError(f"{path}: not a checkpoint directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=list(patterns))
-    except Exception as e:  # offline, unknown repo, gated, ...: all user-fixable
-        raise ModelError(
-            f"{path}: not a local directory, and downloading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Offline machines need a local checkpoint directory."
-        ) from e
 
 
 @dataclasses.dataclass
