@@ -52,7 +52,8 @@ class FusedKernelConfig(Section):
     impl: Literal["auto", "reference", "xla_chunked", "xla_onepass", "pallas"] = Field(
         "auto",
         description="auto: Pallas on GPU/TPU; on CPU xla_onepass for token-sum losses (SFT, KD: value and "
-        "gradient in one pass over the vocabulary) and xla_chunked otherwise; reference materialises full logits.",
+        "gradient in one pass over the vocabulary) with a float32 LM head, and xla_chunked otherwise; reference "
+        "materialises full logits.",
     )
     block_n: int | None = Field(None, ge=1, description="Rows per block; None = the per-backend table.")
     block_v: int | None = Field(None, ge=1, description="Vocabulary entries per block; None = the table.")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpref import platform
 from jaxpref.models.attention import attention
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.rope import apply_rope
@@ -107,9 +108,17 @@ class Embed(nnx.Module):
             return self.embedding_copy[...]
         return self.embedding[...]
 
-    def __call__(self, input_ids: jax.Array, *, use_adapters: bool = True) -> jax.Array:
-        """int [B, T] -> [B, T, H] in the compute dtype."""
-        return jnp.take(self.table(use_adapters), input_ids, axis=0).astype(self.dtype)
+    def __call__(self, input_ids: jax.Array, *, use_adapters: bool = True, frozen: bool = False) -> jax.Array:
+        """int [B, T] -> [B, T, H] in the compute dtype.
+
+        ``frozen``: the table takes no gradient here. On CPU a 16-bit table is then gathered as uint16
+        bit patterns: XLA:CPU would otherwise gather from a float32 copy of the whole table (0.6 GiB for
+        a 152k x 1024 vocabulary)."""
+        table = self.table(use_adapters)
+        if frozen and table.dtype.itemsize == 2 and platform.kernel_platform() == "cpu":
+            bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
+            return jax.lax.bitcast_convert_type(bits, table.dtype).astype(self.dtype)
+        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
 
 
 class LMHead(nnx.Module):

@@ -37,6 +37,7 @@ from jaxpref.losses.fused import fused_token_logps
 from jaxpref.objectives.base import Batch, Metrics, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
+from jaxpref.pallas.linear_lse.xla import vocabulary_mean
 
 SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
 SIDES = ("chosen_", "rejected_")
@@ -111,7 +112,7 @@ def sequence_stats(
     logps = jnp.sum(jnp.where(mask, token_logps, 0.0), axis=-1)
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
     # Mean logit over the vocabulary at each position = h . mean_v W[:, v]: no [N, T, V] logits.
-    w_mean = jax.lax.stop_gradient(jnp.mean(weight, axis=1, dtype=jnp.float32))  # [H]
+    w_mean = vocabulary_mean(jax.lax.stop_gradient(weight))  # [H] float32
     mean_logits = jnp.einsum("nth,h->nt", jax.lax.stop_gradient(hidden).astype(jnp.float32), w_mean)
     logit_sums = jnp.sum(jnp.where(mask, mean_logits, 0.0), axis=-1)
     if full_nll:

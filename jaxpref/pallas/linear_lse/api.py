@@ -128,7 +128,7 @@ def linear_logsumexp_gather_loss(
       row_loss: ``(lse [T, n], gathered [n, K'], row_inputs) -> float32 scalar``; a static Python
         callable (it must not close over traced values: pass those through ``row_inputs``).
       row_inputs: pytree of arrays with leading dim N (masks, targets); not differentiated.
-      impl: as ``linear_logsumexp_gather``; "auto" is "xla_onepass" on CPU.
+      impl: as ``linear_logsumexp_gather``; "auto" is "xla_onepass" on CPU for a float32 weight.
 
     Returns:
       (value float32 scalar, lse [T, N], gathered [N, K']); only ``value`` carries gradients (lse and
@@ -136,7 +136,11 @@ def linear_logsumexp_gather_loss(
     """
     temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
     backend = _backend()
-    if impl == "xla_onepass" or (impl == "auto" and backend == "cpu"):
+    # On CPU a 16-bit LM head goes to xla_chunked: XLA:CPU multiplies bfloat16 in float32, and with the
+    # whole vocabulary per row chunk it hoists a float32 copy of the head (in both layouts: 1.2 GiB at
+    # H=1024, V=152k) out of the loop; the chunked version streams vocabulary blocks instead.
+    onepass_auto = backend == "cpu" and jnp.dtype(weight.dtype) == jnp.float32
+    if impl == "xla_onepass" or (impl == "auto" and onepass_auto):
         sizes = resolve_block_sizes(backend, "xla_onepass", block_n=block_n)
         return linear_logsumexp_gather_loss_onepass(
             hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, block_n=sizes.block_n

@@ -41,6 +41,17 @@ def linear_logsumexp_gather_xla(
     return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), temps, int(block_n), int(block_v))
 
 
+def vocabulary_mean(weight: jax.Array, *, block_v: int = 8192) -> jax.Array:
+    """float32 [H]: the mean of the LM-head weight [H, V] over the vocabulary, block by block (a 16-bit
+    weight is never converted whole: see ``_to_bits``). The mean logit of a row is ``h . mean``."""
+    w_bits = _to_bits(weight)
+
+    def body(total, v0, width):
+        return total + jnp.sum(_weight_block(w_bits, weight.dtype, v0, width).astype(_F32), axis=1)
+
+    return _vocab_loop(weight.shape[1], block_v, body, jnp.zeros(weight.shape[0], _F32)) / weight.shape[1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Blocked loops over the vocabulary.
 
