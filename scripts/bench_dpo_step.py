@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,10 +111,32 @@ def _result(args, tokens: int, times: list[float], cpu: list[float], losses: lis
     }
 
 
+def step_timer() -> tuple[Any, dict[str, list[float]]]:
+    """A transformers ``TrainerCallback`` recording each step's wall and CPU seconds (``on_step_begin`` ->
+    ``on_step_end``) and the logged losses, and the dict it records into."""
+    from transformers import TrainerCallback
+
+    marks: dict[str, list[float]] = {"times": [], "cpu": [], "losses": []}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *a, **k):
+            marks["times"].append(time.perf_counter() - self.t0)
+            marks["cpu"].append(time.process_time() - self.c0)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                marks["losses"].append(float(logs["loss"]))
+
+    return Timer(), marks
+
+
 def _trl_worker(args: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import LlamaForCausalLM, TrainerCallback
+    from transformers import LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
@@ -146,23 +169,11 @@ def _trl_worker(args: argparse.Namespace) -> dict:
         disable_tqdm=True,
         seed=0,
     )
-    marks: dict[str, list[float]] = {"times": [], "cpu": [], "losses": []}
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            marks["times"].append(time.perf_counter() - self.t0)
-            marks["cpu"].append(time.process_time() - self.c0)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                marks["losses"].append(float(logs["loss"]))
+    timer, marks = step_timer()
 
     trainer = DPOTrainer(
         model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=_tokenizer(),
-        callbacks=[Timer()],
+        callbacks=[timer],
     )  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
     seen = int(batch["input_ids"].shape[1])

@@ -213,7 +213,7 @@ def _trl_dpo_worker(args: argparse.Namespace) -> dict:
     """TRL's DPOTrainer with a peft_config (reference = adapter off), timed by a step callback."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     c = cell_config(args.config)
@@ -249,23 +249,11 @@ def _trl_dpo_worker(args: argparse.Namespace) -> dict:
         disable_tqdm=True,
         seed=0,
     )
-    marks: dict[str, list[float]] = {"times": [], "cpu": [], "losses": []}
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            marks["times"].append(time.perf_counter() - self.t0)
-            marks["cpu"].append(time.process_time() - self.c0)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                marks["losses"].append(float(logs["loss"]))
+    timer, marks = dpo.step_timer()
 
     trainer = DPOTrainer(
         model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=dpo._tokenizer(),
-        peft_config=peft_config(c), callbacks=[Timer()],
+        peft_config=peft_config(c), callbacks=[timer],
     )  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
     seen = list(batch["input_ids"].shape)
