@@ -26,7 +26,9 @@ Each (cell, implementation) runs in its own fresh subprocess, one after the othe
 ``run_worker``, with its malloc settings); peak memory is the process's peak RSS (``ru_maxrss``: for JAX
 on CPU all of its memory). jaxpref also reports the compiled train step's XLA memory analysis (arguments,
 outputs, temporaries) and its compile time. The markdown table is rewritten to ``--out`` after every
-worker, so a long run can be read while it grows.
+worker, so a long run can be read while it grows; ``--previous`` puts an earlier run's rows (its ``--json``) first.
+On a shared machine the load moves wall-clock times (PyTorch's most: its OpenMP threads spin when oversubscribed),
+so every row records CPU seconds and the load average too.
 
   nice -n 19 python scripts/bench_real_size.py --out /tmp/real_size_results.md
   nice -n 19 python scripts/bench_real_size.py --cells qwen3-0.6b-kd --impls jaxpref --steps 1
