@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,16 +138,9 @@ def dividing_axes(mesh: Any, axes: tuple[str, ...], size: int) -> tuple[str, ...
     """The longest prefix of ``axes`` (those of ``mesh`` larger than 1) whose sizes multiply to a divisor
     of ``size``: the axes a kernel can split a dimension of ``size`` over."""
     picked = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-    while picked and size % _product(mesh, picked):
+    while picked and size % math.prod(mesh.shape[a] for a in picked):
         picked = picked[:-1]
     return picked
-
-
-def _product(mesh: Any, axes: tuple[str, ...]) -> int:
-    out = 1
-    for a in axes:
-        out *= mesh.shape[a]
-    return out
 
 
 def spec_entry(axes: tuple[str, ...]) -> Any:

@@ -42,6 +42,12 @@ CONFIGS = {"small": (4, 2, 256, 64), "large": (8, 4, 512, 128)}
 # jaxpref config keys per benchmark config (TRL runs with its defaults); see bench_kd_step.py.
 JAXPREF_SETTINGS = {"small": {}, "large": {"gradient_checkpointing": True}}
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-6, 1.0
+# DPOConfig settings every TRL side of a benchmark shares: sigmoid loss, live reference, a step per log
+# line, nothing saved or reported, CPU, no loader workers.
+TRL_RUN_SETTINGS = dict(
+    loss_type=["sigmoid"], precompute_ref_log_probs=False, logging_steps=1, save_strategy="no", report_to=[],
+    use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+)
 
 
 def make_pairs(
@@ -158,16 +164,8 @@ def _trl_worker(args: argparse.Namespace) -> dict:
         weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM,
         beta=BETA,
-        loss_type=["sigmoid"],
-        precompute_ref_log_probs=False,
         max_steps=total,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **TRL_RUN_SETTINGS,
     )
     timer, marks = step_timer()
 

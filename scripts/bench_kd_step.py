@@ -69,6 +69,13 @@ def _model_config(layers: int) -> dict:
     }
 
 
+def parse_set(items: list[str] | None) -> dict:
+    """``--set key=value`` items as jaxpref config keys (values parsed as YAML)."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items or ())}
+
+
 def make_batch(
     batch: int, seq_len: int, seed: int = 0, *, vocab: int = VOCAB, top_k: int = TOP_K
 ) -> dict[str, np.ndarray]:
@@ -162,7 +169,6 @@ def _torch_worker(args: argparse.Namespace) -> dict:
 
 def _jax_worker(args: argparse.Namespace) -> dict:
     import jax
-    import yaml
 
     from jaxpref import sharding as shd
     from jaxpref.assembly import build_model
@@ -187,9 +193,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
         "output_dir": tempfile.mkdtemp(prefix="bench_kd_out_"),
         **JAXPREF_SETTINGS[args.config],
     }
-    for item in args.set or ():
-        key, value = item.split("=", 1)
-        raw[key] = yaml.safe_load(value)
+    raw.update(parse_set(args.set))
     cfg = validate_config(raw, require_datasets=False)
     objective = build_objective(cfg, "kd")
     mesh = shd.make_mesh(None)

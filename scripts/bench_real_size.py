@@ -238,18 +238,10 @@ def _trl_dpo_worker(args: argparse.Namespace) -> dict:
         weight_decay=c.get("weight_decay", 0.0),
         max_grad_norm=c.get("max_grad_norm", 1.0),
         beta=c.get("rl_beta", 0.1),
-        loss_type=["sigmoid"],
-        precompute_ref_log_probs=False,
         gradient_checkpointing=bool(c.get("gradient_checkpointing")),
         bf16=c.get("compute_dtype") == "bfloat16",
         max_steps=total,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **dpo.TRL_RUN_SETTINGS,
     )
     timer, marks = dpo.step_timer()
 
@@ -294,9 +286,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
         "max_steps": args.warmup + args.steps,
         "output_dir": tempfile.mkdtemp(prefix="bench_real_out_"),
     }
-    for item in args.set or ():
-        key, value = item.split("=", 1)
-        raw[key] = yaml.safe_load(value)
+    raw.update(kd.parse_set(args.set))
     cfg = validate_config(raw, require_datasets=False)
     objective = build_objective(cfg, objective_name)
     mesh = shd.make_mesh(None)
