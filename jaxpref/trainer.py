@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpref import platform, precision
+from jaxpref import bit_patterns, platform, precision
 from jaxpref import sharding as shd
 from jaxpref.errors import UserError
 from jaxpref.objectives.base import Objective
@@ -106,7 +106,12 @@ class Trainer:
         self.params_sharding = shd.state_shardings(params, mesh, rules)
         self.frozen_sharding = shd.state_shardings(frozen, mesh, rules)
         self.params = shd.place(params, self.params_sharding)
+        # On CPU frozen 16-bit weights are held as uint16 views of the same memory (jaxpref.bit_patterns);
+        # ``frozen_dtypes`` are their real dtypes, ``frozen_view()`` the weights as such.
+        self.frozen_dtypes = bit_patterns.storage_dtypes(frozen)
         self.frozen = shd.place(frozen, self.frozen_sharding)
+        if platform.kernel_platform() == "cpu":
+            self.frozen = bit_patterns.to_bits(self.frozen)
         self.companion_graphdefs, companion_states = {}, {}
         for name in objective.companions:
             self.companion_graphdefs[name], companion_states[name] = nnx.split(companions[name])
@@ -158,14 +163,29 @@ class Trainer:
                 step_fn = self._jit_train_step(lambda *a: self._train_step_impl(*a))
                 return jax.export.export(
                     step_fn, platforms=[target], disabled_checks=platform.export_safety_exemptions(target)
-                )(self.params, self.frozen, self.companions, self.opt_state, batch, step)
+                )(self.params, self.frozen_view(), self.companions, self.opt_state, batch, step)
         finally:
             jax.clear_caches()
+
+    def compile_train_step(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> jax.stages.Compiled:
+        """The jitted train step compiled for this machine from shapes only (for its memory analysis).
+
+        ``batch``: as in ``export_train_step``."""
+        sharding = shd.batch_sharding(self.mesh, leading_dims=1)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        with platform.kernel_mesh(self.mesh):
+            lowered = self._train_step.lower(self.params, self.frozen, self.companions, self.opt_state, batch, step)
+        return lowered.compile()
 
     # ---- model views -------------------------------------------------------------------------
     def model(self) -> nnx.Module:
         """The current model (trainable + frozen state merged); for export and tests."""
-        return nnx.merge(self.graphdef, self.params, self.frozen)
+        return nnx.merge(self.graphdef, self.params, self.frozen_view())
+
+    def frozen_view(self) -> Any:
+        """The frozen state in its own dtypes (``self.frozen`` may hold uint16 views on CPU); no copy."""
+        return bit_patterns.view_as(self.frozen, self.frozen_dtypes)
 
     def num_params(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts; RNG state (LoRA dropout keys) is not a parameter."""
@@ -180,7 +200,7 @@ class Trainer:
     def _micro_loss(self, params, frozen, companions, mb, num_items, key, *, train: bool):
         # copy=True: the merged model must own its variables, since reseeding mutates RNG state
         # that otherwise belongs to an outer trace.
-        model = nnx.merge(self.graphdef, params, frozen, copy=True)
+        model = nnx.merge(self.graphdef, params, bit_patterns.from_bits(frozen, self.frozen_dtypes), copy=True)
         if train:
             _reseed(model, key)
         if not self.objective.companions:

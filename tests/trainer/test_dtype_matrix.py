@@ -100,7 +100,7 @@ def test_two_steps_in_every_dtype(objective, tuning, tmp_path, checkpoint):
             lora_adapter = isinstance(var, nnx.LoRAParam) and var.get_value().ndim >= 3  # lora_a / lora_b
             expected = jnp.float32 if lora_adapter else jnp.dtype(param_dtype)
             assert var.get_value().dtype == expected, (where, type(var).__name__, var.get_value().dtype)
-        for var in _variables(trainer.frozen):
+        for var in _variables(trainer.frozen_view()):  # on CPU held as uint16 views (jaxpref.bit_patterns)
             if isinstance(var, nnx.Param):
                 assert var.get_value().dtype == jnp.dtype(param_dtype), where
         floating = [x for x in jax.tree.leaves(trainer.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
