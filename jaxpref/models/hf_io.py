@@ -292,11 +292,40 @@ def from_config(
     def make() -> CausalLM:
         return CausalLM(config, rngs=nnx.Rngs(params=seed), **kwargs)
 
-    # One jitted initialisation instead of hundreds of small eager ops (seconds on CPU).
+    # Jitted initialisation instead of hundreds of small eager ops (seconds on CPU), in groups of about
+    # INIT_GROUP_BYTES of parameters: one jit for a whole 1B model holds the float32 draws of every
+    # weight at once (9 GiB of temporaries for 2.3 GiB of bfloat16 Llama-3.2-1B weights). Each group's
+    # jit traces the whole model and keeps only its own arrays; every weight draws from its own key, so
+    # the values do not depend on the grouping.
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-    shardings = None if mesh is None else state_shardings(abstract_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    shapes, treedef = jax.tree.flatten(abstract_state)
+    shardings = [None] * len(shapes)
+    if mesh is not None:
+        shardings = jax.tree.leaves(state_shardings(abstract_state, mesh, rules))
+    values: list[Any] = [None] * len(shapes)
+    for group in _init_groups(shapes):
+        init = jax.jit(lambda g=group: [jax.tree.leaves(nnx.state(make()))[i] for i in g],
+                       out_shardings=[shardings[i] for i in group])  # fmt: skip
+        for i, value in zip(group, init()):
+            values[i] = value
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+
+INIT_GROUP_BYTES = 512 * 2**20
+
+
+def _init_groups(shapes: list[Any]) -> list[list[int]]:
+    """Indices of ``shapes`` in consecutive groups of at most ``INIT_GROUP_BYTES`` (or one array)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, s in enumerate(shapes):
+        size = int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize
+        if groups[-1] and total + size > INIT_GROUP_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
 
 
 def to_host(x: jax.Array) -> np.ndarray:
