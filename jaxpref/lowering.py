@@ -78,12 +78,9 @@ def ensure_devices(count: int) -> list[Any]:
     return jax.devices()[:count]
 
 
-def lower_train_step(
-    cfg: Any, platforms: tuple[str, ...], *, out_dir: str | None = None, devices: int | None = None
-) -> dict[str, Any]:
-    """Lower the config's train step for each of ``platforms`` ("tpu", "cuda"); returns (and prints)
-    per platform the custom calls (kernels) in the module, the device count and the module size, and
-    writes ``out_dir/{platform}.mlir`` when ``out_dir`` is given."""
+def abstract_trainer(cfg: Any, mesh: Any) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
+    """The config's Trainer with shapes-only state (nothing initialised or read) on ``mesh``, and the
+    [accum, micro_batch, ...] shapes of one step's batch from the pipeline's first micro-batches."""
     from flax import nnx
 
     from jaxpref import lora
@@ -94,8 +91,6 @@ def lower_train_step(
     from jaxpref.optim import make_optimizer
     from jaxpref.trainer import Trainer
 
-    count = mesh_devices(cfg, devices)
-    mesh = shd.make_mesh(cfg.mesh.model_dump() if cfg.mesh is not None else None, ensure_devices(count))
     objective = build_objective(cfg, objective_name(cfg))
     tokenizer = load_tokenizer(cfg)
     data = build_data(cfg, tokenizer, objective.data)
@@ -118,7 +113,26 @@ def lower_train_step(
         model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
         seed=cfg.seed, companions=companions,
     )  # fmt: skip
-    report: dict[str, Any] = {"objective": objective.name, "devices": count, "mesh": dict(mesh.shape)}
+    return trainer, batch
+
+
+def config_mesh(cfg: Any, devices: int | None = None) -> Any:
+    """The config's mesh over ``devices`` devices (default: its fixed sizes), simulated on CPU if need be."""
+    from jaxpref import sharding as shd
+
+    count = mesh_devices(cfg, devices)
+    return shd.make_mesh(cfg.mesh.model_dump() if cfg.mesh is not None else None, ensure_devices(count))
+
+
+def lower_train_step(
+    cfg: Any, platforms: tuple[str, ...], *, out_dir: str | None = None, devices: int | None = None
+) -> dict[str, Any]:
+    """Lower the config's train step for each of ``platforms`` ("tpu", "cuda"); returns (and prints)
+    per platform the custom calls (kernels) in the module, the device count and the module size, and
+    writes ``out_dir/{platform}.mlir`` when ``out_dir`` is given."""
+    mesh = config_mesh(cfg, devices)
+    trainer, batch = abstract_trainer(cfg, mesh)
+    report: dict[str, Any] = {"objective": trainer.objective.name, "devices": mesh.size, "mesh": dict(mesh.shape)}
     report["batch"] = {k: f"{v.dtype}{list(v.shape)}" for k, v in batch.items()}
     for name in platforms:
         exported = trainer.export_train_step(batch, name)
@@ -130,6 +144,22 @@ def lower_train_step(
             (path / f"{name}.mlir").write_text(text)
             report[name]["file"] = str(path / f"{name}.mlir")
     return report
+
+
+def compiled_memory(cfg: Any, devices: int | None = None) -> dict[str, Any]:
+    """The config's train step compiled for this machine from shapes (nothing initialised or read):
+    XLA's memory analysis per device, in bytes (``arguments``: parameters, optimizer state, companions,
+    the batch; ``temporaries``: everything the step allocates; ``outputs`` not aliased to a donated
+    argument) and their ``total``."""
+    mesh = config_mesh(cfg, devices)
+    trainer, batch = abstract_trainer(cfg, mesh)
+    analysis = trainer.compile_train_step(batch).memory_analysis()
+    parts = {
+        "arguments": int(analysis.argument_size_in_bytes),
+        "temporaries": int(analysis.temp_size_in_bytes),
+        "outputs": int(analysis.output_size_in_bytes - analysis.alias_size_in_bytes),
+    }
+    return {"platform": jax.devices()[0].platform, "devices": mesh.size, **parts, "total": sum(parts.values())}
 
 
 def batch_shapes(cfg: Any, objective: Any, data: Any, divisor: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -25,9 +25,15 @@ another, so it does not add):
 
     activations = tokens x (layers x kept + recomputed + H) in bytes
 
-The final ``+ H`` is the last hidden state the fused LM-head loss reads (the loss itself works in
-row blocks and never holds [tokens, vocab] logits). XLA's own temporaries (fusion buffers,
-collective buffers) come on top; leave 10-20 % headroom.
+The final ``+ H`` is the last hidden state the fused LM-head loss reads. The loss itself works in
+row blocks and never holds [tokens, vocab] logits; its working set (``loss_bytes``) is the float32
+hidden states and their gradient, plus three float32 [rows, block_v] blocks of the XLA chunked
+version (logits, their exponentials, their gradient; the Pallas kernels keep their tiles on chip):
+
+    loss = tokens x H x 8 + 3 x min(tokens, block_n) x min(block_v, V) x 4   (block_n 4096, block_v 2048)
+
+XLA's own temporaries (fusion buffers, collective buffers) come on top; leave 10-20 % headroom, or
+compile the step on the machine (``--dry_run_compile``) for XLA's exact figure.
 """
 
 from __future__ import annotations
@@ -95,6 +101,13 @@ def activation_bytes(
         recompute_bytes_per_token=recompute,
         bytes=int(tokens * per_token),
     )
+
+
+def loss_bytes(
+    *, tokens: float, hidden_size: int, vocab_size: int, block_n: int = 4096, block_v: int = 2048
+) -> int:
+    """The fused LM-head loss's working set in bytes (the module docstring's ``loss``)."""
+    return int(tokens * hidden_size * 8 + 3 * min(tokens, block_n) * min(block_v, vocab_size) * 4)
 
 
 def human(n: float) -> str:

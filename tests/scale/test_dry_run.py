@@ -69,9 +69,12 @@ def test_fsdp_and_tensor_shards_by_hand():
             "optimizer_bytes_per_device",
             "gradient_bytes_per_device",
             "activation_bytes_per_device",
+            "loss_bytes_per_device",
             "companion_bytes_per_device",
         )
     )
+    # the fused loss: float32 hidden states and their gradient, three float32 [512 rows, 512 vocab] blocks
+    assert r["loss_bytes_per_device"] == 512 * 128 * 8 + 3 * 512 * 512 * 4
     assert r["steps"] == 300  # max_steps
 
 
@@ -120,6 +123,24 @@ def test_cli_plans_for_other_machines_and_explains_missing_steps(capsys):
     # micro_batch_size 8 x 1 process cannot feed 64 devices on the batch axes
     assert main(["--config", config, "--dry_run", "--dry_run_devices", "64", "mesh.fsdp=-1"]) == 2
     assert "must be a multiple of the 64 devices" in capsys.readouterr().err
+
+
+def test_dry_run_compile_reports_the_real_steps_xla_memory(capsys):
+    """``--dry_run_compile``: the plan, then the real step compiled here from shapes. XLA's arguments are
+    the plan's parameters and optimizer state plus the batch (a bfloat16 base held as uint16 on CPU is
+    the same bytes: jaxpref.bit_patterns)."""
+    lora = ["param_dtype=bfloat16", "compute_dtype=bfloat16", "adapter=lora", "lora_r=4", "lora_alpha=8",
+            "lora_target_linear=true", "micro_batch_size=2", "sequence_len=256", "mesh.data=1"]  # fmt: skip
+    config = str(REPO / "configs" / "sft.yaml")
+    assert main(["--config", config, "--dry_run_compile", *lora]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    here = out["compiled_here"]
+    assert here["platform"] == "cpu" and here["devices"] == 1
+    assert here["total"] == here["arguments"] + here["temporaries"] + here["outputs"]
+    batch = 2 * 256 * (4 + 4 + 4 + 4 + 1)  # input_ids, labels, positions, segment_ids (int32), loss_mask
+    plan = out["param_bytes_per_device"] + out["optimizer_bytes_per_device"] + batch
+    assert plan - 8 <= here["arguments"] <= plan + 8, (here, plan)  # + the step number (a scalar), or not
+    assert here["temporaries"] > 0
 
 
 @pytest.mark.slow
