@@ -166,3 +166,21 @@ def test_forward_works_on_a_model_merged_from_outer_trace_state(policy):
     shape, grads = step(params, frozen)
     assert tuple(shape) == (1, 6, 32)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
+
+
+def test_random_init_in_groups_gives_the_same_weights(monkeypatch):
+    """``from_config`` initialises in groups of ``INIT_GROUP_BYTES`` of parameters (one jit for a 1B
+    model held every weight's float32 draws at once); every weight draws from its own key, so one group
+    per array gives the weights of one group for all."""
+    from jaxpref.models import hf_io
+
+    cfg = ModelConfig.from_hf_dict(
+        dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    whole = nnx.state(from_config(cfg, seed=3))
+    monkeypatch.setattr(hf_io, "INIT_GROUP_BYTES", 1)
+    leaves = jax.tree.leaves(whole)
+    assert len(hf_io._init_groups(leaves)) == len(leaves) > 5
+    for a, b in zip(leaves, jax.tree.leaves(nnx.state(from_config(cfg, seed=3))), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
