@@ -55,8 +55,10 @@ def _zeros_f32(tree: Any) -> Any:
 
 
 def _key_sum(batch: Mapping[str, jax.Array], prefixes: tuple[str, ...], key: str, pred: Callable) -> jax.Array:
-    """Sum of ``pred(x)`` over ``batch[prefix + key]`` for the objective's trained sequences."""
-    return sum((jnp.sum(pred(batch[p + key]).astype(jnp.float32)) for p in prefixes), jnp.zeros((), jnp.float32))
+    """Sum of ``pred(x)`` over ``batch[prefix + key]`` for the objective's trained sequences (0 for a key
+    the objective's batches do not have)."""
+    arrays = [batch[p + key] for p in prefixes if p + key in batch]
+    return sum((jnp.sum(pred(x).astype(jnp.float32)) for x in arrays), jnp.zeros((), jnp.float32))
 
 
 def _reseed(model: nnx.Module, key: jax.Array) -> None:

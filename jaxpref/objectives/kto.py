@@ -42,7 +42,6 @@ from jaxpref.objectives.sft import kernel_options
 log = logging.getLogger(__name__)
 
 
-
 def example_count(batch: Batch) -> jax.Array:
     """Real examples of a KTO micro-batch."""
     return jnp.sum(batch["example_mask"].astype(jnp.float32))
@@ -93,7 +92,7 @@ def build_kto(cfg: Any) -> Objective:
     }
 
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
-        seqs = concat_sides(batch, ("", "kl_"))
+        seqs = concat_sides(batch, ("", keys.KTO_KL_PREFIX))
         n = batch["example_mask"].shape[0]
         mask = batch["example_mask"].astype(bool)
         stats = sequence_stats(model, seqs, train=train, kopts=kopts)
