@@ -27,8 +27,8 @@ BITS = jnp.dtype(jnp.uint16)
 
 
 def is_16bit_float(dtype: Any) -> bool:
-    dtype = jnp.dtype(dtype)
-    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
+    """bfloat16 or float16 (not typed PRNG keys, which LoRA dropout keeps in the frozen state)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
 
 
 def _view(x: jax.Array, dtype: Any) -> jax.Array:
@@ -45,7 +45,7 @@ def _view(x: jax.Array, dtype: Any) -> jax.Array:
 
 def storage_dtypes(state: Any) -> Any:
     """The dtype of every leaf of ``state`` (the tree ``from_bits`` restores to)."""
-    return jax.tree.map(lambda x: jnp.dtype(x.dtype), state)
+    return jax.tree.map(lambda x: x.dtype, state)
 
 
 def to_bits(state: Any) -> Any:
