@@ -141,7 +141,7 @@ def build_trainer(
 
     model = build_model(cfg, len(tokenizer), mesh)
     if objective.data == "preference":
-        from jaxpref.objectives.precompute import prepare_preference_run
+        from jaxpref.reference_pass import prepare_preference_run
 
         prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
     tx, schedule = make_optimizer(cfg, total_steps)

@@ -98,7 +98,7 @@ def abstract_trainer(cfg: Any, mesh: Any) -> tuple[Any, dict[str, jax.ShapeDtype
 
     def student() -> Any:
         model = build_model(cfg, len(tokenizer), mesh, weights=False)
-        if objective.extras.get("score_head"):
+        if objective.score_head:
             from jaxpref.models.reward import add_score_head
 
             add_score_head(model, seed=int(cfg.seed) + 2)

@@ -34,7 +34,7 @@ def data_builder(cfg: Any) -> tuple[str, Callable[..., Any]]:
 
         return preference_kind(cfg), build_preference_data
     from jaxpref.data.formats.kd import lm_kind
-    from jaxpref.data.pipeline import build_lm_data
+    from jaxpref.data.lm import build_lm_data
 
     return lm_kind(cfg), build_lm_data
 

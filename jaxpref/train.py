@@ -207,7 +207,7 @@ def export_final(cfg: Any, trainer: Trainer, tokenizer: Any, out_dir: Path) -> N
     from jaxpref import lora, models
 
     model = trainer.model()
-    if trainer.objective.extras.get("score_head"):
+    if trainer.objective.score_head:
         export_reward_model(cfg, model, tokenizer, out_dir)
     elif cfg.adapter == "lora":
         lora.export_peft_adapter(model, out_dir, base_model_name_or_path=cfg.base_model)

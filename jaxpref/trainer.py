@@ -54,11 +54,11 @@ def _zeros_f32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
-def _key_sum(batch: Mapping[str, jax.Array], suffix: str, pred: Callable) -> jax.Array:
-    """Sum of ``pred(x)`` over the batch keys ending in ``suffix`` (``chosen_``/``rejected_`` sides
-    included; KTO's ``kl_`` copies are not tokens the model trains on)."""
-    keys = [k for k in batch if k.endswith(suffix) and not k.startswith("kl_")]
-    return sum((jnp.sum(pred(batch[k]).astype(jnp.float32)) for k in keys), jnp.zeros((), jnp.float32))
+def _key_sum(batch: Mapping[str, jax.Array], prefixes: tuple[str, ...], key: str, pred: Callable) -> jax.Array:
+    """Sum of ``pred(x)`` over ``batch[prefix + key]`` for the objective's trained sequences (0 for a key
+    the objective's batches do not have)."""
+    arrays = [batch[p + key] for p in prefixes if p + key in batch]
+    return sum((jnp.sum(pred(x).astype(jnp.float32)) for x in arrays), jnp.zeros((), jnp.float32))
 
 
 def _reseed(model: nnx.Module, key: jax.Array) -> None:
@@ -259,8 +259,8 @@ class Trainer:
             "loss": loss,
             "grad_norm": grad_norm,
             "num_items": jnp.sum(counts),
-            "tokens": _key_sum(batch, "segment_ids", lambda x: x > 0),
-            "trainable_tokens": _key_sum(batch, "loss_mask", lambda x: x),
+            "tokens": _key_sum(batch, self.objective.sequences, "segment_ids", lambda x: x > 0),
+            "trainable_tokens": _key_sum(batch, self.objective.sequences, "loss_mask", lambda x: x),
             "finite": finite,
             **metrics,
         }

@@ -227,7 +227,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-    extra = {"jax": jax.__version__, "reference": objective.extras.get("reference")}
+    extra = {"jax": jax.__version__, "reference": objective.reference}
     return _result(args, 2 * pairs * seq_len, times, cpu, losses, extra)
 
 

@@ -26,7 +26,7 @@ from jaxpref.config.nested import (
     MeshConfig,
     SpecialTokensConfig,
 )
-from jaxpref.config.schema import SECTIONS
+from jaxpref.config.sections import SECTIONS
 
 _INTRO = """\
 # Config reference

@@ -1,334 +1,31 @@
-"""The typed config schema: ``JaxprefConfig`` (pydantic v2), one section class per topic.
-
-Key names follow axolotl where axolotl has the feature; defaults are axolotl's (or the Hugging Face
-Trainer's / TRL's, which axolotl inherits) unless the description says otherwise. Axolotl-only keys
-are translated before validation (``jaxpref.config.axolotl``).
+"""The typed config: ``JaxprefConfig`` (pydantic v2), the union of the sections of
+``jaxpref.config.sections``, with the validators that translate axolotl keys, resolve the defaults
+that depend on other keys and check keys against each other.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import PrivateAttr, ValidationInfo, model_validator
 
-from jaxpref.config import axolotl, coerce
-from jaxpref.config.nested import (
-    ChatTemplateName,
-    DatasetConfig,
-    DistributedConfig,
-    FusedKernelConfig,
-    MeshConfig,
-    Section,
-    SpecialTokensConfig,
-    StrList,
-)
+from jaxpref.config import axolotl
+from jaxpref.config.nested import DatasetConfig
 from jaxpref.config.notes import warn
-
-DType = Literal["float32", "bfloat16"]
-
-
-def _by_name(normalize: Any) -> Any:
-    """A before-validator applying ``normalize`` to string values (other types fail type checks)."""
-    return lambda value: normalize(value) if isinstance(value, str) else value
-
-
-class ModelSection(Section):
-    """Model and tokenizer."""
-
-    base_model: str | None = Field(
-        None,
-        description="Hugging Face model directory or hub id. Required, unless random_init_weights is set "
-        "with base_model_config.",
-    )
-    base_model_config: str | None = Field(
-        None, description="Where config.json comes from, when not from base_model (directory or hub id)."
-    )
-    tokenizer_config: str | None = Field(None, description="Tokenizer directory or hub id; default: base_model.")
-    random_init_weights: bool = Field(
-        False,
-        description="Build the model from its config.json with random weights instead of loading weights "
-        "(axolotl: reinit_weights).",
-    )
-    chat_template: ChatTemplateName = Field(
-        "tokenizer_default",
-        description="tokenizer_default: the tokenizer's own template (axolotl default); jinja: "
-        "chat_template_jinja (implied when only chat_template_jinja is given).",
-    )
-    chat_template_jinja: str | None = Field(None, description="A jinja chat template, or the path of a .jinja file.")
-    special_tokens: SpecialTokensConfig | None = Field(None, description="Special tokens to set on the tokenizer.")
-    param_dtype: DType = Field(
-        "float32",
-        description="Storage dtype of the model's parameters, trained and frozen (optimizer state and LoRA "
-        "adapters stay float32; bfloat16 parameters are updated with stochastic rounding: see Precision). "
-        "axolotl's bfloat16/float16: true set it.",
-    )
-    compute_dtype: DType = Field(
-        "float32",
-        description="Activation/matmul dtype (norms, softmax and losses stay float32); bf16: true|auto sets "
-        "bfloat16 (axolotl's bf16 defaults to auto on GPUs; jaxpref's default is float32).",
-    )
-    gradient_checkpointing: Annotated[bool, BeforeValidator(coerce.gradient_checkpointing)] = Field(
-        False, description="Rematerialise activations in backward (axolotl's offload variants -> true)."
-    )
-    remat_policy: Literal["none", "full", "dots", "dots_with_no_batch_dims"] | None = Field(
-        None,
-        description="What to save in backward; default: full when gradient_checkpointing, else none. "
-        "Anything but none turns gradient_checkpointing on.",
-    )
-    scan_layers: bool = Field(True, description="Stack decoder layers and run them with a scan (fast compiles).")
-
-
-class DataSection(Section):
-    """Data."""
-
-    datasets: list[DatasetConfig] | None = Field(None, description="Training datasets (required to train).")
-    test_datasets: list[DatasetConfig] | None = Field(
-        None, description="Evaluation datasets; use these or val_set_size, not both."
-    )
-    val_set_size: Annotated[int | float, BeforeValidator(coerce.count_or_fraction)] = Field(
-        0.0,
-        description="Held-out evaluation rows: a fraction in [0, 1) of the training data, or a whole "
-        "number of rows >= 1 (axolotl default 0: no evaluation).",
-    )
-    sequence_len: int = Field(512, ge=1, description="Maximum tokens per row (axolotl default).")
-    sample_packing: bool = Field(False, description="Pack several rows into each sequence_len row.")
-    pad_to_sequence_len: bool | None = Field(
-        None, description="Pad every batch to sequence_len; default: same as sample_packing (axolotl)."
-    )
-    excess_length_strategy: Literal["drop", "truncate", "raise"] = Field(
-        "drop", description="Rows longer than sequence_len: drop (axolotl default), truncate, or raise."
-    )
-    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (axolotl default: false).")
-    dataset_prepared_path: str | None = Field(None, description="Cache directory for tokenized datasets.")
-    dataset_processes: int | None = Field(
-        None,
-        ge=1,
-        description="Worker processes for the per-row step (format, tokenize, KD targets) of in-memory "
-        "datasets; default: min(32, CPU count), as axolotl. Small datasets stay in one process (below about "
-        "12 s of per-row work); the result is the same. Not used for streaming datasets.",
-    )
-    max_bad_row_fraction: float = Field(
-        0.5, ge=0, le=1, description="A dataset with more bad rows than this fraction is an error."
-    )
-
-
-class OptimSection(Section):
-    """Optimization."""
-
-    micro_batch_size: int = Field(1, ge=1, description="Rows per micro-batch per process (axolotl default).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Eval rows per micro-batch; default: micro_batch_size.")
-    num_epochs: float = Field(1.0, gt=0, description="Epochs to train (axolotl default); max_steps wins if set.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides num_epochs.")
-    learning_rate: float = Field(ge=0, description="Peak learning rate (required, as in axolotl).")
-    lr_scheduler: Annotated[
-        Literal["cosine", "linear", "constant"], BeforeValidator(_by_name(axolotl.normalize_lr_scheduler))
-    ] = Field(
-        "cosine",
-        description="Decay after warmup (axolotl default cosine). axolotl names are mapped, see below.",
-    )
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps; exclusive with warmup_ratio.")
-    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of the total steps.")
-    cosine_min_lr_ratio: float | None = Field(
-        None, ge=0, le=1, description="Cosine decays to this fraction of learning_rate (default 0)."
-    )
-    optimizer: Annotated[
-        Literal["adamw", "adam", "adafactor", "sgd", "lion"],
-        BeforeValidator(_by_name(axolotl.normalize_optimizer)),
-    ] = Field(
-        "adamw",
-        description="optax optimizer (axolotl default adamw_torch_fused -> adamw); axolotl names are mapped.",
-    )
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (axolotl default 0).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam/Lion beta1 (HF Trainer default).")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam/Lion beta2 (HF Trainer default).")
-    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon (HF Trainer default).")
-    max_grad_norm: float | None = Field(
-        1.0, ge=0, description="Global-norm gradient clipping (HF Trainer default); 0 disables."
-    )
-    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout (HF Trainer default).")
-    skip_nonfinite_steps: bool = Field(
-        False, description="Skip an optimizer step with a non-finite loss/gradient instead of stopping."
-    )
-
-
-class LoraSection(Section):
-    """LoRA."""
-
-    adapter: Annotated[Literal["lora"] | None, BeforeValidator(coerce.adapter)] = Field(
-        None, description="lora, or empty for full fine-tuning. qlora is not supported yet."
-    )
-    lora_r: int = Field(8, ge=1, description="LoRA rank (PEFT default).")
-    lora_alpha: float = Field(8, gt=0, description="LoRA scaling numerator, scale = alpha / r (PEFT default).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (axolotl default 0).")
-    lora_target_modules: StrList | None = Field(
-        None, description="Module names to adapt, e.g. [q_proj, v_proj] (a string or a list)."
-    )
-    lora_target_linear: bool = Field(False, description="Adapt every linear layer of the decoder.")
-    lora_modules_to_save: StrList | None = Field(
-        None, description="Modules trained in full alongside LoRA, e.g. [embed_tokens, lm_head]."
-    )
-    lora_model_dir: str | None = Field(None, description="A PEFT adapter directory to start from.")
-
-
-class RunSection(Section):
-    """Run, logging and checkpoints."""
-
-    output_dir: str = Field("./model-out", description="Checkpoints, logs and the final model (relative to CWD).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
-    eval_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
-        None,
-        description="Evaluate every N steps, or at a fraction (0, 1) of the run; excludes evals_per_epoch. "
-        "Default (neither set): with an eval set, once after the last step.",
-    )
-    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
-    save_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
-        None,
-        description="Checkpoint every N steps, or a fraction (0, 1) of the run; default: once per epoch.",
-    )
-    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
-    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints to keep; default: all.")
-    resume_from_checkpoint: str | None = Field(
-        None, description="auto (latest checkpoint in output_dir) or a checkpoint directory."
-    )
-    objective: Annotated[str | None, BeforeValidator(coerce.objective)] = Field(
-        None,
-        description="Objective override: a registered name (sft, kd, dpo, ...) or package.module:builder; "
-        "default: from rl / reward_model / kd_trainer, else sft.",
-    )
-    use_tensorboard: bool = Field(True, description="Write TensorBoard event files to output_dir.")
-    wandb_project: str | None = Field(None, description="W&B project; W&B logging is on when set (and installed).")
-    wandb_entity: str | None = Field(None, description="W&B team/user.")
-    wandb_name: str | None = Field(None, description="W&B run name.")
-    wandb_run_id: str | None = Field(None, description="W&B run id (to resume a run).")
-    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
-
-
-class PreferenceSection(Section):
-    """Preference training (defaults are TRL's, which axolotl passes through)."""
-
-    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo"] | None = Field(None, description="Preference objective.")
-    rl_beta: float = Field(0.1, ge=0, description="beta of DPO/IPO/KTO/SimPO (TRL default).")
-    reward_model: bool = Field(False, description="Train a Bradley-Terry reward model.")
-    dpo_loss_type: Annotated[str | None, BeforeValidator(coerce.dpo_loss_type)] = Field(
-        None, description="DPO loss variant by TRL name (sigmoid, hinge, ipo, robust, ...); default sigmoid."
-    )
-    dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative-DPO label smoothing.")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL default).")
-    cpo_alpha: float = Field(1.0, ge=0, description="SimPO/CPO NLL weight (TRL default; 0 = pure SimPO).")
-    orpo_alpha: float = Field(0.1, ge=0, description="ORPO odds-ratio weight (TRL's ORPO beta).")
-    kto_desirable_weight: float = Field(1.0, ge=0, description="KTO weight of desirable examples.")
-    kto_undesirable_weight: float = Field(1.0, ge=0, description="KTO weight of undesirable examples.")
-    rl_adapter_ref_model: bool = Field(
-        False,
-        description="With LoRA: false = the reference is the base model with the adapter off; true = a "
-        "separate frozen copy.",
-    )
-    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
-    rl_reference_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None,
-        description="Frozen reference copy (full fine-tuning or rl_adapter_ref_model): parameter dtype "
-        "(default: param_dtype); bfloat16 halves its memory.",
-    )
-
-
-class KDSection(Section):
-    """Knowledge distillation from teacher top-k log-probs (axolotl KD plugin keys)."""
-
-    kd_trainer: bool = Field(False, description="Train with the KD objective.")
-    kd_alpha: float = Field(1.0, ge=0, description="Weight of the KD term (axolotl default).")
-    kd_ce_alpha: float = Field(0.0, ge=0, description="Weight of the cross-entropy term (axolotl: unset = 0).")
-    kd_temperature: float = Field(1.0, gt=0, description="Distillation temperature T (axolotl default).")
-    kd_beta: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="0 = forward KL, 1 = reverse KL, between: generalized JSD (axolotl default 0).",
-    )
-    kd_normalize_topk: bool = Field(
-        False,
-        description="Renormalise the student over the teacher's top-k ids (alias kd_top_k_before_softmax).",
-    )
-    kd_zscore_base_temp: float | None = Field(
-        None,
-        gt=0,
-        description="Logit standardisation: z-score both sides over top-k at this base temperature.",
-    )
-    kd_teacher_model: str | None = Field(
-        None,
-        description="Online teacher: a Hugging Face model directory run inside the train step (frozen) "
-        "whose top-k log-probs replace stored teacher targets; datasets are then plain chat rows.",
-    )
-    kd_teacher_top_k: int = Field(32, ge=1, description="Online teacher: entries per position (K).")
-    kd_teacher_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="Online teacher: parameter dtype (default: param_dtype)."
-    )
-
-
-class TeacherSection(Section):
-    """Teacher pass (`python -m jaxpref.teacher`: a KD dataset from kd_teacher_model)."""
-
-    teacher_output_dir: str | None = Field(
-        None,
-        description="Teacher pass: directory for the KD dataset shards and teacher_info.json (relative to "
-        "CWD); required by python -m jaxpref.teacher (or its --output flag).",
-    )
-    teacher_temperature: float = Field(
-        1.0,
-        gt=0,
-        description="Teacher pass: softmax temperature T_gen of the stored log-probs (normalised over the "
-        "full vocabulary); the KD dataset entry then needs temperature: T_gen.",
-    )
-    teacher_shard_rows: int = Field(
-        1000, ge=1, description="Teacher pass: input rows per output shard (the unit of resuming)."
-    )
-    teacher_format: Literal["jsonl", "parquet"] = Field(
-        "jsonl", description="Teacher pass: shard file format (part-00000.jsonl or .parquet)."
-    )
-    teacher_positions: Literal["all", "trainable"] = Field(
-        "all",
-        description="Teacher pass: store top-k rows for every token (all) or only for trainable tokens "
-        "(smaller files; a later run with other roles_to_train/train_on_inputs then drops rows).",
-    )
-
-
-class ScaleSection(Section):
-    """Scale and kernels."""
-
-    mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh sizes (see mesh below).")
-    logical_axis_rules: Annotated[
-        list[tuple[str, str | tuple[str, ...] | None]] | None, BeforeValidator(coerce.logical_axis_rules)
-    ] = Field(
-        None,
-        description="[[logical_name, mesh_axis | null | [mesh_axis, ...]], ...] overriding the built-in "
-        "rules (e.g. [[embed, fsdp], [mlp, tensor]]).",
-    )
-    fused_kernel: FusedKernelConfig = Field(
-        default_factory=FusedKernelConfig, description="Fused LM-head kernel (see fused_kernel below)."
-    )
-    attention_impl: Literal["auto", "blocked", "splash", "cudnn", "xla"] = Field(
-        "auto",
-        description="Attention kernel. auto: blocked (flash-style XLA) on CPU, splash attention (Pallas) on "
-        "TPU, cuDNN flash attention on GPU for bfloat16/float16 with head_dim <= 128 (else XLA).",
-    )
-    distributed: DistributedConfig = Field(
-        default_factory=DistributedConfig,
-        description="Multi-process start-up (see distributed below); automatic under srun, mpirun and TPU pods.",
-    )
-
-
-SECTIONS: tuple[type[Section], ...] = (
-    ModelSection,
+from jaxpref.config.sections import (
+    BUILTIN_OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
     DataSection,
-    OptimSection,
-    LoraSection,
-    RunSection,
-    PreferenceSection,
     KDSection,
-    TeacherSection,
+    LoraSection,
+    ModelSection,
+    OptimSection,
+    PreferenceSection,
+    RunSection,
     ScaleSection,
+    TeacherSection,
 )
 
 _LORA_KEYS = (
@@ -417,7 +114,23 @@ class JaxprefConfig(
             self.dataset_processes = min(32, os.cpu_count() or 1)
         if self.chat_template_jinja and "chat_template" not in self.model_fields_set:
             self.chat_template = "jinja"
+        p += self._resolve_objective()
         return p
+
+    def _resolve_objective(self) -> list[str]:
+        """``objective: dpo`` (a built-in name) and ``rl: dpo`` say the same: either sets the other, so the
+        data and the objective are chosen from one answer; both set and different is a contradiction."""
+        implied = self.rl or ("reward" if self.reward_model else "kd" if self.kd_trainer else None)
+        if self.objective not in BUILTIN_OBJECTIVES:
+            return []  # unset, or a plugin (package.module:builder): the keys decide the data
+        if implied is not None and implied != self.objective:
+            keys = f"rl: {self.rl}" if self.rl else "reward_model: true" if self.reward_model else "kd_trainer: true"
+            return [f"objective: {self.objective} and {keys} ask for different objectives; keep one of them"]
+        if self.objective in PREFERENCE_OBJECTIVES:
+            self.rl = self.objective
+        self.reward_model = self.reward_model or self.objective == "reward"
+        self.kd_trainer = self.kd_trainer or self.objective == "kd"
+        return []
 
     def _problems(self, *, require_datasets: bool) -> list[str]:
         """Cross-field checks; each problem is one line naming the keys involved."""

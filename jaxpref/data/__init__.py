@@ -11,7 +11,8 @@ API; its ``micro_batches_per_epoch`` is None (unknown) and the run needs ``max_s
 """
 
 from jaxpref.data.formats import BadRow, get_format, known_types, register_format
-from jaxpref.data.pipeline import LMData, build_lm_data
+from jaxpref.data.lm import build_lm_data
+from jaxpref.data.pipeline import LMData
 from jaxpref.data.preference import PreferenceData, build_preference_data
 from jaxpref.data.report import DataReport
 from jaxpref.data.tokenizer import load_tokenizer

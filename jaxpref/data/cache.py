@@ -63,7 +63,7 @@ _DATA_SOURCE = Path(__file__).resolve().parent
 
 
 def _keyed_fields() -> list[str]:
-    from jaxpref.config.schema import DataSection  # lazy: only the field names are needed
+    from jaxpref.config.sections import DataSection  # lazy: only the field names are needed
 
     return sorted(set(DataSection.model_fields) - _NOT_KEYED) + list(_EXTRA_KEYED)
 
@@ -82,7 +82,7 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _stat(path: str) -> list[tuple[str, int, int]]:
+def file_stats(path: str) -> list[tuple[str, int, int]]:
     """(absolute path, size, mtime in ns) of a file, or of every file below a directory."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(path):
@@ -92,7 +92,7 @@ def _stat(path: str) -> list[tuple[str, int, int]]:
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
-            out.extend(_stat(os.path.join(root, name)))
+            out.extend(file_stats(os.path.join(root, name)))
     return out
 
 
@@ -130,7 +130,7 @@ def entry_fingerprint(entry: Any) -> dict[str, Any]:
         if base and f in data_files and not os.path.exists(expanded):
             expanded = os.path.join(base, f)  # data_files relative to a `path` directory
         for match in sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]:
-            stats.extend(_stat(match) if os.path.exists(match) else [(match, -1, -1)])
+            stats.extend(file_stats(match) if os.path.exists(match) else [(match, -1, -1)])
     return {"files": sorted(set(stats))}
 
 

@@ -28,10 +28,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from jaxpref.batch_keys import KD_TARGETS
+
 Example = dict[str, np.ndarray]
 
 TEACHER_KEYS = ("teacher_token_ids", "teacher_logprobs", "teacher_mask")
-TARGET_KEYS = ("target_token_ids", "target_logprobs", "target_mask")
+TARGET_KEYS = KD_TARGETS  # the batch keys the teacher rows become
 
 
 def top_k_by_value(

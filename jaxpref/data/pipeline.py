@@ -23,7 +23,8 @@ Stages, in order:
 
 Each process tokenizes and packs the whole dataset (packing and bucketing must agree across
 processes) and keeps only its slice for batching. ``streaming: true`` datasets take another path
-(``streaming.py``) that reuses the per-row map, the report and the collation.
+(``streaming.py``) that reuses the per-row map, the report and the collation; ``lm.build_lm_data``
+chooses between the two.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grain
 import numpy as np
@@ -42,16 +43,12 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.cache import cached_examples
 from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
-from jaxpref.data.formats.kd import lm_kind
 from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
-from jaxpref.data.packing import bucket_length, collate, pack, single_segment
+from jaxpref.data.packing import bucket_length, collate
 from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entries
 from jaxpref.data.workers import mapped_rows
 from jaxpref.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from jaxpref.data.streaming import StreamingData
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +138,7 @@ def account(
     return example
 
 
-def _process(
+def process_rows(
     rows: grain.MapDataset,
     report: DataReport,
     excess_length_strategy: str,
@@ -163,7 +160,7 @@ def _process(
     return kept
 
 
-def _formatted(
+def formatted_rows(
     cfg: Any, tokenizer: PreTrainedTokenizerBase, key: str, make_processor: Callable, kind: str
 ) -> grain.MapDataset:
     """The entries of ``cfg.<key>``, loaded and concatenated, each mapped through its own format.
@@ -364,11 +361,11 @@ def _load_examples(
     """
     strategy = opt(cfg, "excess_length_strategy", "drop")
     max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
-    rows = _formatted(cfg, tokenizer, "datasets", make_processor, kind).shuffle(seed=int(opt(cfg, "seed", 42)))
+    rows = formatted_rows(cfg, tokenizer, "datasets", make_processor, kind).shuffle(seed=int(opt(cfg, "seed", 42)))
     if opt(cfg, "test_datasets", []):
         if opt(cfg, "val_set_size", 0):
             log.warning("Both test_datasets and val_set_size are set; evaluating on test_datasets only")
-        n_val, eval_rows = 0, _formatted(cfg, tokenizer, "test_datasets", make_processor, kind)
+        n_val, eval_rows = 0, formatted_rows(cfg, tokenizer, "test_datasets", make_processor, kind)
     else:
         n_val = _val_count(float(opt(cfg, "val_set_size", 0)), len(rows))
         if n_val >= len(rows):
@@ -377,80 +374,11 @@ def _load_examples(
 
     processes = int(opt(cfg, "dataset_processes", 1))
     report = DataReport("train")
-    train = _process(rows[n_val:], report, strategy, measure, processes)
+    train = process_rows(rows[n_val:], report, strategy, measure, processes)
     report.check(max_bad)
     eval_report, evals = None, []
     if len(eval_rows):
         eval_report = DataReport("eval")
-        evals = _process(eval_rows, eval_report, strategy, measure, processes)
+        evals = process_rows(eval_rows, eval_report, strategy, measure, processes)
         eval_report.check(max_bad)
     return train, evals, report, eval_report
-
-
-def build_lm_data(
-    cfg: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    micro_batch_size: int | None = None,
-) -> LMData | StreamingData:
-    """Load, format, filter, pack and shard ``cfg.datasets`` (and the eval set) for SFT/KD training.
-
-    ``micro_batch_size`` is per process (default ``cfg.micro_batch_size``). Raises :class:`DataError`
-    for missing or unreadable datasets and when more than ``cfg.max_bad_row_fraction`` (default 0.5)
-    of the rows are unusable; the per-reason counts are in ``.report`` / ``.eval_report``. With
-    ``streaming: true`` entries: a :class:`streaming.StreamingData` (same API, ``streaming.py``).
-    """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
-    sequence_len = int(opt(cfg, "sequence_len", 2048))
-    strategy = opt(cfg, "excess_length_strategy", "drop")
-    if strategy not in EXCESS_LENGTH_STRATEGIES:
-        raise ConfigError(f"excess_length_strategy: {strategy!r} is not one of {', '.join(EXCESS_LENGTH_STRATEGIES)}")
-    if not opt(cfg, "datasets", []):
-        raise ConfigError("`datasets` is empty: add at least one dataset entry")
-    seed = int(opt(cfg, "seed", 42))
-    make_processor = functools.partial(ProcessRow, sequence_len=sequence_len, excess_length_strategy=strategy)
-    kind = lm_kind(cfg)  # "kd": chat_template rows with teacher targets (formats/kd.py)
-    packing = bool(opt(cfg, "sample_packing", False))
-    micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
-    fixed_length = packing or bool(opt(cfg, "pad_to_sequence_len", False))
-    from jaxpref.data.streaming import build_streaming_data, streaming_requested  # streaming imports this module
-
-    if streaming_requested(cfg):
-        return build_streaming_data(
-            cfg,
-            tokenizer,
-            kind=kind,
-            make_processor=make_processor,
-            measure=lm_measure,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            micro_batch_size=micro_batch_size,
-            fixed_length=fixed_length,
-        )
-    train, evals, report, eval_report = load_examples(cfg, tokenizer, kind=kind, make_processor=make_processor)
-
-    if packing:
-        train, evals = pack(train, sequence_len), pack(evals, sequence_len)
-    else:
-        train, evals = [single_segment(e) for e in train], [single_segment(e) for e in evals]
-    for rep, examples in ((report, train), (eval_report, evals)):
-        if rep is not None:
-            rep.sequences = len(examples)
-            rep.sequence_len = sequence_len if packing else 0
-
-    return LMData(
-        train,
-        evals,
-        report=report,
-        eval_report=eval_report,
-        micro_batch_size=micro_batch_size,
-        eval_batch_size=int(opt(cfg, "eval_batch_size", micro_batch_size)),
-        shard_index=shard_index,
-        shard_count=shard_count,
-        sequence_len=sequence_len,
-        fixed_length=fixed_length,
-        seed=seed,
-    )

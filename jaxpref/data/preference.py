@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from jaxpref.batch_keys import REF_KTO, REF_PAIR, SEQUENCE
 from jaxpref.data._cfg import opt
 from jaxpref.data.formats import BadRow, Example, RowFormatter
 from jaxpref.data.packing import collate, single_segment
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 PAIR_SIDES = {"chosen_": "chosen_ids", "rejected_": "rejected_ids"}  # batch key prefix -> completion ids
 KTO_SIDES = {"": "completion_ids"}
-SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
 _TEMPLATE = {
     "input_ids": np.zeros(0, np.int32),
     "labels": np.zeros(0, np.int32),
@@ -124,7 +124,7 @@ def measure(example: Example, sides: dict[str, str]) -> tuple[int, int, int]:
 def pad_sequences(seqs: list[Example | None], length: int, prefix: str = "") -> dict[str, np.ndarray]:
     """Shifted sequences (None = padding row) -> the five [B, length] keys of one side, prefixed."""
     batch = collate([single_segment(s) if s is not None else None for s in seqs], length, template=_TEMPLATE)
-    return {prefix + k: batch[k] for k in SEQUENCE_KEYS}
+    return {prefix + k: batch[k] for k in SEQUENCE}
 
 
 def _side(row: Example | None, prefix: str) -> Example | None:
@@ -141,13 +141,11 @@ def collate_pairs(rows: list[Example | None], length: int) -> dict[str, np.ndarr
     for prefix in PAIR_SIDES:
         batch.update(pad_sequences([_side(r, prefix) for r in rows], length, prefix))
     batch["pair_mask"] = np.array([r is not None for r in rows], dtype=bool)
-    batch.update(reference_columns(rows, REF_PAIR_KEYS))
+    batch.update(reference_columns(rows, REF_PAIR))
     return batch
 
 
 # Reference log-probs computed once before training (``precompute_ref_log_probs``), per example.
-REF_PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-REF_KTO_KEYS = ("ref_logps", "ref_kl_logps")
 
 
 def reference_columns(rows: list[Example | None], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -197,7 +195,7 @@ class CollateKTO:
         batch.update(pad_sequences(kl, length, "kl_"))
         batch["desirable"] = np.array([r is not None and bool(r["desirable"]) for r in rows], dtype=bool)
         batch["example_mask"] = np.array([r is not None for r in rows], dtype=bool)
-        batch.update(reference_columns(rows, REF_KTO_KEYS))
+        batch.update(reference_columns(rows, REF_KTO))
         return batch
 
 
@@ -210,7 +208,7 @@ class PreferenceData(LMData):
     ``segment_ids``, the same five ``kl_*`` (mismatched pairs), ``desirable`` and ``example_mask``
     bool [B]. ids/labels/positions/segment_ids int32, masks bool; padding rows are all zero/False.
     The report counts tokens and trainable positions of both sides (pairs) or of the matched sequence (KTO).
-    With precomputed reference log-probs (``jaxpref.objectives.precompute``) the examples carry them
+    With precomputed reference log-probs (``jaxpref.reference_pass``) the examples carry them
     and batches add ``ref_chosen_logps``/``ref_rejected_logps`` (pairs) or ``ref_logps``/``ref_kl_logps``
     (KTO), float32 [B].
     """
@@ -240,7 +238,7 @@ def build_preference_data(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
     kind = preference_kind(cfg)
-    sequence_len = int(opt(cfg, "sequence_len", 2048))
+    sequence_len = int(cfg.sequence_len)
     strategy = opt(cfg, "excess_length_strategy", "drop")
     if strategy not in EXCESS_LENGTH_STRATEGIES:
         raise ConfigError(f"excess_length_strategy: {strategy!r} is not one of {', '.join(EXCESS_LENGTH_STRATEGIES)}")

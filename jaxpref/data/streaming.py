@@ -57,7 +57,7 @@ from jaxpref.data._cfg import opt
 from jaxpref.data.formats import Example, get_format
 from jaxpref.data.kd_targets import TARGET_KEYS, fit_top_k, most_common_k
 from jaxpref.data.packing import collate, pack, packer, single_segment
-from jaxpref.data.pipeline import Dropped, MicroBatches, _formatted, _process, account
+from jaxpref.data.pipeline import Dropped, MicroBatches, account, formatted_rows, process_rows
 from jaxpref.data.report import DataReport
 from jaxpref.data.sources import load_entry
 from jaxpref.errors import ConfigError, DataError
@@ -384,7 +384,7 @@ def build_streaming_data(
     specs = [get_format(opt(e, "type"), kind=kind, where=f"datasets[{i}]") for i, e in enumerate(entries)]
     streams = [load_entry(e, where=f"datasets[{i}]", streaming=True) for i, e in enumerate(entries)]
     process = ProcessEntry([make_processor(spec.build(e, cfg, tokenizer)) for spec, e in zip(specs, entries)])
-    sequence_len = int(opt(cfg, "sequence_len", 2048))
+    sequence_len = int(cfg.sequence_len)
     strategy = opt(cfg, "excess_length_strategy", "drop")
     max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
     seed = int(opt(cfg, "seed", 42))
@@ -463,9 +463,9 @@ def _eval_examples(
     if not opt(cfg, "test_datasets", []):
         return [], None
     report = DataReport("eval")
-    rows = _formatted(cfg, tokenizer, "test_datasets", make_processor, kind)
+    rows = formatted_rows(cfg, tokenizer, "test_datasets", make_processor, kind)
     strategy = opt(cfg, "excess_length_strategy", "drop")
-    evals = _process(rows, report, strategy, measure, int(opt(cfg, "dataset_processes", 1)))
+    evals = process_rows(rows, report, strategy, measure, int(opt(cfg, "dataset_processes", 1)))
     report.check(float(opt(cfg, "max_bad_row_fraction", 0.5)))
     if top_k is not None:
         evals = [fit_top_k(e, top_k) if "target_token_ids" in e else e for e in evals]

@@ -1,8 +1,8 @@
 """Tokenizer loading: ``tokenizer_config`` / ``base_model``, chat template by name, special tokens.
 
-Templates shipped with jaxpref live in ``jaxpref/templates/<name>.jinja`` (chatml, llama3, qwen3).
-The tokenizer returned by :func:`load_tokenizer` carries the selected template as its
-``chat_template``, so that everything downstream (formats, generation, export) sees one template.
+The tokenizer returned by :func:`load_tokenizer` carries the selected template
+(``chat_templates.resolve_chat_template``) as its ``chat_template``, so that everything downstream
+(formats, generation, export) sees one template.
 """
 
 from __future__ import annotations
@@ -10,30 +10,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from jaxpref.data._cfg import opt
+from jaxpref.data.chat_templates import resolve_chat_template
+from jaxpref.data.formats import needs_chat_template
 from jaxpref.data.sources import looks_local
 from jaxpref.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-SHIPPED_TEMPLATES = ("chatml", "llama3", "qwen3")
-TEMPLATE_CHOICES = (*SHIPPED_TEMPLATES, "tokenizer_default", "jinja")
-
-# End-of-turn token of each template family: trained per `train_on_eos` even when the tokenizer's
-# eos differs (a Llama 3 *base* tokenizer has eos <|end_of_text|>, but its turns end in <|eot_id|>).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
-
-
-def shipped_template(name: str) -> str:
-    """The jinja source of a template shipped with jaxpref (``chatml``, ``llama3``, ``qwen3``)."""
-    if name not in SHIPPED_TEMPLATES:
-        raise ConfigError(f"chat_template: unknown template {name!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
-    return resources.files("jaxpref.templates").joinpath(f"{name}.jinja").read_text()
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -69,29 +56,6 @@ def _from_pretrained(path: str) -> PreTrainedTokenizerBase:
             "first (`huggingface-cli download ...`) and set `tokenizer_config` (or `base_model`) to the "
             "local directory, or run with network access and HF_HUB_OFFLINE unset."
         ) from None
-
-
-def resolve_chat_template(choice: str | None, cfg: Any, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The jinja source for a ``chat_template`` value (None: the tokenizer's own, possibly None)."""
-    choice = choice or "tokenizer_default"
-    if choice in SHIPPED_TEMPLATES:
-        return shipped_template(choice)
-    if choice == "tokenizer_default":
-        return tokenizer.chat_template
-    if choice == "jinja":
-        jinja = opt(cfg, "chat_template_jinja")
-        if not jinja:
-            raise ConfigError("chat_template: jinja needs `chat_template_jinja` (a .jinja file or the template text)")
-        if os.path.isfile(os.path.expanduser(jinja)):
-            with open(os.path.expanduser(jinja)) as f:
-                return f.read()
-        if "{{" in jinja or "{%" in jinja:
-            return jinja
-        raise ConfigError(
-            f"chat_template_jinja: {jinja!r} is neither an existing file nor a jinja template "
-            "(no '{{' or '{%' in it)"
-        )
-    raise ConfigError(f"chat_template: unknown value {choice!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
 
 
 def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str, Any]) -> None:
@@ -140,8 +104,6 @@ def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
         log.warning("The tokenizer has no pad token; using its eos token %r as pad", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        from jaxpref.data.formats import needs_chat_template  # lazy: the formats import this module
-
         for key in ("datasets", "test_datasets"):
             for i, ds in enumerate(opt(cfg, key, []) or []):
                 if needs_chat_template(opt(ds, "type")) and not opt(ds, "chat_template"):
@@ -151,13 +113,3 @@ def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
                         "`chat_template: jinja` with `chat_template_jinja: path/to/template.jinja`."
                     )
     return tokenizer
-
-
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Token ids that end a turn: the eos token plus the known end-of-turn tokens in the vocabulary."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return frozenset(ids)

@@ -1,8 +1,9 @@
 """jaxpref.losses: pure JAX loss functions for distillation and preference training.
 
 Every loss takes arrays, computes in float32 whatever the input dtype, masks with ``where`` and returns
-``(loss, metrics)`` with ``metrics`` a dict of float32 scalars; everything is jit/grad/vmap-safe and
-imports nothing from the rest of jaxpref. See docs/losses.md for one example per loss.
+``(loss, metrics)`` with ``metrics`` a dict of float32 scalars; everything is jit/grad/vmap-safe.
+Of the rest of jaxpref the losses import only ``jaxpref.pallas``: the fused losses (``fused.py``) run
+its LM-head kernels. See docs/losses.md for one example per loss.
 """
 
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores

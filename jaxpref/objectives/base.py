@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
+
+from jaxpref.batch_keys import SEQUENCE
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -31,8 +32,16 @@ class Objective:
     count: Callable[[Batch], jax.Array]
     loss: LossFn
     # Keys of the micro-batch this objective reads; the trainer checks the pipeline provides them.
-    batch_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
-    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    batch_keys: tuple[str, ...] = SEQUENCE
+    # Prefixes of the sequences in ``batch_keys`` that the model trains on (the trainer counts their
+    # tokens): "" for one sequence per row, ``PAIR_SIDES`` for pairs.
+    sequences: tuple[str, ...] = ("",)
+    # Where the loss gets reference log-probs (``preference.REFERENCE_MODES``): "adapter_off" (the policy
+    # with its LoRA adapters off), "model" (a frozen copy: the "reference" companion), "precomputed"
+    # (batch keys filled once before training by ``jaxpref.reference_pass``) or "none"; None: no such loss.
+    reference: str | None = None
+    # The model ends in a scalar score head (reward models) instead of the LM head.
+    score_head: bool = False
     # Frozen models the loss reads, by name ("teacher", "reference"); the trainer passes them as
     # ``loss(..., companions={name: model})``. Empty: ``loss`` is called without that keyword.
     companions: tuple[str, ...] = ()

@@ -15,14 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpref import batch_keys as keys
 from jaxpref.losses.fused import fused_kd_loss
 from jaxpref.losses.topk import topk_logprobs
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import forward_hidden, kernel_options, trainable_tokens
-
-LM_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
-TARGET_KEYS = ("target_token_ids", "target_logprobs", "target_mask")
 
 
 def kd_options(cfg: Any) -> dict[str, Any]:
@@ -56,15 +54,15 @@ def online_teacher_targets(
 def build_kd(cfg: Any) -> Objective:
     kopts = kernel_options(cfg)
     options = kd_options(cfg)
-    online = bool(getattr(cfg, "kd_teacher_model", None))
-    top_k = int(getattr(cfg, "kd_teacher_top_k", 32))
+    online = bool(cfg.kd_teacher_model)
+    top_k = int(cfg.kd_teacher_top_k)
 
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
         hidden = forward_hidden(model, batch, train=train)
         if online:
             ids, logprobs, mask = online_teacher_targets(companions["teacher"], batch, top_k, options["temperature"])
         else:
-            ids, logprobs, mask = (batch[k] for k in TARGET_KEYS)
+            ids, logprobs, mask = (batch[k] for k in keys.KD_TARGETS)
         return fused_kd_loss(
             hidden,
             model.lm_head_weight(),
@@ -82,6 +80,6 @@ def build_kd(cfg: Any) -> Objective:
         name="kd",
         count=trainable_tokens,
         loss=loss,
-        batch_keys=LM_KEYS if online else LM_KEYS + TARGET_KEYS,
+        batch_keys=keys.SEQUENCE if online else keys.SEQUENCE + keys.KD_TARGETS,
         companions=("teacher",) if online else (),
     )

@@ -25,10 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpref import batch_keys as keys
 from jaxpref.losses import kto_loss
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.preference import (
-    SEQUENCE_KEYS,
     concat_sides,
     reference_logps,
     reference_mode,
@@ -40,9 +40,6 @@ from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
 
 log = logging.getLogger(__name__)
-
-KTO_KEYS = SEQUENCE_KEYS + tuple("kl_" + k for k in SEQUENCE_KEYS) + ("desirable", "example_mask")
-REF_KTO_KEYS = ("ref_logps", "ref_kl_logps")
 
 
 def example_count(batch: Batch) -> jax.Array:
@@ -95,7 +92,7 @@ def build_kto(cfg: Any) -> Objective:
     }
 
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
-        seqs = concat_sides(batch, ("", "kl_"))
+        seqs = concat_sides(batch, ("", keys.KTO_KL_PREFIX))
         n = batch["example_mask"].shape[0]
         mask = batch["example_mask"].astype(bool)
         stats = sequence_stats(model, seqs, train=train, kopts=kopts)
@@ -126,8 +123,8 @@ def build_kto(cfg: Any) -> Objective:
         name="kto",
         count=example_count,
         loss=loss,
-        batch_keys=KTO_KEYS + (REF_KTO_KEYS if mode == "precomputed" else ()),
+        batch_keys=keys.KTO + (keys.REF_KTO if mode == "precomputed" else ()),
         companions=("reference",) if mode == "model" else (),
         data="preference",
-        extras={"reference": mode},
+        reference=mode,
     )

@@ -9,7 +9,7 @@ use per-token averages, as TRL 1.16 does (IPO inside ``dpo_loss`` from the lengt
 The reference model (DPO/IPO; ORPO and SimPO have none) is, per :func:`reference_mode`:
 
 * ``precomputed`` (``precompute_ref_log_probs: true``): ``ref_chosen_logps`` / ``ref_rejected_logps``
-  from the batch, computed once before training (``jaxpref.objectives.precompute``);
+  from the batch, computed once before training (``jaxpref.reference_pass``);
 * ``adapter_off`` (``adapter: lora`` with ``rl_adapter_ref_model: false``, the default): the same
   weights with ``use_adapters=False`` under ``stop_gradient`` (no second copy in memory);
 * ``model``: a frozen copy of the base model, the trainer companion ``"reference"``.
@@ -25,13 +25,13 @@ token-mean ``nll_loss`` of ORPO and SimPO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxpref.errors import ConfigError
+from jaxpref import batch_keys as keys
 from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss
 from jaxpref.losses.fused import fused_token_logps
 from jaxpref.objectives.base import Batch, Metrics, Objective
@@ -39,10 +39,6 @@ from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
 from jaxpref.pallas.linear_lse.xla import vocabulary_mean
 
-SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
-SIDES = ("chosen_", "rejected_")
-PAIR_KEYS = tuple(side + k for side in SIDES for k in SEQUENCE_KEYS) + ("pair_mask",)
-REF_PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_MODES = ("none", "precomputed", "adapter_off", "model")
 
 
@@ -66,16 +62,16 @@ def reference_mode(cfg: Any, *, uses_reference: bool = True) -> str:
     """Where the reference log-probs come from (module docstring); ``none`` without a reference."""
     if not uses_reference:
         return "none"
-    if getattr(cfg, "precompute_ref_log_probs", False):
+    if cfg.precompute_ref_log_probs:
         return "precomputed"
-    if getattr(cfg, "adapter", None) == "lora" and not getattr(cfg, "rl_adapter_ref_model", False):
+    if cfg.adapter == "lora" and not cfg.rl_adapter_ref_model:
         return "adapter_off"
     return "model"
 
 
-def concat_sides(batch: Batch, prefixes: tuple[str, ...] = SIDES) -> dict[str, jax.Array]:
+def concat_sides(batch: Batch, prefixes: tuple[str, ...] = keys.PAIR_SIDES) -> dict[str, jax.Array]:
     """The five sequence keys of each prefix, concatenated along the batch axis: [len(prefixes) * B, T]."""
-    return {k: jnp.concatenate([batch[p + k] for p in prefixes], axis=0) for k in SEQUENCE_KEYS}
+    return {k: jnp.concatenate([batch[p + k] for p in prefixes], axis=0) for k in keys.SEQUENCE}
 
 
 def _prediction_mask(segment_ids: jax.Array) -> jax.Array:
@@ -174,65 +170,93 @@ def _dpo_kwargs(cfg: Any, loss_type: str) -> dict[str, Any]:
     return {
         "beta": float(cfg.rl_beta),
         "loss_type": loss_type,
-        "label_smoothing": float(getattr(cfg, "dpo_label_smoothing", 0.0) or 0.0),
+        "label_smoothing": float(cfg.dpo_label_smoothing),
     }
 
 
-def build_dpo_family(cfg: Any, name: str, loss_type: str) -> Objective:
-    """DPO with TRL loss type ``loss_type`` (IPO is ``loss_type="ipo"``); reference per :func:`reference_mode`."""
+class PairView(NamedTuple):
+    """What a pairwise loss sees of one micro-batch: the policy's :class:`SequenceStats` of the 2B
+    sequences (chosen rows first), B, the real pairs [B] and the reference log-probs (chosen [B],
+    rejected [B]) or None."""
+
+    stats: SequenceStats
+    n: int
+    mask: jax.Array
+    ref: tuple[jax.Array, jax.Array] | None
+
+    @property
+    def mean_logps(self) -> jax.Array:
+        """Per-token average completion log-probs [2B] (IPO, ORPO, SimPO)."""
+        return self.stats.logps / jnp.maximum(self.stats.lengths, 1.0)
+
+    def nll_share(self, sums: jax.Array, tokens: jax.Array, num_items: jax.Array) -> jax.Array:
+        """The token-mean NLL of the chosen rows (``sums`` / ``tokens`` over [2B]), as a contribution."""
+        frac = share(jnp.sum(self.mask).astype(jnp.float32), num_items)
+        return token_mean(sums[: self.n], tokens[: self.n], self.mask) * frac
+
+
+PairLoss = Callable[[PairView, jax.Array], tuple[jax.Array, Metrics]]
+"""``pair_loss(view, num_items) -> (loss, metrics)``: the pairwise part of a pair objective."""
+
+
+def pair_objective(
+    cfg: Any, name: str, pair_loss: PairLoss, *, reference: bool = False, full_nll: bool = False
+) -> Objective:
+    """A pair objective from its pairwise loss: chosen and rejected in one forward pass ([2B, T]), the
+    reference log-probs per :func:`reference_mode` when ``reference``, TRL's ``logits/*`` metrics.
+    ``full_nll``: the stats also carry the NLL over whole sequences (ORPO)."""
     kopts = kernel_options(cfg)
-    mode = reference_mode(cfg)
-    options = _dpo_kwargs(cfg, loss_type)
+    mode = reference_mode(cfg, uses_reference=reference)
 
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
         seqs = concat_sides(batch)
-        n = batch["pair_mask"].shape[0]
-        stats = sequence_stats(model, seqs, train=train, kopts=kopts)
+        n, mask = batch["pair_mask"].shape[0], batch["pair_mask"]
+        stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=full_nll)
+        ref = None
         if mode == "precomputed":
-            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref = reference_logps(mode, model, companions, seqs, kopts=kopts)
-            ref_c, ref_r = ref[:n], ref[n:]
-        value, metrics = dpo_loss(
-            stats.logps[:n],
-            stats.logps[n:],
-            ref_c,
-            ref_r,
-            chosen_lengths=stats.lengths[:n],
-            rejected_lengths=stats.lengths[n:],
-            mask=batch["pair_mask"],
-            num_items=num_items,
-            **options,
-        )
-        metrics.update(logits_metrics(stats, n, batch["pair_mask"], num_items))
+            ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+        elif mode != "none":
+            logps = reference_logps(mode, model, companions, seqs, kopts=kopts)
+            ref = (logps[:n], logps[n:])
+        value, metrics = pair_loss(PairView(stats, n, mask, ref), num_items)
+        metrics.update(logits_metrics(stats, n, mask, num_items))
         return value, metrics
 
     return Objective(
         name=name,
         count=pair_count,
         loss=loss,
-        batch_keys=PAIR_KEYS + (REF_PAIR_KEYS if mode == "precomputed" else ()),
+        batch_keys=keys.PAIR + (keys.REF_PAIR if mode == "precomputed" else ()),
+        sequences=keys.PAIR_SIDES,
         companions=("reference",) if mode == "model" else (),
         data="preference",
-        extras={"reference": mode, "loss_type": loss_type},
+        reference=mode if reference else None,
     )
+
+
+def build_dpo_family(cfg: Any, name: str, loss_type: str) -> Objective:
+    """DPO with TRL loss type ``loss_type`` (IPO is ``loss_type="ipo"``); reference per :func:`reference_mode`."""
+    options = _dpo_kwargs(cfg, loss_type)
+
+    def dpo(p: PairView, num_items: jax.Array) -> tuple[jax.Array, Metrics]:
+        logps, lengths = p.stats.logps, p.stats.lengths
+        return dpo_loss(
+            logps[: p.n], logps[p.n :], *p.ref, chosen_lengths=lengths[: p.n], rejected_lengths=lengths[p.n :],
+            mask=p.mask, num_items=num_items, **options,
+        )  # fmt: skip
+
+    return pair_objective(cfg, name, dpo, reference=True)
 
 
 @register_objective("dpo")
 def build_dpo(cfg: Any) -> Objective:
-    return build_dpo_family(cfg, "dpo", getattr(cfg, "dpo_loss_type", None) or "sigmoid")
+    return build_dpo_family(cfg, "dpo", cfg.dpo_loss_type or "sigmoid")
 
 
 @register_objective("ipo")
 def build_ipo(cfg: Any) -> Objective:
-    loss_type = getattr(cfg, "dpo_loss_type", None)
-    if loss_type not in (None, "ipo"):
-        raise ConfigError(f"rl: ipo is DPO with dpo_loss_type: ipo; remove dpo_loss_type: {loss_type} or use rl: dpo")
+    """IPO: DPO with TRL's ``ipo`` loss (the schema rejects any other ``dpo_loss_type`` with ``rl: ipo``)."""
     return build_dpo_family(cfg, "ipo", "ipo")
-
-
-def _mean_logps(stats: SequenceStats) -> jax.Array:
-    return stats.logps / jnp.maximum(stats.lengths, 1.0)
 
 
 @register_objective("orpo")
@@ -240,53 +264,31 @@ def build_orpo(cfg: Any) -> Objective:
     """ORPO (TRL ``ORPOTrainer``): ``nll(chosen) - orpo_alpha * mean(logsigmoid(log_odds))`` on
     per-token average completion log-probs; the NLL is TRL's: token mean over the whole chosen
     sequences (prompt included), per micro-batch."""
-    kopts = kernel_options(cfg)
-    beta = float(cfg.orpo_alpha)
+    orpo_alpha = float(cfg.orpo_alpha)
 
-    def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
-        seqs = concat_sides(batch)
-        n = batch["pair_mask"].shape[0]
-        mask = batch["pair_mask"]
-        stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=True)
-        mean = _mean_logps(stats)
-        frac = share(jnp.sum(mask).astype(jnp.float32), num_items)
-        nll = token_mean(stats.nll_sums[:n], stats.nll_tokens[:n], mask) * frac
-        value, metrics = orpo_loss(mean[:n], mean[n:], nll, beta=beta, mask=mask, num_items=num_items)
-        metrics.update(logits_metrics(stats, n, mask, num_items))
-        return value, metrics
+    def orpo(p: PairView, num_items: jax.Array) -> tuple[jax.Array, Metrics]:
+        mean, nll = p.mean_logps, p.nll_share(p.stats.nll_sums, p.stats.nll_tokens, num_items)
+        # orpo_loss's beta is TRL's name for ORPO's weight (axolotl's orpo_alpha)
+        return orpo_loss(mean[: p.n], mean[p.n :], nll, beta=orpo_alpha, mask=p.mask, num_items=num_items)
 
-    return Objective(name="orpo", count=pair_count, loss=loss, batch_keys=PAIR_KEYS, data="preference")
+    return pair_objective(cfg, "orpo", orpo, full_nll=True)
 
 
 @register_objective("simpo")
 def build_simpo(cfg: Any) -> Objective:
     """SimPO (TRL ``CPOTrainer`` with ``loss_type="simpo"``): average completion log-probs, target
     margin ``simpo_gamma``, plus ``cpo_alpha`` x the token-mean NLL of the chosen completions."""
-    kopts = kernel_options(cfg)
-    beta, gamma = float(cfg.rl_beta), float(cfg.simpo_gamma)
-    cpo_alpha = float(getattr(cfg, "cpo_alpha", 0.0))
-    smoothing = float(getattr(cfg, "dpo_label_smoothing", 0.0) or 0.0)
+    options = dict(
+        beta=float(cfg.rl_beta),
+        gamma=float(cfg.simpo_gamma),
+        label_smoothing=float(cfg.dpo_label_smoothing),
+        cpo_alpha=float(cfg.cpo_alpha),
+    )
 
-    def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
-        seqs = concat_sides(batch)
-        n = batch["pair_mask"].shape[0]
-        mask = batch["pair_mask"]
-        stats = sequence_stats(model, seqs, train=train, kopts=kopts)
-        mean = _mean_logps(stats)
-        frac = share(jnp.sum(mask).astype(jnp.float32), num_items)
-        nll = token_mean(-stats.logps[:n], stats.lengths[:n], mask) * frac
-        value, metrics = simpo_loss(
-            mean[:n],
-            mean[n:],
-            beta=beta,
-            gamma=gamma,
-            label_smoothing=smoothing,
-            chosen_nll=nll if cpo_alpha else None,  # TRL reports nll_loss 0 when cpo_alpha is 0
-            cpo_alpha=cpo_alpha,
-            mask=mask,
-            num_items=num_items,
-        )
-        metrics.update(logits_metrics(stats, n, mask, num_items))
-        return value, metrics
+    def simpo(p: PairView, num_items: jax.Array) -> tuple[jax.Array, Metrics]:
+        mean = p.mean_logps
+        nll = p.nll_share(-p.stats.logps, p.stats.lengths, num_items) if options["cpo_alpha"] else None
+        # TRL reports nll_loss 0 when cpo_alpha is 0
+        return simpo_loss(mean[: p.n], mean[p.n :], chosen_nll=nll, mask=p.mask, num_items=num_items, **options)
 
-    return Objective(name="simpo", count=pair_count, loss=loss, batch_keys=PAIR_KEYS, data="preference")
+    return pair_objective(cfg, "simpo", simpo)

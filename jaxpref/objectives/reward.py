@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpref import batch_keys as keys
 from jaxpref.losses import reward_loss
 from jaxpref.losses._utils import masked_sum
 from jaxpref.models.reward import sequence_rewards
 from jaxpref.objectives.base import Batch, Objective
-from jaxpref.objectives.preference import PAIR_KEYS, concat_sides, pair_count
+from jaxpref.objectives.preference import concat_sides, pair_count
 from jaxpref.objectives.registry import register_objective
 
 
@@ -47,7 +48,8 @@ def build_reward(cfg: Any) -> Objective:
         name="reward",
         count=pair_count,
         loss=loss,
-        batch_keys=PAIR_KEYS,
+        batch_keys=keys.PAIR,
+        sequences=keys.PAIR_SIDES,
         data="preference",
-        extras={"score_head": True},
+        score_head=True,
     )

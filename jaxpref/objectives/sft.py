@@ -17,7 +17,7 @@ from jaxpref.objectives.registry import register_objective
 
 def kernel_options(cfg: Any) -> dict[str, Any]:
     """Keyword arguments for the fused kernel from the config's ``fused_kernel`` block."""
-    fk = getattr(cfg, "fused_kernel", None)
+    fk = cfg.fused_kernel
     if fk is None:
         return {}
     return {"impl": fk.impl, "block_n": fk.block_n, "block_v": fk.block_v}

@@ -1,6 +1,8 @@
 """Custom kernels, one folder per kernel (api dispatcher, reference, XLA and Pallas versions, block table).
 
-Imports nothing from the rest of jaxpref.
+Of the rest of jaxpref the kernels import only ``jaxpref.platform`` (which platform a kernel is built
+for, and the mesh it is mapped over; itself built on jax and ``jaxpref.errors`` alone). ``jaxpref.losses``
+depends on this package, never the reverse.
 """
 
 from .linear_lse import IMPLS, BlockSizes, PallasUnsupportedError, linear_logsumexp_gather, linear_logsumexp_gather_loss

@@ -310,3 +310,22 @@ def test_direct_construction_translates_axolotl_keys():
     cfg = JaxprefConfig(**MINIMAL, bf16=True, flash_attention=True, optimizer="adamw_torch_fused")
     assert cfg.compute_dtype == "bfloat16" and cfg.optimizer == "adamw"
     assert cfg.model_dump()["compute_dtype"] == "bfloat16"
+
+
+def test_rl_beta_must_be_positive():
+    """beta 0 would reach IPO's 1 / (2 beta) and make DPO's loss flat: a config error naming the key."""
+    for beta in (0, -0.1):
+        assert "rl_beta" in problem(rl="ipo", rl_beta=beta)
+    assert make(rl="dpo", rl_beta=0.01).rl_beta == 0.01
+
+
+def test_objective_and_the_objective_keys_are_one_answer():
+    """``objective: dpo`` alone sets ``rl`` (so the preference data is built), ``objective: kd`` sets
+    ``kd_trainer``, ``objective: reward`` sets ``reward_model``; a built-in objective that disagrees with
+    those keys is a config error naming both; a plugin objective leaves them alone."""
+    assert make(objective="dpo").rl == "dpo" and make(objective="simpo").rl == "simpo"
+    assert make(objective="kd").kd_trainer and make(objective="reward").reward_model
+    assert make(objective="ipo", rl="ipo").rl == "ipo"
+    assert "objective: sft and rl: dpo ask for different objectives" in problem(objective="sft", rl="dpo")
+    assert "objective: dpo and kd_trainer: true" in problem(objective="dpo", kd_trainer=True)
+    assert make(objective="my_pkg.objectives:build", rl="dpo").rl == "dpo"

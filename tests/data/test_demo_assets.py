@@ -9,7 +9,7 @@ import sys
 from transformers import AutoConfig, AutoTokenizer
 
 from jaxpref.data import build_lm_data, load_tokenizer
-from jaxpref.data.tokenizer import shipped_template
+from jaxpref.data.chat_templates import shipped_template
 from tests.data.helpers import DEMO_MODEL, REPO, config, dataset
 
 DATA = REPO / "demo" / "data"

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format, known_types
 from jaxpref.data.formats.preference import PairText, UnpairedText
-from jaxpref.data.tokenizer import shipped_template
 from jaxpref.errors import ConfigError, DataError
 from tests.data.helpers import (
     BOT,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format
-from jaxpref.data.tokenizer import shipped_template
 from jaxpref.errors import DataError
 from tests.data.helpers import (
     BOT,

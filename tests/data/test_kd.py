@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxpref.data import build_lm_data
+from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format
 from jaxpref.data.formats.kd import kd_row, parse_teacher, read_kd_dataset, write_kd_dataset
 from jaxpref.data.kd_targets import fit_top_k, renormalize, top_k_by_value
-from jaxpref.data.tokenizer import shipped_template
 from jaxpref.errors import ConfigError, DataError
 from tests.data.helpers import chatml_tokenizer, config, dataset, ds_config, write_jsonl
 

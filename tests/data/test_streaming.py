@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxpref.data import build_lm_data, streaming
+from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.packing import pack
 from jaxpref.data.preference import build_preference_data
-from jaxpref.data.tokenizer import shipped_template
 from jaxpref.errors import ConfigError, DataError
 from tests.data.helpers import chatml_tokenizer, config, dataset, real_rows, write_jsonl
 from tests.data.test_kd import K, kd_rows

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from jaxpref.data import load_tokenizer
-from jaxpref.data.tokenizer import end_of_turn_ids, shipped_template
+from jaxpref.data.chat_templates import end_of_turn_ids, shipped_template
 from jaxpref.errors import ConfigError
 from tests.data.helpers import (
     DEMO_MODEL,

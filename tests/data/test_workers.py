@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 
 from jaxpref.data import workers
+from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.pipeline import ProcessRow, load_examples
-from jaxpref.data.tokenizer import shipped_template
 from tests.data.helpers import chatml_tokenizer, config, dataset, write_jsonl
 from tests.data.test_kd import kd_rows
 

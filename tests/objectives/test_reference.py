@@ -22,7 +22,7 @@ from jaxpref import lora, models
 from jaxpref import sharding as shd
 from jaxpref.data import build_preference_data
 from jaxpref.objectives import build_objective
-from jaxpref.objectives.precompute import precompute_reference
+from jaxpref.reference_pass import precompute_reference
 from jaxpref.trainer import Trainer
 from tests.data.helpers import config
 from tests.objectives.helpers import FIXTURES, cfg, hf_llama, jit_loss, pair_batch, tokenizer
@@ -66,7 +66,7 @@ def test_adapter_off_reference_equals_a_separate_frozen_copy(tok, base_dir, name
     batch, key = (pair_batch(tok), "pair_mask") if name == "dpo" else (kto_batch(tok), "example_mask")
     adapter_off = build_objective(cfg(adapter="lora"), name)
     frozen = build_objective(cfg(adapter="lora", rl_adapter_ref_model=True), name)
-    assert adapter_off.extras["reference"] == "adapter_off" and not adapter_off.companions
+    assert adapter_off.reference == "adapter_off" and not adapter_off.companions
     assert frozen.companions == ("reference",)
     got = run_loss(adapter_off, policy, batch, key)
     want = run_loss(frozen, policy, batch, key, companions={"reference": models.from_pretrained(str(base_dir))})
@@ -106,7 +106,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     precompute_reference(c, data, policy, mesh, tok)
     precomputed = build_objective(c, rl)
     online = build_objective(c.model_copy(update={"precompute_ref_log_probs": False}), rl)
-    assert precomputed.extras["reference"] == "precomputed" and online.extras["reference"] == "adapter_off"
+    assert precomputed.reference == "precomputed" and online.reference == "adapter_off"
     key = "pair_mask" if rl == "dpo" else "example_mask"
     ref_keys = ("ref_chosen_logps", "ref_rejected_logps") if rl == "dpo" else ("ref_logps", "ref_kl_logps")
     batches = [b for _, b in zip(range(data.micro_batches_per_epoch), data.train_iterator(1))] + data.eval_batches()
@@ -127,7 +127,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     # A second run with the same data and model reads them back, even if the live weights differ
     # (the key is the model's checkpoint and dtypes, not its values): proof that it is the cache.
     data2 = build_preference_data(c, tok)
-    with caplog.at_level(logging.INFO, logger="jaxpref.objectives.precompute"):
+    with caplog.at_level(logging.INFO, logger="jaxpref.reference_pass"):
         precompute_reference(c, data2, lora_policy(base_dir, seed=5), mesh, tok)
     assert "using the reference log-probs" in caplog.text
     assert [e[ref_keys[0]] for e in data2.examples("train")] == values
@@ -137,7 +137,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     c3 = c.model_copy(update={"base_model": str(other)})
     data3 = build_preference_data(c3, tok)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="jaxpref.objectives.precompute"):
+    with caplog.at_level(logging.INFO, logger="jaxpref.reference_pass"):
         precompute_reference(c3, data3, models.from_pretrained(str(other)), mesh, tok)
     assert "precomputing reference log-probs" in caplog.text
     assert [e[ref_keys[0]] for e in data3.examples("train")] != values

@@ -49,7 +49,8 @@ def test_pallas_gpu_lowers_to_three_triton_kernels_without_nv_buffers():
     Triton lowering, and the surrounding program must not create [N, V]."""
     for dtype in (jnp.float32, jnp.bfloat16):
         args = (S((N, H), dtype), S((H, V), dtype), S((N, K), jnp.int32))
-        fn = loss_and_grads(None, linear_logsumexp_gather_pallas_gpu, interpret=False)
+        tiles = dict(block_n=64, block_v=128, block_h=64)  # blocks.py's ("gpu", "pallas_gpu") entry
+        fn = loss_and_grads(None, linear_logsumexp_gather_pallas_gpu, interpret=False, **tiles)
         lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
         text = lowered.as_text()
         assert text.count("__gpu$xla.gpu.triton") == 3  # forward, grad_hidden, grad_weight

@@ -27,10 +27,10 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from jaxpref.data._cfg import opt
+from jaxpref.data.chat_templates import resolve_chat_template
 from jaxpref.data.formats import BadRow, register_format
 from jaxpref.data.formats.preference import PAIR, PairFormat, PairText, check_responses, system_prompt
 from jaxpref.data.formats.sft import DEFAULT_ROLES, PASSTHROUGH_KEYS
-from jaxpref.data.tokenizer import resolve_chat_template
 from jaxpref.errors import ConfigError
 
 DUMMY_USER = {"role": "user", "content": "[[dummy_message]]"}  # axolotl's placeholder turn

@@ -19,8 +19,8 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from jaxpref.data._cfg import opt
+from jaxpref.data.chat_templates import end_of_turn_ids, resolve_chat_template
 from jaxpref.data.formats import BadRow, Example, register_format
-from jaxpref.data.tokenizer import end_of_turn_ids, resolve_chat_template
 from jaxpref.errors import ConfigError
 
 TRAIN_ON_EOS = ("turn", "last", "all", "none")

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from jaxpref import platform
 
-from .blocks import resolve_block_sizes
+from .blocks import default_block_sizes, resolve_block_sizes
 from .onepass import RowLoss, linear_logsumexp_gather_loss_onepass
 from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
 from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
@@ -142,9 +142,11 @@ def linear_logsumexp_gather_loss(
     onepass_auto = backend == "cpu" and jnp.dtype(weight.dtype) == jnp.float32
     if impl == "xla_onepass" or (impl == "auto" and onepass_auto):
         sizes = resolve_block_sizes(backend, "xla_onepass", block_n=block_n)
+        chunked = default_block_sizes(backend, "xla_chunked")
         return linear_logsumexp_gather_loss_onepass(
-            hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, block_n=sizes.block_n
-        )
+            hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, block_n=sizes.block_n,
+            forward_blocks=(chunked.block_n, chunked.block_v),
+        )  # fmt: skip
     lse, gathered = linear_logsumexp_gather(
         hidden, weight, ids, bias=bias, temperatures=temps, impl=impl, block_n=block_n, block_v=block_v,
         block_h=block_h,

@@ -49,12 +49,18 @@ def linear_logsumexp_gather_loss_onepass(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
-    block_n: int = 512,
+    block_n: int,
+    forward_blocks: tuple[int, int],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """See ``jaxpref.pallas.linear_logsumexp_gather_loss``. hidden [N, H], weight [H, V], ids int [N, K']."""
+    """See ``jaxpref.pallas.linear_logsumexp_gather_loss``. hidden [N, H], weight [H, V], ids int [N, K'].
+
+    ``block_n``: rows per chunk (capped by ``chunk_rows``); ``forward_blocks``: (block_n, block_v) of
+    the forward-only path (not differentiated: evaluation), which is ``xla_chunked``."""
     temps = tuple(float(t) for t in temperatures)
     rows = chunk_rows(hidden.shape[0], weight.shape[1], int(block_n))
-    value, lse, gathered = _onepass(hidden, weight, bias, ids.astype(jnp.int32), row_inputs, row_loss, temps, rows)
+    value, lse, gathered = _onepass(
+        hidden, weight, bias, ids.astype(jnp.int32), row_inputs, row_loss, temps, rows, tuple(forward_blocks)
+    )
     return value, lax.stop_gradient(lse), lax.stop_gradient(gathered)
 
 
@@ -132,14 +138,17 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows, h
     return value, cat(lse_parts, 1), cat(gathered_parts), (cat(gh_parts), gw, gb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _onepass(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _onepass(hidden, weight, bias, ids, inputs, row_loss, temps, rows, forward_blocks):
     # Not differentiated (eval): the plain forward, no gradient work.
-    lse, gathered = linear_logsumexp_gather_xla(hidden, weight, ids, bias=bias, temperatures=temps)
+    block_n, block_v = forward_blocks
+    lse, gathered = linear_logsumexp_gather_xla(
+        hidden, weight, ids, bias=bias, temperatures=temps, block_n=block_n, block_v=block_v
+    )
     return row_loss(lse, gathered, inputs).astype(_F32), lse, gathered
 
 
-def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
+def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows, forward_blocks):
     # symbolic_zeros: each differentiable input comes as CustomVJPPrimal(value, perturbed), so a frozen
     # LM head (LoRA, tied embeddings not trained) costs neither the dW GEMM nor an [H, V] float32 sum.
     head_grads = weight.perturbed or (bias is not None and bias.perturbed)
@@ -153,7 +162,7 @@ def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows):
     return (value, lse, gathered), (grads, dtypes)
 
 
-def _onepass_bwd(row_loss, temps, rows, res, cotangents):
+def _onepass_bwd(row_loss, temps, rows, forward_blocks, res, cotangents):
     (gh, gw, gb), (h_like, w_like) = res
     g = cotangents[0]  # lse and gathered leave the op through stop_gradient
     g = jnp.zeros((), _F32) if isinstance(g, jax.custom_derivatives.SymbolicZero) else g.astype(_F32)

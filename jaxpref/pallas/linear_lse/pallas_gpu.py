@@ -299,9 +299,9 @@ def linear_logsumexp_gather_pallas_gpu(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
-    block_n: int = 64,
-    block_v: int = 128,
-    block_h: int = 64,
+    block_n: int,
+    block_v: int,
+    block_h: int,
     num_splits: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:

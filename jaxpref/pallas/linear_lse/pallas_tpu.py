@@ -267,8 +267,8 @@ def linear_logsumexp_gather_pallas_tpu(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
-    block_n: int = 256,
-    block_v: int = 512,
+    block_n: int,
+    block_v: int,
     vmem_limit_bytes: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:

@@ -33,8 +33,8 @@ def linear_logsumexp_gather_xla(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
-    block_n: int = 4096,
-    block_v: int = 2048,
+    block_n: int,
+    block_v: int,
 ) -> tuple[jax.Array, jax.Array]:
     """See ``jaxpref.pallas.linear_logsumexp_gather``. hidden [N, H], weight [H, V], ids int [N, K']."""
     temps = tuple(float(t) for t in temperatures)

@@ -1,4 +1,5 @@
-"""``precompute_ref_log_probs``: reference log-probs computed once, before training, stored with the data.
+"""``precompute_ref_log_probs``: reference log-probs computed once, before training, stored with the data
+(a step of the run, between building the data and the trainer; ``assembly.build_trainer`` calls it).
 
 The reference is the model before training with its adapters switched off (``use_adapters=False``):
 with full fine-tuning that *is* the initial policy, with LoRA it is the base model (what a frozen
@@ -35,14 +36,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpref import sharding as shd
+from jaxpref.batch_keys import REF_KTO, REF_PAIR
+from jaxpref.data.cache import PreparedCache, file_stats
 from jaxpref.data.packing import bucket_length
 from jaxpref.data.preference import (
-    REF_KTO_KEYS,
-    REF_PAIR_KEYS,
     CollateKTO,
+    PreferenceData,
     collate_pairs,
     kto_longest,
     pair_longest,
+    preference_kind,
 )
 from jaxpref.errors import ConfigError
 from jaxpref.objectives.preference import concat_sides, sequence_stats
@@ -55,16 +58,15 @@ FORMAT_VERSION = 1
 
 def needs_precompute(cfg: Any, objective: Any) -> bool:
     """True when the objective reads precomputed reference log-probs from its batches."""
-    return objective.extras.get("reference") == "precomputed"
+    return objective.reference == "precomputed"
 
 
 def model_fingerprint(cfg: Any) -> dict[str, Any]:
     """What identifies the reference model: checkpoint files (or hub name) / random-init seed, dtypes."""
-    from jaxpref.data.cache import _stat
 
     source = cfg.base_model_config or cfg.base_model if cfg.random_init_weights else cfg.base_model
     local = os.path.expanduser(str(source))
-    files = _stat(local) if os.path.exists(local) else [(str(source), -1, -1)]
+    files = file_stats(local) if os.path.exists(local) else [(str(source), -1, -1)]
     return {
         "model": str(source),
         "files": sorted(files),
@@ -105,12 +107,12 @@ def reference_logps_for(
     sequence_len: int,
     kopts: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """Reference log-probs [len(examples)] per key (``REF_PAIR_KEYS`` or ``REF_KTO_KEYS``), in order.
+    """Reference log-probs [len(examples)] per key (``REF_PAIR`` or ``REF_KTO``), in order.
 
     ``batch_size`` rows per process per forward pass; each process collates rows ``s::shard_count``
     of each global batch, as the data pipeline does.
     """
-    keys = REF_KTO_KEYS if kind == "kto" else REF_PAIR_KEYS
+    keys = REF_KTO if kind == "kto" else REF_PAIR
     n = len(examples)
     out = {k: np.zeros(n, np.float32) for k in keys}
     if not n:
@@ -140,7 +142,6 @@ def reference_logps_for(
 def _cache_dir(cfg: Any, tokenizer: Any, kind: str) -> Path | None:
     if not getattr(cfg, "dataset_prepared_path", None):
         return None
-    from jaxpref.data.cache import PreparedCache
 
     data_key = PreparedCache(cfg, tokenizer, kind).key
     material = {"version": FORMAT_VERSION, "data": data_key, "model": model_fingerprint(cfg), "kind": kind}
@@ -150,7 +151,6 @@ def _cache_dir(cfg: Any, tokenizer: Any, kind: str) -> Path | None:
 
 def precompute_reference(cfg: Any, data: Any, model: Any, mesh: Any, tokenizer: Any) -> None:
     """Attach reference log-probs to ``data``'s train and eval examples (from the cache when present)."""
-    from jaxpref.data.preference import PreferenceData, preference_kind
 
     if not isinstance(data, PreferenceData):
         raise ConfigError(
@@ -218,7 +218,7 @@ def _save(path: Path, values: dict[str, np.ndarray]) -> None:
 def prepare_preference_run(cfg: Any, objective: Any, model: Any, data: Any, mesh: Any, tokenizer: Any) -> None:
     """Run set-up that preference objectives need once ``model`` and ``data`` exist (before the Trainer):
     the reward model's score head, TRL's KTO weight warning, and the reference log-prob pass."""
-    if objective.extras.get("score_head"):
+    if objective.score_head:
         from jaxpref.models.reward import add_score_head
 
         add_score_head(model, seed=int(cfg.seed) + 2)
