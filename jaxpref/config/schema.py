@@ -14,19 +14,7 @@ from pydantic import PrivateAttr, ValidationInfo, model_validator
 from jaxpref.config import axolotl
 from jaxpref.config.nested import DatasetConfig
 from jaxpref.config.notes import warn
-from jaxpref.config.sections import (
-    BUILTIN_OBJECTIVES,
-    PREFERENCE_OBJECTIVES,
-    DataSection,
-    KDSection,
-    LoraSection,
-    ModelSection,
-    OptimSection,
-    PreferenceSection,
-    RunSection,
-    ScaleSection,
-    TeacherSection,
-)
+from jaxpref.config.sections import BUILTIN_OBJECTIVES, PREFERENCE_OBJECTIVES, SECTIONS
 
 _LORA_KEYS = (
     "lora_r",
@@ -39,17 +27,7 @@ _LORA_KEYS = (
 )
 
 
-class JaxprefConfig(
-    ModelSection,
-    DataSection,
-    OptimSection,
-    LoraSection,
-    RunSection,
-    PreferenceSection,
-    KDSection,
-    TeacherSection,
-    ScaleSection,
-):
+class JaxprefConfig(*SECTIONS):
     """A validated jaxpref config. Build it with ``load_config`` (YAML + overrides + paths) or
     ``JaxprefConfig.model_validate(dict)``; axolotl keys are translated either way.
 
