@@ -22,9 +22,9 @@ def objective_name(cfg: Any) -> str:
     """The objective a config asks for: an explicit ``objective``, else by ``rl``/KD keys, else SFT."""
     if cfg.objective:
         return cfg.objective
-    if getattr(cfg, "rl", None) or getattr(cfg, "reward_model", False):
+    if cfg.rl or cfg.reward_model:
         return cfg.rl or "reward"
-    if getattr(cfg, "kd_trainer", False):
+    if cfg.kd_trainer:
         return "kd"
     return "sft"
 

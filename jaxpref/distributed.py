@@ -55,18 +55,16 @@ class DistributedSettings:
 
 
 def settings_from_config(cfg: Any) -> DistributedSettings:
-    """Settings from the config's ``distributed:`` section (missing section: all automatic)."""
-    section = getattr(cfg, "distributed", None)
-    if section is None:
-        return DistributedSettings()
-    ids = getattr(section, "local_device_ids", None)
+    """Settings from the config's ``distributed:`` section (its defaults: all automatic)."""
+    section = cfg.distributed
+    ids = section.local_device_ids
     return DistributedSettings(
-        enabled=getattr(section, "enabled", None),
-        coordinator_address=getattr(section, "coordinator_address", None),
-        num_processes=getattr(section, "num_processes", None),
-        process_id=getattr(section, "process_id", None),
+        enabled=section.enabled,
+        coordinator_address=section.coordinator_address,
+        num_processes=section.num_processes,
+        process_id=section.process_id,
         local_device_ids=None if ids is None else tuple(int(i) for i in ids),
-        initialization_timeout=int(getattr(section, "initialization_timeout", None) or 300),
+        initialization_timeout=int(section.initialization_timeout),
     )
 
 

@@ -29,7 +29,7 @@ BAR_WIDTH = 40
 def data_builder(cfg: Any) -> tuple[str, Callable[..., Any]]:
     """(cache kind, ``build_*_data`` function) for a config: preference data for ``rl``/``reward_model``,
     else language-model data (SFT, or KD with teacher targets)."""
-    if getattr(cfg, "rl", None) or getattr(cfg, "reward_model", False):
+    if cfg.rl or cfg.reward_model:  # the schema sets them from objective: dpo, reward, ...
         from jaxpref.data.preference import build_preference_data, preference_kind
 
         return preference_kind(cfg), build_preference_data

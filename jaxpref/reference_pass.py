@@ -140,7 +140,7 @@ def reference_logps_for(
 
 
 def _cache_dir(cfg: Any, tokenizer: Any, kind: str) -> Path | None:
-    if not getattr(cfg, "dataset_prepared_path", None):
+    if not cfg.dataset_prepared_path:
         return None
 
     data_key = PreparedCache(cfg, tokenizer, kind).key

@@ -230,13 +230,13 @@ def export_reward_model(cfg: Any, model: Any, tokenizer: Any, out_dir: Path) -> 
 
 
 def wandb_settings(cfg: Any) -> dict[str, Any] | None:
-    if not getattr(cfg, "wandb_project", None):
+    if not cfg.wandb_project:
         return None
     return {
         "project": cfg.wandb_project,
-        "entity": getattr(cfg, "wandb_entity", None),
-        "name": getattr(cfg, "wandb_name", None),
-        "mode": getattr(cfg, "wandb_mode", None),
+        "entity": cfg.wandb_entity,
+        "name": cfg.wandb_name,
+        "mode": cfg.wandb_mode,
     }
 
 
