@@ -81,14 +81,14 @@ def build_model(cfg: Any, vocab_needed: int, mesh: Any = None, *, weights: bool 
     return model
 
 
-def build_data(cfg: Any, tokenizer: Any, kind: str) -> Any:
+def build_data(settings: Any, tokenizer: Any, kind: str) -> Any:
     """This process's shard of the training (and eval) data for an objective's data ``kind``."""
     from jaxpref.data import build_lm_data, build_preference_data
 
     builders = {"lm": build_lm_data, "preference": build_preference_data}
     if kind not in builders:
         raise ConfigError(f"objective needs data of kind {kind!r}; jaxpref has {', '.join(builders)}")
-    return builders[kind](cfg, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
+    return builders[kind](settings, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
 def build_teacher(cfg: Any, vocab_needed: int, mesh: Any, *, weights: bool = True) -> Any:

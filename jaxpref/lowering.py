@@ -86,14 +86,15 @@ def abstract_trainer(cfg: Any, mesh: Any) -> tuple[Any, dict[str, jax.ShapeDtype
     from jaxpref import lora
     from jaxpref import sharding as shd
     from jaxpref.assembly import build_companions, build_data, build_model, objective_name
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
     from jaxpref.trainer import Trainer
 
     objective = build_objective(cfg, objective_name(cfg))
-    tokenizer = load_tokenizer(cfg)
-    data = build_data(cfg, tokenizer, objective.data)
+    data_settings = DataSettings.from_config(cfg)
+    tokenizer = load_tokenizer(data_settings)
+    data = build_data(data_settings, tokenizer, objective.data)
     batch = batch_shapes(cfg, objective, data, shd.batch_divisor(mesh))
 
     def student() -> Any:

@@ -26,17 +26,17 @@ HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
 
 
-def data_builder(cfg: Any) -> tuple[str, Callable[..., Any]]:
+def data_builder(settings: Any) -> tuple[str, Callable[..., Any]]:
     """(cache kind, ``build_*_data`` function) for a config: preference data for ``rl``/``reward_model``,
     else language-model data (SFT, or KD with teacher targets)."""
-    if cfg.rl or cfg.reward_model:  # the schema sets them from objective: dpo, reward, ...
+    if settings.rl or settings.reward_model:  # the schema sets them from objective: dpo, reward, ...
         from jaxpref.data.preference import build_preference_data, preference_kind
 
-        return preference_kind(cfg), build_preference_data
+        return preference_kind(settings), build_preference_data
     from jaxpref.data.formats.kd import lm_kind
     from jaxpref.data.lm import build_lm_data
 
-    return lm_kind(cfg), build_lm_data
+    return lm_kind(settings), build_lm_data
 
 
 def example_length(example: dict[str, np.ndarray]) -> int:
@@ -63,11 +63,11 @@ def preprocess(cfg: Any, *, force: bool = False, out: TextIO | None = None) -> d
 
     Returns ``{"kind", "cache", "hit", "reports": [DataReport, ...]}``.
     """
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.data.cache import PreparedCache
     from jaxpref.data.streaming import streaming_requested
 
-    if streaming_requested(cfg):
+    if streaming_requested(DataSettings.from_config(cfg)):
         raise ConfigError(
             "the datasets stream (streaming: true): they are read while training and never prepared ahead. "
             "Remove streaming: true to prepare them in memory and cache them."
@@ -77,13 +77,14 @@ def preprocess(cfg: Any, *, force: bool = False, out: TextIO | None = None) -> d
         cfg.dataset_prepared_path = DEFAULT_PREPARED_PATH
         print(f"dataset_prepared_path is not set: using {DEFAULT_PREPARED_PATH}/ (set it in the training "
               "config too, to train from this cache)", file=out)
-    tokenizer = load_tokenizer(cfg)
-    kind, build = data_builder(cfg)
-    cache = PreparedCache(cfg, tokenizer, kind)
+    settings = DataSettings.from_config(cfg)
+    tokenizer = load_tokenizer(settings)
+    kind, build = data_builder(settings)
+    cache = PreparedCache(settings, tokenizer, kind)
     if force and cache.path.exists():
         shutil.rmtree(cache.path)
     hit = cache.exists()
-    data = build(cfg, tokenizer)
+    data = build(settings, tokenizer)
     prepared = cache.load()
     if prepared is None:
         raise ConfigError(

@@ -47,6 +47,7 @@ from jaxpref.data.preference import (
     pair_longest,
     preference_kind,
 )
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 from jaxpref.objectives.preference import concat_sides, sequence_stats
 from jaxpref.objectives.sft import kernel_options
@@ -143,7 +144,7 @@ def _cache_dir(cfg: Any, tokenizer: Any, kind: str) -> Path | None:
     if not cfg.dataset_prepared_path:
         return None
 
-    data_key = PreparedCache(cfg, tokenizer, kind).key
+    data_key = PreparedCache(DataSettings.from_config(cfg), tokenizer, kind).key
     material = {"version": FORMAT_VERSION, "data": data_key, "model": model_fingerprint(cfg), "kind": kind}
     key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return Path(cfg.dataset_prepared_path) / f"ref-logps-{key}"
@@ -157,7 +158,7 @@ def precompute_reference(cfg: Any, data: Any, model: Any, mesh: Any, tokenizer: 
             "precompute_ref_log_probs needs map-style datasets (their examples are stored); it does not work "
             "with streaming: true. Turn one of them off."
         )
-    kind = preference_kind(cfg)
+    kind = preference_kind(DataSettings.from_config(cfg))
     cache = _cache_dir(cfg, tokenizer, kind)
     splits = {split: data.examples(split) for split in ("train", "eval")}
     if kind == "kto":

@@ -140,7 +140,7 @@ def run_teacher(
 
     from jaxpref import sharding as shd
     from jaxpref.assembly import build_teacher
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.data.formats import get_format
     from jaxpref.data.pipeline import ProcessRow
     from jaxpref.data.sources import load_entries
@@ -167,7 +167,8 @@ def run_teacher(
 
         distributed.check_shared_directory(out.absolute(), "teacher_output_dir")
 
-    tokenizer = load_tokenizer(cfg)
+    data_settings = DataSettings.from_config(cfg)
+    tokenizer = load_tokenizer(data_settings)
     if cfg.test_datasets:
         logger.warning("test_datasets are not scored by the teacher pass; give them as datasets in a second pass")
     entries = list(cfg.datasets)
@@ -193,7 +194,7 @@ def run_teacher(
         logger.warning("excess_length_strategy: truncate is not used by the teacher pass; too long rows are dropped")
     processors = [
         ProcessRow(
-            get_format("chat_template", kind="lm", where=f"datasets[{i}]").build(entry, cfg, tokenizer),
+            get_format("chat_template", kind="lm", where=f"datasets[{i}]").build(entry, data_settings, tokenizer),
             cfg.sequence_len,
             "drop" if strategy == "truncate" else strategy,
         )

@@ -94,7 +94,7 @@ def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]
 def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     """Train as ``cfg`` says; returns final train/eval metrics and paths."""
     from jaxpref import distributed
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.objectives import build_objective
 
     out_dir = Path(cfg.output_dir).absolute()
@@ -104,7 +104,8 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     ckpt_root, resume_step = resolve_resume(cfg, out_dir)
 
     objective = build_objective(cfg, objective_name(cfg))  # an unknown objective fails before any loading
-    tokenizer = load_tokenizer(cfg)
+    data_settings = DataSettings.from_config(cfg)  # what the data layer reads, resolved once
+    tokenizer = load_tokenizer(data_settings)
     mesh = shd.make_mesh(cfg.mesh.model_dump() if cfg.mesh is not None else None)
     divisor = shd.batch_divisor(mesh)
     global_micro = cfg.micro_batch_size * jax.process_count()
@@ -113,7 +114,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             f"micro_batch_size={cfg.micro_batch_size} x {jax.process_count()} process(es) must be a "
             f"multiple of the {divisor} devices on the mesh's data and fsdp axes."
         )
-    data = build_data(cfg, tokenizer, objective.data)
+    data = build_data(data_settings, tokenizer, objective.data)
     logger.info(data.report.summary())
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 

@@ -113,7 +113,7 @@ def quality_worker(what: str, policy: str, seed: int) -> dict:
     from jaxpref import lora
     from jaxpref import sharding as shd
     from jaxpref.assembly import build_data, build_model, objective_name
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.objectives import build_objective
     from jaxpref.optim import make_optimizer
     from jaxpref.trainer import Trainer
@@ -121,8 +121,9 @@ def quality_worker(what: str, policy: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(what, policy, seed, tmp)
         objective = build_objective(cfg, objective_name(cfg))
-        tokenizer = load_tokenizer(cfg)
-        data = build_data(cfg, tokenizer, objective.data)
+        data_settings = DataSettings.from_config(cfg)
+        tokenizer = load_tokenizer(data_settings)
+        data = build_data(data_settings, tokenizer, objective.data)
         mesh = shd.make_mesh(None)
         model = build_model(cfg, len(tokenizer), mesh)
         tx, _ = make_optimizer(cfg, STEPS)

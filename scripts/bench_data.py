@@ -127,11 +127,11 @@ def _config(data: Path, work: Path, **kw: Any) -> Any:
 
 def measure(name: str, cfg: Any, build: Any, work: Path) -> dict[str, Any]:
     """Time the JSON -> Arrow load, prepare, one epoch of batches, and the cached path."""
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
     from jaxpref.data.sources import load_entries
     from jaxpref.preprocess import preprocess
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(DataSettings.from_config(cfg))
     t0 = time.perf_counter()
     load_entries(cfg.datasets)  # JSON -> Arrow, once per file (the datasets cache keeps it)
     t_load = time.perf_counter() - t0
@@ -153,9 +153,9 @@ def measure_processes(name: str, cfg: Any, build: Any, processes: int) -> dict[s
     With workers, ``startup_s`` = the extra time of preparing the first ``2 * processes`` rows in workers
     rather than in this process (spawn, imports, unpickling the pipeline).
     """
-    from jaxpref.data import load_tokenizer, workers
+    from jaxpref.data import DataSettings, load_tokenizer, workers
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(DataSettings.from_config(cfg))
     cfg = cfg.model_copy(update={"dataset_processes": processes})
     workers.PROBE_ROWS, workers.WORKER_MIN_SECONDS = 0, 0.0  # every row through the workers
     t0 = time.perf_counter()
@@ -191,9 +191,9 @@ def measure_processes(name: str, cfg: Any, build: Any, processes: int) -> dict[s
 
 def measure_streaming(name: str, cfg: Any, build: Any) -> dict[str, Any]:
     """Build + one pass of micro-batches over the same file with ``streaming: true``."""
-    from jaxpref.data import load_tokenizer
+    from jaxpref.data import DataSettings, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(DataSettings.from_config(cfg))
     entry = cfg.datasets[0].model_copy(update={"streaming": True})
     cfg = cfg.model_copy(update={"datasets": [entry], "max_steps": 1})
     t0 = time.perf_counter()
@@ -291,12 +291,13 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    from jaxpref.data import build_lm_data, load_tokenizer
+    from jaxpref.data import DataSettings, build_lm_data, load_tokenizer
 
     machine = _machine()
     with tmp:
         work = Path(tmp.name)
-        tokenizer = load_tokenizer(_config(work / "x.jsonl", work, entry={"type": "chat_template"}))
+        base = _config(work / "x.jsonl", work, entry={"type": "chat_template"})
+        tokenizer = load_tokenizer(DataSettings.from_config(base))
         results = []
         processes = [int(p) for p in args.processes.split(",") if p]
         streamed = [c for c in args.stream_cases.split(",") if c]
@@ -307,13 +308,13 @@ def main() -> None:
                 write_kd_rows(data, case[-1], args.rows, tokenizer)
                 cfg = _config(data, work, entry={"type": "chat_template"}, kd_trainer=True, sequence_len=2048,
                               sample_packing=True, micro_batch_size=4)
-                build = build_lm_data
+                build = lambda c, tok: build_lm_data(DataSettings.from_config(c), tok)  # noqa: E731
             elif case == "dpo":
                 from jaxpref.data.preference import build_preference_data
 
                 write_dpo_rows(data, args.rows, tokenizer)
                 cfg = _config(data, work, entry={"type": "chatml.intel"}, rl="dpo", sequence_len=1024)
-                build = build_preference_data
+                build = lambda c, tok: build_preference_data(DataSettings.from_config(c), tok)  # noqa: E731
             else:
                 raise SystemExit(f"unknown case {case!r}")
             runs = [functools.partial(measure, case, cfg, build, work)] if 1 in processes else []

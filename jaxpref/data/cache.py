@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.formats import Example
 from jaxpref.data.report import DataReport
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.sources import looks_local
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ def entry_fingerprint(entry: Any) -> dict[str, Any]:
         if revision is None:
             log.warning(
                 "dataset %r: its hub revision is unknown offline, so the prepared-data cache cannot notice "
-                "updates; pin `revision:` to a commit to be sure", path
+                "updates; pin `revision:` to a commit to be sure",
+                path,
             )
         return {"hub": path, "revision": revision}
     stats = []
@@ -187,19 +189,21 @@ def _load_split(directory: Path, info: dict[str, Any]) -> list[Example]:
 class PreparedCache:
     """The cache entry of one config: ``path``, ``key``, ``material``; :meth:`load` and :meth:`save`."""
 
-    def __init__(self, cfg: Any, tokenizer: PreTrainedTokenizerBase, kind: str, root: str | Path | None = None):
-        self.root = Path(root or opt(cfg, "dataset_prepared_path"))
-        self.material = self._material(cfg, tokenizer, kind)
+    def __init__(
+        self, settings: DataSettings, tokenizer: PreTrainedTokenizerBase, kind: str, root: str | Path | None = None
+    ):
+        self.root = Path(root or settings.dataset_prepared_path)
+        self.material = self._material(settings, tokenizer, kind)
         self.key = _digest(self.material)[:32]
         self.path = self.root / f"{kind}-{self.key}"
 
     @staticmethod
-    def _material(cfg: Any, tokenizer: PreTrainedTokenizerBase, kind: str) -> dict[str, Any]:
-        jinja = opt(cfg, "chat_template_jinja")
+    def _material(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, kind: str) -> dict[str, Any]:
+        jinja = settings.chat_template_jinja
         if jinja and os.path.isfile(os.path.expanduser(jinja)):
             jinja = Path(os.path.expanduser(jinja)).read_text()
         entries = {
-            key: [{"entry": _jsonable(e), "data": entry_fingerprint(e)} for e in opt(cfg, key, []) or []]
+            key: [{"entry": _jsonable(e), "data": entry_fingerprint(e)} for e in getattr(settings, key) or []]
             for key in ("datasets", "test_datasets")
         }
         return {
@@ -207,7 +211,7 @@ class PreparedCache:
             "code": code_fingerprint(),
             "kind": kind,
             "entries": entries,
-            "config": {name: _jsonable(opt(cfg, name)) for name in _keyed_fields()},
+            "config": {name: _jsonable(getattr(settings, name)) for name in _keyed_fields()},
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat_template_jinja": jinja,
         }
@@ -256,18 +260,20 @@ class PreparedCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_examples(cfg: Any, tokenizer: PreTrainedTokenizerBase, kind: str, build: Callable[[], Prepared]) -> Prepared:
+def cached_examples(
+    settings: DataSettings, tokenizer: PreTrainedTokenizerBase, kind: str, build: Callable[[], Prepared]
+) -> Prepared:
     """``build()`` through the cache when ``dataset_prepared_path`` is set (hit: load; miss: build, write).
 
     On a hit the reports are checked against the current ``max_bad_row_fraction``.
     """
-    if not opt(cfg, "dataset_prepared_path"):
+    if not settings.dataset_prepared_path:
         return build()
-    cache = PreparedCache(cfg, tokenizer, kind)
+    cache = PreparedCache(settings, tokenizer, kind)
     prepared = cache.load()
     if prepared is not None:
         log.info("using the prepared data in %s", cache.path)
-        max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
+        max_bad = float(settings.max_bad_row_fraction)
         for report in prepared[2:]:
             if report is not None:
                 report.check(max_bad)

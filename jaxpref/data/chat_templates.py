@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 from importlib import resources
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from jaxpref.data._cfg import opt
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 
 SHIPPED_TEMPLATES = ("chatml", "llama3", "qwen3")
@@ -30,7 +29,7 @@ def shipped_template(name: str) -> str:
     return resources.files("jaxpref.templates").joinpath(f"{name}.jinja").read_text()
 
 
-def resolve_chat_template(choice: str | None, cfg: Any, tokenizer: PreTrainedTokenizerBase) -> str | None:
+def resolve_chat_template(choice: str | None, settings: DataSettings, tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The jinja source for a ``chat_template`` value (None: the tokenizer's own, possibly None)."""
     choice = choice or "tokenizer_default"
     if choice in SHIPPED_TEMPLATES:
@@ -38,7 +37,7 @@ def resolve_chat_template(choice: str | None, cfg: Any, tokenizer: PreTrainedTok
     if choice == "tokenizer_default":
         return tokenizer.chat_template
     if choice == "jinja":
-        jinja = opt(cfg, "chat_template_jinja")
+        jinja = settings.chat_template_jinja
         if not jinja:
             raise ConfigError("chat_template: jinja needs `chat_template_jinja` (a .jinja file or the template text)")
         if os.path.isfile(os.path.expanduser(jinja)):

@@ -46,6 +46,7 @@ from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
 from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
 from jaxpref.data.packing import bucket_length, collate
 from jaxpref.data.report import DataReport
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.sources import load_entries
 from jaxpref.data.workers import mapped_rows
 from jaxpref.errors import ConfigError, DataError
@@ -161,19 +162,19 @@ def process_rows(
 
 
 def formatted_rows(
-    cfg: Any, tokenizer: PreTrainedTokenizerBase, key: str, make_processor: Callable, kind: str
+    settings: DataSettings, tokenizer: PreTrainedTokenizerBase, key: str, make_processor: Callable, kind: str
 ) -> grain.MapDataset:
-    """The entries of ``cfg.<key>``, loaded and concatenated, each mapped through its own format.
+    """The entries of ``settings.<key>``, loaded and concatenated, each mapped through its own format.
 
     ``make_processor(formatter)`` is the per-row Grain map (raw row -> example or :class:`Dropped`).
     """
-    entries = list(opt(cfg, key, []))
+    entries = list(getattr(settings, key))
     # Resolve every type before loading anything: an unknown type fails fast.
     specs = [get_format(opt(e, "type"), kind=kind, where=f"{key}[{i}]") for i, e in enumerate(entries)]
     # range + map, not MapDataset.source: a source estimates the byte size of every row it reads (a
     # tree walk over nested lists: 30-50 ms for a 1k-token KD row, more than formatting it).
     parts = [
-        grain.MapDataset.range(len(ds)).map(ds.__getitem__).map(make_processor(spec.build(entry, cfg, tokenizer)))
+        grain.MapDataset.range(len(ds)).map(ds.__getitem__).map(make_processor(spec.build(entry, settings, tokenizer)))
         for spec, entry, ds in zip(specs, entries, load_entries(entries, key=key))
     ]
     return grain.MapDataset.concatenate(parts)
@@ -328,7 +329,7 @@ class LMData:
 
 
 def load_examples(
-    cfg: Any,
+    settings: DataSettings,
     tokenizer: PreTrainedTokenizerBase,
     *,
     kind: str,
@@ -340,15 +341,15 @@ def load_examples(
 
     def prepare() -> tuple[list[Example], list[Example], DataReport, DataReport | None]:
         train, evals, report, eval_report = _load_examples(
-            cfg, tokenizer, kind=kind, make_processor=make_processor, measure=measure
+            settings, tokenizer, kind=kind, make_processor=make_processor, measure=measure
         )
         return *fit_common_top_k(train, evals), report, eval_report
 
-    return cached_examples(cfg, tokenizer, kind, prepare)
+    return cached_examples(settings, tokenizer, kind, prepare)
 
 
 def _load_examples(
-    cfg: Any,
+    settings: DataSettings,
     tokenizer: PreTrainedTokenizerBase,
     *,
     kind: str,
@@ -359,20 +360,20 @@ def _load_examples(
 
     Returns (train examples, eval examples, train report, eval report or None), each list in row order.
     """
-    strategy = opt(cfg, "excess_length_strategy", "drop")
-    max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
-    rows = formatted_rows(cfg, tokenizer, "datasets", make_processor, kind).shuffle(seed=int(opt(cfg, "seed", 42)))
-    if opt(cfg, "test_datasets", []):
-        if opt(cfg, "val_set_size", 0):
+    strategy = settings.excess_length_strategy
+    max_bad = float(settings.max_bad_row_fraction)
+    rows = formatted_rows(settings, tokenizer, "datasets", make_processor, kind).shuffle(seed=int(settings.seed))
+    if settings.test_datasets:
+        if settings.val_set_size:
             log.warning("Both test_datasets and val_set_size are set; evaluating on test_datasets only")
-        n_val, eval_rows = 0, formatted_rows(cfg, tokenizer, "test_datasets", make_processor, kind)
+        n_val, eval_rows = 0, formatted_rows(settings, tokenizer, "test_datasets", make_processor, kind)
     else:
-        n_val = _val_count(float(opt(cfg, "val_set_size", 0)), len(rows))
+        n_val = _val_count(float(settings.val_set_size), len(rows))
         if n_val >= len(rows):
-            raise ConfigError(f"val_set_size={opt(cfg, 'val_set_size')} leaves no training rows out of {len(rows)}")
+            raise ConfigError(f"val_set_size={settings.val_set_size} leaves no training rows out of {len(rows)}")
         eval_rows = rows[:n_val]
 
-    processes = int(opt(cfg, "dataset_processes", 1))
+    processes = int(settings.dataset_processes)
     report = DataReport("train")
     train = process_rows(rows[n_val:], report, strategy, measure, processes)
     report.check(max_bad)

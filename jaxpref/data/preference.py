@@ -1,6 +1,6 @@
 """The preference data pipeline: chosen/rejected pairs (DPO, IPO, SimPO, ORPO, reward models) and KTO.
 
-``cfg.rl == "kto"`` builds KTO batches from ``"kto"`` formats; any other ``rl`` or ``reward_model: true``
+``settings.rl == "kto"`` builds KTO batches from ``"kto"`` formats; any other ``rl`` or ``reward_model: true``
 builds pair batches from ``"preference"`` formats (docs/design.md "Batches" has both tables).
 Loading, shuffling, the eval split, the per-row bad-row report, the epoch reshuffle, sharding of global
 batches across processes, padding of the last batch and bucketing of T are the LM pipeline's
@@ -30,10 +30,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from jaxpref.batch_keys import REF_KTO, REF_PAIR, SEQUENCE
-from jaxpref.data._cfg import opt
 from jaxpref.data.formats import BadRow, Example, RowFormatter
 from jaxpref.data.packing import collate, single_segment
 from jaxpref.data.pipeline import EXCESS_LENGTH_STRATEGIES, Dropped, LMData, load_examples, shift
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.streaming import StreamingData, build_streaming_data, streaming_requested
 from jaxpref.errors import ConfigError
 
@@ -50,12 +50,12 @@ _TEMPLATE = {
 }
 
 
-def preference_kind(cfg: Any) -> str:
+def preference_kind(settings: DataSettings) -> str:
     """``"kto"`` for ``rl: kto``, ``"preference"`` for the other ``rl`` values and ``reward_model: true``."""
-    rl = opt(cfg, "rl")
+    rl = settings.rl
     if rl == "kto":
         return "kto"
-    if rl or opt(cfg, "reward_model", False):
+    if rl or settings.reward_model:
         return "preference"
     raise ConfigError("Preference data needs `rl` (dpo, ipo, orpo, simpo, kto) or `reward_model: true`")
 
@@ -220,33 +220,33 @@ class PreferenceData(LMData):
 
 
 def build_preference_data(
-    cfg: Any,
+    settings: DataSettings,
     tokenizer: PreTrainedTokenizerBase,
     *,
     shard_index: int = 0,
     shard_count: int = 1,
     micro_batch_size: int | None = None,
 ) -> PreferenceData | StreamingData:
-    """Load, format, filter and shard ``cfg.datasets`` (and the eval set) for preference training.
+    """Load, format, filter and shard ``settings.datasets`` (and the eval set) for preference training.
 
     Pairs for ``rl`` dpo/ipo/simpo/orpo and ``reward_model``, KTO rows for ``rl: kto`` (module docstring).
-    ``micro_batch_size`` is per process (default ``cfg.micro_batch_size``). Raises :class:`DataError`
-    for missing or unreadable datasets and when more than ``cfg.max_bad_row_fraction`` of the rows are
+    ``micro_batch_size`` is per process (default ``settings.micro_batch_size``). Raises :class:`DataError`
+    for missing or unreadable datasets and when more than ``settings.max_bad_row_fraction`` of the rows are
     unusable; the per-reason counts are in ``.report`` / ``.eval_report``. With ``streaming: true``
     entries: a :class:`streaming.StreamingData` (same API; T = ``sequence_len``).
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
-    kind = preference_kind(cfg)
-    sequence_len = int(cfg.sequence_len)
-    strategy = opt(cfg, "excess_length_strategy", "drop")
+    kind = preference_kind(settings)
+    sequence_len = int(settings.sequence_len)
+    strategy = settings.excess_length_strategy
     if strategy not in EXCESS_LENGTH_STRATEGIES:
         raise ConfigError(f"excess_length_strategy: {strategy!r} is not one of {', '.join(EXCESS_LENGTH_STRATEGIES)}")
-    if not opt(cfg, "datasets", []):
+    if not settings.datasets:
         raise ConfigError("`datasets` is empty: add at least one dataset entry")
-    if opt(cfg, "sample_packing", False):
+    if settings.sample_packing:
         log.warning("sample_packing is ignored for preference data: each pair is its own sequence")
-    micro_batch_size = int(micro_batch_size or opt(cfg, "micro_batch_size", 1))
+    micro_batch_size = int(micro_batch_size or settings.micro_batch_size)
 
     sides = KTO_SIDES if kind == "kto" else PAIR_SIDES
     make_processor = functools.partial(
@@ -262,9 +262,9 @@ def build_preference_data(
         batching = {"longest": longest, "collate_fn": CollateKTO(sequence_len)}
     else:
         batching = {"longest": pair_longest, "collate_fn": collate_pairs}
-    if streaming_requested(cfg):
+    if streaming_requested(settings):
         return build_streaming_data(
-            cfg,
+            settings,
             tokenizer,
             kind=kind,
             make_processor=make_processor,
@@ -272,12 +272,12 @@ def build_preference_data(
             shard_index=shard_index,
             shard_count=shard_count,
             micro_batch_size=micro_batch_size,
-            fixed_length=bool(opt(cfg, "pad_to_sequence_len", False)),
+            fixed_length=bool(settings.pad_to_sequence_len),
             batching=batching,
         )
 
     train, evals, report, eval_report = load_examples(
-        cfg, tokenizer, kind=kind, make_processor=make_processor, measure=functools.partial(measure, sides=sides)
+        settings, tokenizer, kind=kind, make_processor=make_processor, measure=functools.partial(measure, sides=sides)
     )
     for rep, examples in ((report, train), (eval_report, evals)):
         if rep is not None:
@@ -288,11 +288,11 @@ def build_preference_data(
         report=report,
         eval_report=eval_report,
         micro_batch_size=micro_batch_size,
-        eval_batch_size=int(opt(cfg, "eval_batch_size", micro_batch_size)),
+        eval_batch_size=int(settings.eval_batch_size),
         shard_index=shard_index,
         shard_count=shard_count,
         sequence_len=sequence_len,
-        fixed_length=bool(opt(cfg, "pad_to_sequence_len", False)),
-        seed=int(opt(cfg, "seed", 42)),
+        fixed_length=bool(settings.pad_to_sequence_len),
+        seed=int(settings.seed),
         batching=batching,
     )

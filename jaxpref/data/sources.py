@@ -140,7 +140,7 @@ def _load(where: str, shown: str, builder: str, *, hub: bool = False, streaming:
 
 
 def load_entries(entries: list[Any], *, key: str = "datasets") -> list[datasets.Dataset]:
-    """Load every entry of ``cfg.datasets`` (or ``cfg.test_datasets``), in order, map-style.
+    """Load every entry of ``settings.datasets`` (or ``settings.test_datasets``), in order, map-style.
 
     Eval sets are always loaded map-style (every eval row is needed, in a fixed order): a
     ``test_datasets`` entry with ``streaming: true`` is loaded in memory, with a warning.

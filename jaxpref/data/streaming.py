@@ -59,6 +59,7 @@ from jaxpref.data.kd_targets import TARGET_KEYS, fit_top_k, most_common_k
 from jaxpref.data.packing import collate, pack, packer, single_segment
 from jaxpref.data.pipeline import Dropped, MicroBatches, account, formatted_rows, process_rows
 from jaxpref.data.report import DataReport
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.sources import load_entry
 from jaxpref.errors import ConfigError, DataError
 
@@ -76,9 +77,9 @@ STREAM_PACKING_BINS = 64
 LM_KEYS = ("input_ids", "labels", "loss_mask")
 
 
-def streaming_requested(cfg: Any) -> bool:
+def streaming_requested(settings: DataSettings) -> bool:
     """True when the ``datasets`` entries stream; :class:`ConfigError` when only some of them do."""
-    flags = [bool(opt(e, "streaming", False)) for e in opt(cfg, "datasets", [])]
+    flags = [bool(opt(e, "streaming", False)) for e in settings.datasets]
     if any(flags) and not all(flags):
         streamed = ", ".join(f"datasets[{i}]" for i, f in enumerate(flags) if f)
         raise ConfigError(
@@ -346,14 +347,14 @@ class StreamingData:
         return self._eval_batches
 
 
-def _check_config(cfg: Any) -> None:
-    if not opt(cfg, "max_steps", 0):
+def _check_config(settings: DataSettings) -> None:
+    if not settings.max_steps:
         raise ConfigError(
             "streaming datasets need max_steps: a streamed dataset's length is not known ahead, so the run "
             "length cannot come from num_epochs. Set max_steps (optimizer steps); the data repeats, "
             "reshuffled, until then."
         )
-    if opt(cfg, "val_set_size", 0):
+    if settings.val_set_size:
         raise ConfigError(
             "val_set_size needs the dataset's length, which streaming datasets do not have: remove it and "
             "name the eval set in test_datasets (loaded in memory)."
@@ -361,7 +362,7 @@ def _check_config(cfg: Any) -> None:
 
 
 def build_streaming_data(
-    cfg: Any,
+    settings: DataSettings,
     tokenizer: PreTrainedTokenizerBase,
     *,
     kind: str,
@@ -379,17 +380,17 @@ def build_streaming_data(
     or "kto" (never packed); ``make_processor(formatter)`` is the per-row step; ``batching``: the
     :class:`MicroBatches` hooks of the kind (its ``collate_fn`` also collates the streamed batches).
     """
-    _check_config(cfg)
-    entries = list(opt(cfg, "datasets"))
+    _check_config(settings)
+    entries = list(settings.datasets)
     specs = [get_format(opt(e, "type"), kind=kind, where=f"datasets[{i}]") for i, e in enumerate(entries)]
     streams = [load_entry(e, where=f"datasets[{i}]", streaming=True) for i, e in enumerate(entries)]
-    process = ProcessEntry([make_processor(spec.build(e, cfg, tokenizer)) for spec, e in zip(specs, entries)])
-    sequence_len = int(cfg.sequence_len)
-    strategy = opt(cfg, "excess_length_strategy", "drop")
-    max_bad = float(opt(cfg, "max_bad_row_fraction", 0.5))
-    seed = int(opt(cfg, "seed", 42))
+    process = ProcessEntry([make_processor(spec.build(e, settings, tokenizer)) for spec, e in zip(specs, entries)])
+    sequence_len = int(settings.sequence_len)
+    strategy = settings.excess_length_strategy
+    max_bad = float(settings.max_bad_row_fraction)
+    seed = int(settings.seed)
     lm = kind in ("lm", "kd")
-    packing = lm and bool(opt(cfg, "sample_packing", False))
+    packing = lm and bool(settings.sample_packing)
     top_k = peek_top_k(streams, process) if kind == "kd" else None
     log.info(
         "streaming %d dataset(s): process %d of %d reads its slice; micro-batches of %d x %d%s; the report "
@@ -420,12 +421,12 @@ def build_streaming_data(
         ds = ds.batch(micro_batch_size, batch_fn=FixedBatch(collate_fn, micro_batch_size, sequence_len))
         return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=PREFETCH_BATCHES)
 
-    evals, eval_report = _eval_examples(cfg, tokenizer, kind, make_processor, measure, top_k)
+    evals, eval_report = _eval_examples(settings, tokenizer, kind, make_processor, measure, top_k)
     if lm:
         evals = pack(evals, sequence_len) if packing else [single_segment(e) for e in evals]
     if eval_report is not None:
         eval_report.sequences, eval_report.sequence_len = len(evals), sequence_len if packing else 0
-    eval_batch_size = int(opt(cfg, "eval_batch_size", micro_batch_size))
+    eval_batch_size = int(settings.eval_batch_size)
     eval_batches = None
     if evals:
         eval_batches = MicroBatches(
@@ -452,7 +453,7 @@ def build_streaming_data(
 
 
 def _eval_examples(
-    cfg: Any,
+    settings: DataSettings,
     tokenizer: PreTrainedTokenizerBase,
     kind: str,
     make_processor: Callable,
@@ -460,13 +461,13 @@ def _eval_examples(
     top_k: int | None,
 ) -> tuple[list[Example], DataReport | None]:
     """``test_datasets`` examples (map-style, in row order) and their report; KD: cut to ``top_k``."""
-    if not opt(cfg, "test_datasets", []):
+    if not settings.test_datasets:
         return [], None
     report = DataReport("eval")
-    rows = formatted_rows(cfg, tokenizer, "test_datasets", make_processor, kind)
-    strategy = opt(cfg, "excess_length_strategy", "drop")
-    evals = process_rows(rows, report, strategy, measure, int(opt(cfg, "dataset_processes", 1)))
-    report.check(float(opt(cfg, "max_bad_row_fraction", 0.5)))
+    rows = formatted_rows(settings, tokenizer, "test_datasets", make_processor, kind)
+    strategy = settings.excess_length_strategy
+    evals = process_rows(rows, report, strategy, measure, int(settings.dataset_processes))
+    report.check(float(settings.max_bad_row_fraction))
     if top_k is not None:
         evals = [fit_top_k(e, top_k) if "target_token_ids" in e else e for e in evals]
     return evals, report

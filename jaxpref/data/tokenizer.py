@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.chat_templates import resolve_chat_template
 from jaxpref.data.formats import needs_chat_template
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.sources import looks_local
 from jaxpref.errors import ConfigError
 
@@ -75,16 +76,16 @@ def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str,
         )
 
 
-def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
-    """Load the tokenizer named by ``cfg.tokenizer_config`` (or ``cfg.base_model``).
+def load_tokenizer(settings: DataSettings) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by ``settings.tokenizer_config`` (or ``settings.base_model``).
 
-    Applies ``cfg.chat_template`` (``chatml`` | ``llama3`` | ``qwen3`` | ``tokenizer_default`` |
-    ``jinja`` with ``cfg.chat_template_jinja``), then ``cfg.special_tokens``; a missing pad token falls
+    Applies ``settings.chat_template`` (``chatml`` | ``llama3`` | ``qwen3`` | ``tokenizer_default`` |
+    ``jinja`` with ``settings.chat_template_jinja``), then ``settings.special_tokens``; a missing pad token falls
     back to the eos token (with a warning). Raises :class:`ConfigError` when the tokenizer cannot be
-    loaded or when a dataset of ``cfg.datasets``/``cfg.test_datasets`` needs a chat template and there
+    loaded or when a dataset of ``settings.datasets``/``settings.test_datasets`` needs a chat template and there
     is none.
     """
-    source = opt(cfg, "tokenizer_config") or opt(cfg, "base_model")
+    source = settings.tokenizer_config or settings.base_model
     if not source:
         raise ConfigError("No tokenizer: set `base_model` (or `tokenizer_config`) to a local directory or hub id")
     tokenizer = _from_pretrained(str(source))
@@ -93,8 +94,8 @@ def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
             f"The tokenizer {source!r} is a slow (python) tokenizer; jaxpref needs a fast one "
             "(tokenizer.json) to compute trainable-token masks from character offsets."
         )
-    tokenizer.chat_template = resolve_chat_template(opt(cfg, "chat_template"), cfg, tokenizer)
-    _apply_special_tokens(tokenizer, _as_dict(opt(cfg, "special_tokens")))
+    tokenizer.chat_template = resolve_chat_template(settings.chat_template, settings, tokenizer)
+    _apply_special_tokens(tokenizer, _as_dict(settings.special_tokens))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(
@@ -105,7 +106,7 @@ def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         for key in ("datasets", "test_datasets"):
-            for i, ds in enumerate(opt(cfg, key, []) or []):
+            for i, ds in enumerate(getattr(settings, key) or []):
                 if needs_chat_template(opt(ds, "type")) and not opt(ds, "chat_template"):
                     raise ConfigError(
                         f"{key}[{i}] has type {ds.type!r}, which formats rows with a chat template, but the "

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from jaxpref.config import DatasetConfig, JaxprefConfig, validate_config
+from jaxpref.data.settings import DataSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "demo" / "tiny-llama"
@@ -99,6 +100,11 @@ def dataset(**kw: Any) -> dict[str, Any]:
 def config(**kw: Any) -> JaxprefConfig:
     """A validated ``JaxprefConfig`` with the given keys (datasets as YAML dicts)."""
     return validate_config({"base_model": str(DEMO_MODEL), "learning_rate": 1e-4, **kw}, require_datasets=False)
+
+
+def data_settings(**kw: Any) -> DataSettings:
+    """The ``DataSettings`` of ``config(**kw)`` (what the data layer takes)."""
+    return DataSettings.from_config(config(**kw))
 
 
 def ds_config(**kw: Any) -> DatasetConfig:

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from jaxpref.data import build_lm_data, load_tokenizer
 from jaxpref.data.chat_templates import shipped_template
+from jaxpref.data.settings import DataSettings
 from tests.data.helpers import DEMO_MODEL, REPO, config, dataset
 
 DATA = REPO / "demo" / "data"
@@ -55,7 +56,7 @@ def test_demo_sft_pipeline_keeps_every_row():
         sample_packing=True,
         micro_batch_size=8,
     )
-    data = build_lm_data(cfg, load_tokenizer(cfg))
+    data = build_lm_data(DataSettings.from_config(cfg), load_tokenizer(DataSettings.from_config(cfg)))
     assert data.report.rows_out == 4000 and not data.report.dropped
     assert data.eval_report.rows_out == 200
     assert data.report.tokens / (data.report.sequences * 128) > 0.9  # packs well

@@ -16,6 +16,7 @@ import pytest
 from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format, known_types
 from jaxpref.data.formats.preference import PairText, UnpairedText
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError, DataError
 from tests.data.helpers import (
     BOT,
@@ -60,7 +61,7 @@ def fmt(type_: str, kind: str, tokenizer=None, template: str | None = None, cfg=
     if template is not None:
         tokenizer.chat_template = shipped_template(template)
     entry = entry if entry is not None else ds_config(type=type_, **ds_kw)
-    return get_format(type_, kind=kind).build(entry, cfg or config(), tokenizer)
+    return get_format(type_, kind=kind).build(entry, DataSettings.from_config(cfg or config()), tokenizer)
 
 
 # axolotl dpo/chatml.py: default (== the older `argilla`), intel, icr, prompt_pairs, ultra, argilla_chat

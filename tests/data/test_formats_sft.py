@@ -6,6 +6,7 @@ import pytest
 
 from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import DataError
 from tests.data.helpers import (
     BOT,
@@ -17,6 +18,7 @@ from tests.data.helpers import (
     START_HEADER,
     chatml_tokenizer,
     config,
+    data_settings,
     ds_config,
     ids,
     llama3_tokenizer,
@@ -35,7 +37,7 @@ CONV = [
 def formatter(type_: str, tokenizer, template: str | None = None, cfg=None, **ds_kw):
     if template is not None:
         tokenizer.chat_template = shipped_template(template)
-    return get_format(type_).build(ds_config(type=type_, **ds_kw), cfg or config(), tokenizer)
+    return get_format(type_).build(ds_config(type=type_, **ds_kw), DataSettings.from_config(cfg or config()), tokenizer)
 
 
 def check(example, expected):
@@ -167,7 +169,7 @@ def test_qwen3_think_blocks():
 
 def test_content_merged_with_template_text_by_bpe(demo_tokenizer):
     # Real BPE merges: every content token is trainable, every header token is not, the text round-trips.
-    f = get_format("chat_template").build(ds_config(type="chat_template"), config(), demo_tokenizer)
+    f = get_format("chat_template").build(ds_config(type="chat_template"), data_settings(), demo_tokenizer)
     conv = [{"role": "user", "content": "Reverse the word apple"}, {"role": "assistant", "content": " elppa x"}]
     ex = f({"messages": conv})
     trained = ex["input_ids"][ex["trainable"]]
@@ -196,7 +198,7 @@ def test_chat_template_bad_rows(row, reason):
 def test_template_error_is_a_bad_row():
     tok = chatml_tokenizer()
     tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x"
-    f = get_format("chat_template").build(ds_config(type="chat_template"), config(), tok)
+    f = get_format("chat_template").build(ds_config(type="chat_template"), data_settings(), tok)
     with pytest.raises(BadRow) as e:
         f({"messages": [{"role": "assistant", "content": "A"}]})
     assert e.value.reason == "template_error" and "user first" in e.value.detail

@@ -17,8 +17,9 @@ from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format
 from jaxpref.data.formats.kd import kd_row, parse_teacher, read_kd_dataset, write_kd_dataset
 from jaxpref.data.kd_targets import fit_top_k, renormalize, top_k_by_value
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError, DataError
-from tests.data.helpers import chatml_tokenizer, config, dataset, ds_config, write_jsonl
+from tests.data.helpers import chatml_tokenizer, config, data_settings, dataset, ds_config, write_jsonl
 
 K = 4
 
@@ -39,7 +40,7 @@ def conversation(n: int) -> list[dict]:
 
 
 def tokenize(tok, messages) -> tuple[list[int], np.ndarray]:
-    ex = get_format("chat_template", kind="lm").build(ds_config(type="chat_template"), config(), tok)(
+    ex = get_format("chat_template", kind="lm").build(ds_config(type="chat_template"), data_settings(), tok)(
         {"messages": messages}
     )
     return ex["input_ids"].tolist(), ex["trainable"]
@@ -102,7 +103,7 @@ def kd_data(tmp_path, tok, rows, *, entry=None, name="kd.jsonl", **cfg_kw):
     path = write_jsonl(tmp_path / name, rows)
     cfg_kw.setdefault("sequence_len", 256)
     cfg = config(datasets=[dataset(path=path, type="chat_template", **(entry or {}))], kd_trainer=True, **cfg_kw)
-    return build_lm_data(cfg, tok)
+    return build_lm_data(DataSettings.from_config(cfg), tok)
 
 
 def check_batch(batch, known, ratio=1.0) -> int:
@@ -174,14 +175,14 @@ def test_custom_logprobs_field_and_axolotl_type_names(tmp_path, tok):
     for type_name in ("axolotl.integrations.kd.chat_template", "axolotl.integrations.kd.chat_template.load_legacy"):
         path = write_jsonl(tmp_path / "custom.jsonl", rows)
         entry = dataset(path=path, type=type_name, logprobs_field="llm_vllm_logprobs")
-        data = build_lm_data(config(datasets=[entry], sequence_len=256), tok)  # the type alone makes it KD
+        data = build_lm_data(data_settings(datasets=[entry], sequence_len=256), tok)  # the type alone makes it KD
         assert sum(check_batch(b, known) for b in data.train_iterator(1)) == 3
 
 
 def test_kd_run_rejects_types_without_teacher_targets(tmp_path, tok):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
     with pytest.raises(DataError, match="'completion' is a type for lm"):
-        build_lm_data(config(datasets=[dataset(path=path, type="completion")], kd_trainer=True), tok)
+        build_lm_data(data_settings(datasets=[dataset(path=path, type="completion")], kd_trainer=True), tok)
 
 
 def test_top_k_cut_is_by_value_never_by_position():
@@ -318,7 +319,7 @@ def test_writer_reader_round_trip(tmp_path, tok, suffix):
         assert np.array_equal(parsed.valid, original.valid)
         np.testing.assert_allclose(parsed.logprobs, original.logprobs, rtol=1e-15)  # pyarrow's JSON: 1 ulp
     cfg = config(datasets=[dataset(path=path, type="chat_template")], kd_trainer=True, sequence_len=256)
-    assert sum(check_batch(b, known) for b in build_lm_data(cfg, tok).train_iterator(1)) == 3
+    assert sum(check_batch(b, known) for b in build_lm_data(DataSettings.from_config(cfg), tok).train_iterator(1)) == 3
 
 
 def test_bad_logprobs_alignment_is_a_config_error(tok):
@@ -326,7 +327,7 @@ def test_bad_logprobs_alignment_is_a_config_error(tok):
         ds_config(type="chat_template", logprobs_alignment="shifted")
     fake = type("Entry", (), {"logprobs_alignment": "shifted", "type": "chat_template"})()
     with pytest.raises(ConfigError, match="logprobs_alignment"):
-        get_format("chat_template", kind="kd").build(fake, config(), tok)
+        get_format("chat_template", kind="kd").build(fake, data_settings(), tok)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from jaxpref.data import build_lm_data
 from jaxpref.data.pipeline import shift
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import DataError
 from tests.data.helpers import IM_END, IM_START, chatml_tokenizer, config, dataset, ids, real_rows, write_jsonl
 
@@ -29,7 +30,7 @@ def completion_data(tmp_path, rows, **cfg_kw):
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     kw = {k: cfg_kw.pop(k) for k in ("shard_index", "shard_count", "micro_batch_size") if k in cfg_kw}
     cfg = config(datasets=[dataset(path=path, type="completion")], **cfg_kw)
-    return build_lm_data(cfg, chatml_tokenizer(), **kw)
+    return build_lm_data(DataSettings.from_config(cfg), chatml_tokenizer(), **kw)
 
 
 def epoch(data, num_epochs=1):
@@ -177,7 +178,7 @@ def test_test_datasets_are_the_eval_set(tmp_path):
     cfg = config(
         datasets=[dataset(path=train, type="completion")], test_datasets=[dataset(path=test, type="completion")]
     )
-    data = build_lm_data(cfg, chatml_tokenizer())
+    data = build_lm_data(DataSettings.from_config(cfg), chatml_tokenizer())
     assert data.report.rows_in == 6
     assert [r for b in data.eval_batches() for r in real_rows(b)] == [[*b"zz-test", IM_END]]
 
@@ -224,7 +225,7 @@ def chat_data(tmp_path, rows, **cfg_kw):
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = config(datasets=[dataset(path=path, type="chat_template")], sequence_len=64, **cfg_kw)
-    return build_lm_data(cfg, tok)
+    return build_lm_data(DataSettings.from_config(cfg), tok)
 
 
 def test_bad_rows_are_counted_and_never_shift_neighbours(tmp_path):
@@ -268,4 +269,4 @@ def test_excess_length_truncate_and_raise(tmp_path):
 def test_unknown_type_fails_before_loading(tmp_path):
     cfg = config(datasets=[dataset(path="does/not/exist.jsonl", type="sharegpt:chat")])
     with pytest.raises(DataError, match=r"datasets\[0\]: unknown type 'sharegpt:chat'; known types.*chat_template"):
-        build_lm_data(cfg, chatml_tokenizer())
+        build_lm_data(DataSettings.from_config(cfg), chatml_tokenizer())

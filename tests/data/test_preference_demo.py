@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from jaxpref.data import build_preference_data, load_tokenizer
+from jaxpref.data.settings import DataSettings
 from tests.data.helpers import DEMO_MODEL, REPO, config
 
 DATA = REPO / "demo" / "data"
@@ -115,7 +116,7 @@ def test_every_file_loads_with_its_type(shape):
         datasets=[{"path": str(DATA / f"pref_{shape}_train.jsonl"), "type": ds_type}],
         test_datasets=[{"path": str(DATA / f"pref_{shape}_eval.jsonl"), "type": ds_type}],
     )
-    data = build_preference_data(cfg, load_tokenizer(cfg))
+    data = build_preference_data(DataSettings.from_config(cfg), load_tokenizer(DataSettings.from_config(cfg)))
     n_train, n_eval = len(rows(f"pref_{shape}_train.jsonl")), len(rows(f"pref_{shape}_eval.jsonl"))
     assert (data.report.rows_in, data.report.rows_out) == (n_train, n_train)
     assert (data.eval_report.rows_in, data.eval_report.rows_out) == (n_eval, n_eval)

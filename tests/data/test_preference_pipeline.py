@@ -14,8 +14,18 @@ import yaml
 
 from jaxpref.config import load_config
 from jaxpref.data.preference import build_preference_data
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError, DataError
-from tests.data.helpers import DEMO_MODEL, IM_END, chatml_tokenizer, config, dataset, llama3_tokenizer, write_jsonl
+from tests.data.helpers import (
+    DEMO_MODEL,
+    IM_END,
+    chatml_tokenizer,
+    config,
+    data_settings,
+    dataset,
+    llama3_tokenizer,
+    write_jsonl,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIDE_KEYS = {"input_ids": "int32", "labels": "int32", "loss_mask": "bool", "positions": "int32", "segment_ids": "int32"}
@@ -46,7 +56,7 @@ def build(tmp_path, rows, *, rl="dpo", type_="chatml.prompt_pairs", tokenizer=No
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     mbs = split.get("micro_batch_size", 2 if rl == "kto" else 1)  # KTO's KL pairs need two rows
     cfg = config(rl=rl, datasets=[dataset(path=path, type=type_)], micro_batch_size=mbs, **kw)
-    return build_preference_data(cfg, tokenizer or chatml_tokenizer(), **split)
+    return build_preference_data(DataSettings.from_config(cfg), tokenizer or chatml_tokenizer(), **split)
 
 
 def sequences(batch: dict, prefix: str) -> list[list[int] | None]:
@@ -223,7 +233,8 @@ def test_bad_rows_are_counted(tmp_path):
     ints = write_jsonl(tmp_path / "ints.jsonl", [{"prompt": "p", "completion": "c", "label": 1}])
     kto_sets = [dataset(path=good, type="chatml.ultra"), dataset(path=ints, type="chatml.ultra")]
     cfg = config(rl="kto", datasets=kto_sets, micro_batch_size=2)
-    assert build_preference_data(cfg, chatml_tokenizer()).report.dropped == {"missing_field": 1, "bad_label": 1}
+    report = build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer()).report
+    assert report.dropped == {"missing_field": 1, "bad_label": 1}
 
 
 def test_truncate_keeps_the_start_as_trl(tmp_path):
@@ -246,15 +257,17 @@ def test_truncate_keeps_the_start_as_trl(tmp_path):
 def test_reward_model_builds_pairs_and_rl_is_required(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", pairs(3))
     cfg = config(reward_model=True, datasets=[dataset(path=path, type="chatml.prompt_pairs")])
-    assert "pair_mask" in next(build_preference_data(cfg, chatml_tokenizer()).train_iterator(1))
+    data = build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer())
+    assert "pair_mask" in next(data.train_iterator(1))
     with pytest.raises(ConfigError, match="needs `rl`"):
-        build_preference_data(config(datasets=[dataset(path=path, type="chatml.prompt_pairs")]), chatml_tokenizer())
+        unlabelled = data_settings(datasets=[dataset(path=path, type="chatml.prompt_pairs")])
+        build_preference_data(unlabelled, chatml_tokenizer())
 
 
 def test_unknown_type_fails_before_loading(tmp_path):
     cfg = config(rl="orpo", datasets=[dataset(path="does/not/exist.jsonl", type="chat_template")])
     with pytest.raises(DataError, match=r"datasets\[0\]: unknown type 'chat_template'.*known types for preference: "):
-        build_preference_data(cfg, chatml_tokenizer())
+        build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer())
 
 
 def test_user_defined_mapping_type_from_raw_entries(tmp_path):
@@ -263,7 +276,7 @@ def test_user_defined_mapping_type_from_raw_entries(tmp_path):
     entry = {"path": path, "type": {"field_prompt": "q", "field_chosen": "a", "field_rejected": "b",
                                     "prompt_format": "Question: {q}\nAnswer: "}}  # fmt: skip
     cfg = SimpleNamespace(**{**dict(config()), "rl": "dpo", "datasets": [entry]})
-    data = build_preference_data(cfg, chatml_tokenizer(), micro_batch_size=4)
+    data = build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer(), micro_batch_size=4)
     (batch,) = list(data.train_iterator(1))
     assert sorted(sequences(batch, "chosen_")) == [
         chatml_ids(f"Question: Q{i}\nAnswer: A{i}") + [IM_END] for i in range(4)
@@ -285,7 +298,7 @@ def test_seed_example_local_dataset_yaml(tmp_path):
     }
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({**base, **seed}))
     cfg = load_config(tmp_path / "dpo.yaml")
-    data = build_preference_data(cfg, chatml_tokenizer())
+    data = build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer())
     assert data.report.rows_out == 4 and data.micro_batches_per_epoch == 2
     chosen = [c for b in data.train_iterator(1) for c in sequences(b, "chosen_") if c]
     sys_turn = chatml_ids("<|im_start|>system\nYou are an AI assistant. You will be given a task.<|im_end|>\n")

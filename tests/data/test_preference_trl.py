@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from jaxpref.data.formats import get_format
 from jaxpref.data.preference import KTO_SIDES, PAIR_SIDES, CollateKTO, ProcessPreference, collate_pairs
-from tests.data.helpers import DEMO_MODEL, chatml_tokenizer, config, ds_config, llama3_tokenizer
+from tests.data.helpers import DEMO_MODEL, chatml_tokenizer, data_settings, ds_config, llama3_tokenizer
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
@@ -65,7 +65,7 @@ def trl_rows(ids, attention, completion) -> list[tuple[list[int], list[bool]]]:
 )
 def test_pair_ids_equal_trl(tok_name, type_, rows):
     tok = TOKENIZERS[tok_name]()
-    f = get_format(type_, kind="preference").build(ds_config(type=type_), config(), tok)
+    f = get_format(type_, kind="preference").build(ds_config(type=type_), data_settings(), tok)
     trl = trl_pairs(tok, [f.text(r) for r in rows])
     for row, want in zip(rows, trl):
         got = f(row)
@@ -78,7 +78,7 @@ def test_pair_ids_equal_trl(tok_name, type_, rows):
 @pytest.mark.parametrize("max_length", [None, 160, 180])  # 160: two prompts alone are longer
 def test_collated_pair_batch_equals_trl(max_length):
     tok = llama3_tokenizer()
-    f = get_format("chatml.intel", kind="preference").build(ds_config(type="chatml.intel"), config(), tok)
+    f = get_format("chatml.intel", kind="preference").build(ds_config(type="chatml.intel"), data_settings(), tok)
     trl = trl_pairs(tok, [f.text(r) for r in ORCA], max_length)
     assert len(trl) == {None: 4, 160: 2, 180: 4}[max_length]
     trl_batch = trl_dpo.DataCollatorForPreference(pad_token_id=0, max_length=max_length)(trl)
@@ -96,7 +96,7 @@ def test_collated_pair_batch_equals_trl(max_length):
 @pytest.mark.parametrize("tok_name", ["llama3-bytes-bos", "demo-bpe"])
 def test_kto_ids_and_kl_rotation_equal_trl(tok_name):
     tok = TOKENIZERS[tok_name]()
-    f = get_format("llama3.ultra", kind="kto").build(ds_config(type="llama3.ultra"), config(), tok)
+    f = get_format("llama3.ultra", kind="kto").build(ds_config(type="llama3.ultra"), data_settings(), tok)
     texts = [f.text(r) for r in KTO_ROWS]
     ds = datasets.Dataset.from_list(
         [{"prompt": t.prompt, "completion": t.completion, "label": t.desirable} for t in texts]

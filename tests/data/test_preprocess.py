@@ -12,14 +12,15 @@ import yaml
 from jaxpref.data import build_lm_data, load_tokenizer
 from jaxpref.data import pipeline as pipeline_module
 from jaxpref.data.cache import PreparedCache
+from jaxpref.data.settings import DataSettings
 from jaxpref.preprocess import length_histogram, main
-from tests.data.helpers import DEMO_MODEL, config, dataset, write_jsonl
+from tests.data.helpers import DEMO_MODEL, config, data_settings, dataset, write_jsonl
 from tests.data.test_kd import kd_rows
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(config(chat_template="chatml"))
+    return load_tokenizer(data_settings(chat_template="chatml"))
 
 
 def kd_config(path, prepared, **kw):
@@ -42,7 +43,7 @@ def kd_file(tmp_path, tok):
 
 
 def key(cfg, tok) -> str:
-    return PreparedCache(cfg, tok, "kd").key
+    return PreparedCache(DataSettings.from_config(cfg), tok, "kd").key
 
 
 def same(a: dict, b: dict) -> bool:
@@ -52,7 +53,7 @@ def same(a: dict, b: dict) -> bool:
 def test_a_hit_loads_instead_of_tokenizing_and_gives_the_same_batches(tmp_path, tok, kd_file, monkeypatch):
     path, rows, _ = kd_file
     cfg = kd_config(path, tmp_path / "prepared", sample_packing=True, micro_batch_size=2)
-    first = build_lm_data(cfg, tok)
+    first = build_lm_data(DataSettings.from_config(cfg), tok)
     written = [p for p in (tmp_path / "prepared").iterdir()]
     assert [p.name for p in written] == [f"kd-{key(cfg, tok)}"]  # no temp dirs left behind
 
@@ -62,10 +63,10 @@ def test_a_hit_loads_instead_of_tokenizing_and_gives_the_same_batches(tmp_path, 
     monkeypatch.setattr(pipeline_module, "_load_examples", no_tokenizing)
     # packing and batch size are not part of the key: the hit is re-packed and re-batched
     for overrides in ({}, {"sample_packing": False, "micro_batch_size": 3}):
-        second = build_lm_data(cfg.model_copy(update=overrides), tok)
+        second = build_lm_data(DataSettings.from_config(cfg.model_copy(update=overrides)), tok)
         assert second.report == first.report or overrides
         assert second.eval_report.rows_out == first.eval_report.rows_out == 2
-    second = build_lm_data(cfg, tok)
+    second = build_lm_data(DataSettings.from_config(cfg), tok)
     assert all(same(a, b) for a, b in zip(first.train_iterator(1), second.train_iterator(1), strict=True))
     assert all(same(a, b) for a, b in zip(first.eval_batches(), second.eval_batches(), strict=True))
 
@@ -101,15 +102,17 @@ def test_the_key_follows_what_changes_the_examples(tmp_path, tok, kd_file):
     assert changed != base
     os.utime(path, ns=(1, 1))
     assert key(kd_config(path, prepared), tok) != changed
-    other = load_tokenizer(config(chat_template="qwen3"))
+    other = load_tokenizer(data_settings(chat_template="qwen3"))
     assert key(kd_config(path, prepared), other) != key(kd_config(path, prepared), tok)
 
 
 def test_save_is_atomic_and_a_second_writer_loses_quietly(tmp_path, tok, kd_file):
     path, _, _ = kd_file
     cfg = kd_config(path, tmp_path / "prepared")
-    cache = PreparedCache(cfg, tok, "kd")
-    prepared = pipeline_module._load_examples(cfg, tok, kind="kd", make_processor=_processor(cfg))
+    cache = PreparedCache(DataSettings.from_config(cfg), tok, "kd")
+    prepared = pipeline_module._load_examples(
+        DataSettings.from_config(cfg), tok, kind="kd", make_processor=_processor(cfg)
+    )
     assert cache.save(prepared) is True
     assert cache.save(prepared) is False  # the target exists: the other writer won
     assert [p.name for p in cache.root.iterdir()] == [cache.path.name]
@@ -203,9 +206,9 @@ def test_preference_data_goes_through_the_cache_and_the_cli(tmp_path, tok, monke
     prepared = tmp_path / "prepared"
     cfg = config(datasets=[dataset(path=str(FIXTURES / fixture), type=type_)], rl=rl, micro_batch_size=2,
                  dataset_prepared_path=str(prepared))
-    first = build_preference_data(cfg, tok)
+    first = build_preference_data(DataSettings.from_config(cfg), tok)
     monkeypatch.setattr(pipeline_module, "_load_examples", lambda *a, **k: pytest.fail("cache miss"))
-    second = build_preference_data(cfg, tok)
+    second = build_preference_data(DataSettings.from_config(cfg), tok)
     assert all(same(a, b) for a, b in zip(first.train_iterator(1), second.train_iterator(1), strict=True))
     monkeypatch.undo()
     path = write_config(tmp_path, FIXTURES / fixture, kd_trainer=False, rl=rl, micro_batch_size=2,

@@ -8,6 +8,7 @@ import datasets
 import pytest
 
 from jaxpref.data import build_lm_data
+from jaxpref.data.settings import DataSettings
 from jaxpref.data.sources import load_entry
 from jaxpref.errors import DataError
 from tests.data.helpers import chatml_tokenizer, config, dataset, ds_config, real_rows, write_jsonl
@@ -79,7 +80,7 @@ def test_several_datasets_are_concatenated_and_shuffled_with_seed(tmp_path):
             micro_batch_size=12,
             seed=seed,
         )
-        data = build_lm_data(cfg, chatml_tokenizer())
+        data = build_lm_data(DataSettings.from_config(cfg), chatml_tokenizer())
         assert data.report.rows_in == 12
         decoded = [tok.decode(r) for r in real_rows(next(data.train_iterator()))]
         return [re.search(r"^a\d|(?<=Instruction:\n)b\d", text).group() for text in decoded]

@@ -14,8 +14,9 @@ from jaxpref.data import build_lm_data, streaming
 from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.packing import pack
 from jaxpref.data.preference import build_preference_data
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError, DataError
-from tests.data.helpers import chatml_tokenizer, config, dataset, real_rows, write_jsonl
+from tests.data.helpers import chatml_tokenizer, config, data_settings, dataset, real_rows, write_jsonl
 from tests.data.test_kd import K, kd_rows
 from tests.data.test_kd import check_batch as check_kd_batch
 from tests.data.test_pipeline import KEYS, check_batch, text_rows, tokens
@@ -32,7 +33,7 @@ def lm_config(paths, *, streaming=True, **kw):
 
 
 def lm_data(cfg, **kw):
-    return build_lm_data(cfg, chatml_tokenizer(), **kw)
+    return build_lm_data(DataSettings.from_config(cfg), chatml_tokenizer(), **kw)
 
 
 def segments(batches) -> Counter:
@@ -159,9 +160,9 @@ def test_kd_rows_through_streaming(tmp_path, fmt, packing):
     rows[5] = {"messages": rows[5]["messages"]}  # no teacher rows: dropped
     path = write_jsonl(tmp_path / "kd.jsonl", rows)
     kw = dict(kd_trainer=True, sequence_len=256, sample_packing=packing, micro_batch_size=2)
-    streamed = build_lm_data(config(datasets=[dataset(path=path, type="chat_template", streaming=True)],
+    streamed = build_lm_data(data_settings(datasets=[dataset(path=path, type="chat_template", streaming=True)],
                                     max_steps=5, **kw), tok)
-    mapped = build_lm_data(config(datasets=[dataset(path=path, type="chat_template")], **kw), tok)
+    mapped = build_lm_data(data_settings(datasets=[dataset(path=path, type="chat_template")], **kw), tok)
     got = list(streamed.train_iterator(1))
     assert streamed.top_k == K and {b["target_token_ids"].shape for b in got} == {(2, 256, K)}
     assert sum(check_kd_batch(b, known) for b in got) == 11
@@ -189,7 +190,7 @@ def test_preference_rows_through_streaming(tmp_path, rl):
         entry = dataset(path=path, type=type_, streaming=stream)
         steps = {"max_steps": 3} if stream else {}
         cfg = config(rl=rl, datasets=[entry], micro_batch_size=2, sequence_len=128, **steps)
-        return build_preference_data(cfg, chatml_tokenizer())
+        return build_preference_data(DataSettings.from_config(cfg), chatml_tokenizer())
 
     first = "chosen_" if rl == "dpo" else ""
     got, want = list(build(True).train_iterator(1)), list(build(False).train_iterator(1))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from types import SimpleNamespace
 
 import pytest
 
 from jaxpref.data import load_tokenizer
 from jaxpref.data.chat_templates import end_of_turn_ids, shipped_template
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 from tests.data.helpers import (
     DEMO_MODEL,
@@ -16,6 +17,7 @@ from tests.data.helpers import (
     byte_tokenizer,
     chatml_tokenizer,
     config,
+    data_settings,
     dataset,
     llama3_tokenizer,
     save_tokenizer,
@@ -68,55 +70,58 @@ def test_shipped_qwen3_renders_like_qwen3():
 
 
 def test_load_demo_tokenizer_and_template_choices(tmp_path):
-    tok = load_tokenizer(config(base_model=str(DEMO_MODEL)))
+    tok = load_tokenizer(data_settings(base_model=str(DEMO_MODEL)))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert tok.chat_template == shipped_template("chatml")  # its own template (tokenizer_default)
-    assert load_tokenizer(config(base_model=str(DEMO_MODEL), chat_template="qwen3")).chat_template == (
+    assert load_tokenizer(data_settings(base_model=str(DEMO_MODEL), chat_template="qwen3")).chat_template == (
         shipped_template("qwen3")
     )
     jinja = tmp_path / "t.jinja"
     jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     for value in (str(jinja), jinja.read_text()):
-        tok = load_tokenizer(config(base_model=str(DEMO_MODEL), chat_template="jinja", chat_template_jinja=value))
+        jinja_settings = data_settings(base_model=str(DEMO_MODEL), chat_template="jinja", chat_template_jinja=value)
+        tok = load_tokenizer(jinja_settings)
         assert tok.chat_template == jinja.read_text()
     with pytest.raises(ConfigError, match="chat_template_jinja"):
-        load_tokenizer(config(base_model=str(DEMO_MODEL), chat_template="jinja", chat_template_jinja="nope.jinja"))
+        load_tokenizer(
+            data_settings(base_model=str(DEMO_MODEL), chat_template="jinja", chat_template_jinja="nope.jinja")
+        )
 
 
 def test_tokenizer_config_wins_over_base_model(tmp_path):
     path = save_tokenizer(llama3_tokenizer(), tmp_path / "tok")
-    tok = load_tokenizer(config(base_model=str(DEMO_MODEL), tokenizer_config=path))
+    tok = load_tokenizer(data_settings(base_model=str(DEMO_MODEL), tokenizer_config=path))
     assert tok.bos_token == "<|begin_of_text|>"
 
 
 def test_missing_chat_template_is_a_config_error(tmp_path):
     path = save_tokenizer(chatml_tokenizer(), tmp_path / "tok")  # has no chat template
     with pytest.raises(ConfigError, match=r"datasets\[0\] has type 'chat_template'.*has none.*chat_template: chatml"):
-        load_tokenizer(config(base_model=path, datasets=[dataset(path="x.jsonl", type="chat_template")]))
-    assert load_tokenizer(config(base_model=path, datasets=[dataset(path="x.jsonl", type="completion")]))
+        load_tokenizer(data_settings(base_model=path, datasets=[dataset(path="x.jsonl", type="chat_template")]))
+    assert load_tokenizer(data_settings(base_model=path, datasets=[dataset(path="x.jsonl", type="completion")]))
     cfg = config(base_model=path, chat_template="chatml", datasets=[dataset(path="x.jsonl", type="chat_template")])
-    assert load_tokenizer(cfg).chat_template == shipped_template("chatml")
+    assert load_tokenizer(DataSettings.from_config(cfg)).chat_template == shipped_template("chatml")
 
 
 def test_special_tokens_and_pad_fallback(tmp_path, caplog):
     path = save_tokenizer(byte_tokenizer(["<|a|>", "<|b|>"], eos="<|a|>"), tmp_path / "tok")
     with caplog.at_level(logging.WARNING, logger="jaxpref.data.tokenizer"):
-        tok = load_tokenizer(config(base_model=path))
+        tok = load_tokenizer(data_settings(base_model=path))
     assert tok.pad_token == "<|a|>" and "no pad token" in caplog.text
-    tok = load_tokenizer(config(base_model=path, special_tokens={"pad_token": "<|b|>", "eos_token": "<|b|>"}))
+    tok = load_tokenizer(data_settings(base_model=path, special_tokens={"pad_token": "<|b|>", "eos_token": "<|b|>"}))
     assert (tok.pad_token, tok.eos_token, len(tok)) == ("<|b|>", "<|b|>", 258)
     with caplog.at_level(logging.WARNING, logger="jaxpref.data.tokenizer"):
-        tok = load_tokenizer(config(base_model=path, special_tokens={"additional_special_tokens": ["<|new|>"]}))
+        tok = load_tokenizer(data_settings(base_model=path, special_tokens={"additional_special_tokens": ["<|new|>"]}))
     assert tok.convert_tokens_to_ids("<|new|>") == 258 and "vocab_size" in caplog.text
 
 
 def test_missing_tokenizer_paths_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'./no/such/dir' does not exist"):
-        load_tokenizer(config(base_model="./no/such/dir"))
+        load_tokenizer(data_settings(base_model="./no/such/dir"))
     with pytest.raises(ConfigError, match="'org/some-model'.*could not be downloaded"):
-        load_tokenizer(config(base_model="org/some-model"))  # offline in tests
+        load_tokenizer(data_settings(base_model="org/some-model"))  # offline in tests
     with pytest.raises(ConfigError, match="base_model"):
-        load_tokenizer(SimpleNamespace(base_model=None, tokenizer_config=None))
+        load_tokenizer(dataclasses.replace(data_settings(), base_model=None, tokenizer_config=None))
 
 
 def test_end_of_turn_ids():

@@ -12,6 +12,7 @@ import numpy as np
 from jaxpref.data import workers
 from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.pipeline import ProcessRow, load_examples
+from jaxpref.data.settings import DataSettings
 from tests.data.helpers import chatml_tokenizer, config, dataset, write_jsonl
 from tests.data.test_kd import kd_rows
 
@@ -37,7 +38,7 @@ def test_worker_processes_equal_one_process(tmp_path, monkeypatch, caplog):
         cfg = config(datasets=[dataset(path=path, type="chat_template")], kd_trainer=True, sequence_len=256,
                      val_set_size=10, dataset_processes=processes)
         make = functools.partial(ProcessRow, sequence_len=256, excess_length_strategy="drop")
-        results.append(load_examples(cfg, tok, kind="kd", make_processor=make))
+        results.append(load_examples(DataSettings.from_config(cfg), tok, kind="kd", make_processor=make))
     assert f"mapping {290 - workers.PROBE_ROWS} rows in 2 worker processes" in caplog.text
     assert not multiprocessing.active_children()  # the workers were stopped
     (train1, eval1, report1, eval_report1), (train2, eval2, report2, eval_report2) = results

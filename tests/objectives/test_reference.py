@@ -21,6 +21,7 @@ from flax import nnx
 from jaxpref import lora, models
 from jaxpref import sharding as shd
 from jaxpref.data import build_preference_data
+from jaxpref.data.settings import DataSettings
 from jaxpref.objectives import build_objective
 from jaxpref.reference_pass import precompute_reference
 from jaxpref.trainer import Trainer
@@ -102,7 +103,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     c = data_config(tmp_path, rl)
     mesh = shd.make_mesh(None)
     policy = lora_policy(base_dir)
-    data = build_preference_data(c, tok)
+    data = build_preference_data(DataSettings.from_config(c), tok)
     precompute_reference(c, data, policy, mesh, tok)
     precomputed = build_objective(c, rl)
     online = build_objective(c.model_copy(update={"precompute_ref_log_probs": False}), rl)
@@ -126,7 +127,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     values = [e[ref_keys[0]] for e in data.examples("train")]
     # A second run with the same data and model reads them back, even if the live weights differ
     # (the key is the model's checkpoint and dtypes, not its values): proof that it is the cache.
-    data2 = build_preference_data(c, tok)
+    data2 = build_preference_data(DataSettings.from_config(c), tok)
     with caplog.at_level(logging.INFO, logger="jaxpref.reference_pass"):
         precompute_reference(c, data2, lora_policy(base_dir, seed=5), mesh, tok)
     assert "using the reference log-probs" in caplog.text
@@ -135,7 +136,7 @@ def test_precomputed_reference_equals_online_and_is_cached(tmp_path, tok, base_d
     other = tmp_path / "other"
     hf_llama(seed=3).save_pretrained(other)
     c3 = c.model_copy(update={"base_model": str(other)})
-    data3 = build_preference_data(c3, tok)
+    data3 = build_preference_data(DataSettings.from_config(c3), tok)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="jaxpref.reference_pass"):
         precompute_reference(c3, data3, models.from_pretrained(str(other)), mesh, tok)

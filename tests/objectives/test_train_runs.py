@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxpref.data import build_preference_data
+from jaxpref.data.settings import DataSettings
 from jaxpref.train import run
 from tests.data.helpers import DEMO_MODEL, config
 from tests.objectives.helpers import FIXTURES, hf_llama, tokenizer
@@ -58,7 +59,7 @@ def test_lora_reward_model_run_exports_a_sequence_classifier_that_reproduces_its
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.pad_token_id == 0
     margins, correct = [], []
-    for batch in build_preference_data(c, tokenizer()).eval_batches():
+    for batch in build_preference_data(DataSettings.from_config(c), tokenizer()).eval_batches():
         scores = []
         for side in ("chosen_", "rejected_"):
             ids = torch.tensor(batch[side + "input_ids"], dtype=torch.long)

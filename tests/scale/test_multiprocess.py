@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
+from jaxpref.data.settings import DataSettings
+
 REPO = Path(__file__).resolve().parents[2]
 K = 4
 TINY = dict(
@@ -46,8 +48,9 @@ def _kd_dataset(path: Path, model_dir: Path, n: int = 24) -> None:
     from tests.data.helpers import config, ds_config
 
     cfg = config(base_model=str(model_dir), chat_template="chatml")
-    tok = load_tokenizer(cfg)
-    build = get_format("chat_template", kind="lm").build(ds_config(type="chat_template"), cfg, tok)
+    settings = DataSettings.from_config(cfg)
+    tok = load_tokenizer(settings)
+    build = get_format("chat_template", kind="lm").build(ds_config(type="chat_template"), settings, tok)
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxpref import models
 from jaxpref.config import load_config
 from jaxpref.data import build_lm_data, load_tokenizer
+from jaxpref.data.settings import DataSettings
 from jaxpref.objectives import build_objective
 from jaxpref.teacher import load_teacher_config, main
 from jaxpref.teacher_output import shortest_float32, teacher_columns
@@ -127,7 +128,7 @@ def test_trainable_positions_only(tmp_path, kd_output, teacher_dir, chat_rows):
     assert main(["--config", str(cfg), "--no_progress"]) == 0
     info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
     read = lambda d: [json.loads(x) for f in info["files"] for x in (d / f).read_text().splitlines()]  # noqa: E731
-    tokenizer = load_tokenizer(load_teacher_config(cfg))
+    tokenizer = load_tokenizer(DataSettings.from_config(load_teacher_config(cfg)))
     from jaxpref.data.formats.sft import ChatTemplateFormat
 
     chat = ChatTemplateFormat(load_teacher_config(cfg).datasets[0], load_teacher_config(cfg), tokenizer)
@@ -135,7 +136,7 @@ def test_trainable_positions_only(tmp_path, kd_output, teacher_dir, chat_rows):
         trainable = chat(part)["trainable"]
         assert [r is not None for r in part["target_token_ids"]] == [bool(t) and i > 0 for i, t in enumerate(trainable)]
         assert all(p in (None, f) for p, f in zip(part["logprobs"], full["logprobs"]))
-    data = build_lm_data(load_config(kd_config(tmp_path, teacher_dir, info)), tokenizer)
+    data = build_lm_data(DataSettings.from_config(load_config(kd_config(tmp_path, teacher_dir, info))), tokenizer)
     assert data.report.rows_out == GOOD_ROWS and not data.report.dropped
 
 
@@ -148,7 +149,7 @@ def test_pipeline_targets_are_the_teachers_topk_at_each_trainable_position(
     softmax at position t (predicting token t + 1), rescaled p^(T_gen/T_kd) and renormalised."""
     info = json.loads((kd_output / "teacher_info.json").read_text())
     cfg = load_config(kd_config(tmp_path, teacher_dir, info, kd_temperature=kd_temperature))
-    data = build_lm_data(cfg, load_tokenizer(cfg))
+    data = build_lm_data(DataSettings.from_config(cfg), load_tokenizer(DataSettings.from_config(cfg)))
     assert data.report.rows_out == GOOD_ROWS and not data.report.dropped
     batches = list(data.train_iterator(1))
     # The teacher's full logits for every batch row at once ([rows, 96, V]: small test sizes only);
@@ -194,7 +195,7 @@ def test_online_teacher_equals_stored_teacher_dataset(tmp_path, kd_output, teach
     student = models.from_config(
         dataclasses.replace(models.load_model_config(DEMO_MODEL), num_hidden_layers=1), seed=11
     )
-    data = build_lm_data(offline_cfg, load_tokenizer(offline_cfg))
+    data = build_lm_data(DataSettings.from_config(offline_cfg), load_tokenizer(DataSettings.from_config(offline_cfg)))
 
     def loss_and_grad(objective):
         @nnx.jit
@@ -382,7 +383,8 @@ def test_two_dataset_entries_get_their_own_kd_entries(tmp_path, teacher_dir, cha
     assert other["data_files"] == [str(tmp_path / "kd" / f"part-0000{i}.jsonl") for i in (3, 4)]
     assert other["field_messages"] == "conversation" and other["message_property_mappings"]["content"] == "value"
     assert info["rows_out"] == GOOD_ROWS + 12
-    data = build_lm_data(load_config(kd_config(tmp_path, teacher_dir, info)), load_tokenizer(load_teacher_config(cfg)))
+    tokenizer = load_tokenizer(DataSettings.from_config(load_teacher_config(cfg)))
+    data = build_lm_data(DataSettings.from_config(load_config(kd_config(tmp_path, teacher_dir, info))), tokenizer)
     assert data.report.rows_out == GOOD_ROWS + 12 and not data.report.dropped
 
 

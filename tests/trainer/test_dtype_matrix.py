@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxpref import sharding as shd
 from jaxpref.config import load_config
+from jaxpref.data.settings import DataSettings
 from tests.trainer.test_kd_demo import CONFIGS, KD_TRAIN, REPO
 
 COMMON = [
@@ -87,8 +88,8 @@ def test_two_steps_in_every_dtype(objective, tuning, tmp_path, checkpoint):
     base = _config(objective, tuning, tmp_path, checkpoint)
     obj = build_objective(base, objective_name(base))
     assert obj.name == {"kd_online": "kd"}.get(objective, objective)
-    tokenizer = load_tokenizer(base)
-    data = build_data(base, tokenizer, obj.data)
+    tokenizer = load_tokenizer(DataSettings.from_config(base))
+    data = build_data(DataSettings.from_config(base), tokenizer, obj.data)
     mesh = shd.make_mesh(None)
     for param_dtype, compute_dtype in DTYPES:
         cfg = _config(objective, tuning, tmp_path, checkpoint, param_dtype, compute_dtype)

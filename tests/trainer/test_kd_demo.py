@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpref.data.settings import DataSettings
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 TEACHER = REPO / "demo" / "teacher"
@@ -169,8 +171,8 @@ class KDDemo:
         from jaxpref.objectives import build_objective
 
         objective = build_objective(cfg, objective_name(cfg))
-        tokenizer = load_tokenizer(cfg)
-        return objective, tokenizer, build_data(cfg, tokenizer, objective.data)
+        tokenizer = load_tokenizer(DataSettings.from_config(cfg))
+        return objective, tokenizer, build_data(DataSettings.from_config(cfg), tokenizer, objective.data)
 
     def fresh_student(self, cfg=None):
         from jaxpref.assembly import build_model

@@ -42,7 +42,7 @@ class FormatSpec:
     name: str
     kind: str  # "lm" | "preference" | "kto"
     needs_chat_template: bool
-    build: Callable[..., RowFormatter]  # build(ds_cfg, cfg, tokenizer) -> RowFormatter
+    build: Callable[..., RowFormatter]  # build(ds_cfg, settings, tokenizer) -> RowFormatter
 
 
 # Keyed by (kind, name): one name may be a format of several kinds (``chatml.intel`` is a DPO pair
@@ -59,7 +59,7 @@ def type_name(type_: Any) -> str | None:
 
 
 def register_format(*names: str, kind: str = "lm", needs_chat_template: bool = False):
-    """Class/function decorator: register ``build(ds_cfg, cfg, tokenizer) -> formatter`` under ``names``."""
+    """Class/function decorator: register ``build(ds_cfg, settings, tokenizer) -> formatter`` under ``names``."""
 
     def deco(build):
         for name in names:

@@ -39,6 +39,7 @@ from jaxpref.data._cfg import opt
 from jaxpref.data.formats import BadRow, Example, register_format
 from jaxpref.data.formats.sft import ChatTemplateFormat
 from jaxpref.data.kd_targets import teacher_targets
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError, DataError
 
 KD_TYPES = (
@@ -192,13 +193,13 @@ class KDChatTemplateFormat:
     ``kd_nonfinite_logprob``, ``kd_token_out_of_vocab``, ``kd_empty_teacher_row``, ``missing_field``.
     """
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
-        self.chat = ChatTemplateFormat(ds_cfg, cfg, tokenizer)
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
+        self.chat = ChatTemplateFormat(ds_cfg, settings, tokenizer)
         self.logprobs_field = opt(ds_cfg, "logprobs_field", DEFAULT_LOGPROBS_FIELD)
         self.alignment = opt(ds_cfg, "logprobs_alignment", "token")
         if self.alignment not in ALIGNMENTS:
             raise ConfigError(f"logprobs_alignment: {self.alignment!r} is not one of {', '.join(ALIGNMENTS)}")
-        self.scale = float(opt(ds_cfg, "temperature", 1.0)) / float(opt(cfg, "kd_temperature", 1.0))
+        self.scale = float(opt(ds_cfg, "temperature", 1.0)) / float(settings.kd_temperature)
         self.vocab_size = len(tokenizer)
 
     def __call__(self, row: dict[str, Any]) -> Example:
@@ -208,22 +209,22 @@ class KDChatTemplateFormat:
         return {**example, **teacher_targets(teacher.token_ids, teacher.logprobs, teacher.valid, scale=self.scale)}
 
 
-def is_kd_run(cfg: Any) -> bool:
+def is_kd_run(settings: DataSettings) -> bool:
     """The config trains with KD (``kd_trainer: true`` or ``objective: kd``)."""
-    return bool(opt(cfg, "kd_trainer", False)) or opt(cfg, "objective") == "kd"
+    return bool(settings.kd_trainer) or settings.objective == "kd"
 
 
-def lm_kind(cfg: Any) -> str:
+def lm_kind(settings: DataSettings) -> str:
     """``"kd"`` when the run reads teacher targets (a KD run, or an entry of a KD type), else ``"lm"``.
 
     In a KD run every dataset must be of a ``kd`` type: rows without teacher targets cannot share
     batches with rows that have them. With an online teacher (``kd_teacher_model``) the rows are
     plain chat rows.
     """
-    if opt(cfg, "kd_teacher_model"):
+    if settings.kd_teacher_model:
         return "lm"  # the online teacher makes the targets in the train step
-    entries = [*(opt(cfg, "datasets", []) or []), *(opt(cfg, "test_datasets", []) or [])]
-    return "kd" if is_kd_run(cfg) or any(opt(e, "type") in KD_TYPES for e in entries) else "lm"
+    entries = [*(settings.datasets or []), *(settings.test_datasets or [])]
+    return "kd" if is_kd_run(settings) or any(opt(e, "type") in KD_TYPES for e in entries) else "lm"
 
 
 def kd_row(

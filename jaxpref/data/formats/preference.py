@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.formats import USER_DEFINED, BadRow, Example, register_format
 from jaxpref.data.formats.sft import _TextEncoder
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 
 PAIR = "preference"
@@ -250,7 +251,15 @@ KTO_VARIANTS = {
 class TemplatePair(PairFormat):
     """``<family>.<variant>`` pair formats (``chatml.intel``, ``llama3.ultra``, ...)."""
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase, *, family: Family, variant: Variant):
+    def __init__(
+        self,
+        ds_cfg: Any,
+        settings: DataSettings,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        family: Family,
+        variant: Variant,
+    ):
         super().__init__(tokenizer)
         self.family, self.variant = family, variant
 
@@ -265,7 +274,15 @@ class TemplatePair(PairFormat):
 class TemplateUnpaired(UnpairedFormat):
     """``<family>.<variant>`` KTO formats (``llama3.ultra``, ``chatml.intel``, ...); label from ``label``."""
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase, *, family: Family, variant: Variant):
+    def __init__(
+        self,
+        ds_cfg: Any,
+        settings: DataSettings,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        family: Family,
+        variant: Variant,
+    ):
         super().__init__(tokenizer)
         self.family, self.variant = family, variant
 
@@ -343,7 +360,7 @@ class UserDefinedPair(_UserDefined, PairFormat):
     parts = ("prompt", "chosen", "rejected", "system")
     formatted = ("prompt", "chosen", "rejected")
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         _UserDefined.__init__(self, ds_cfg)
         PairFormat.__init__(self, tokenizer)
 
@@ -361,7 +378,7 @@ class UserDefinedUnpaired(_UserDefined, UnpairedFormat):
     parts = ("prompt", "completion", "label", "system")
     formatted = ("prompt", "completion")
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         _UserDefined.__init__(self, ds_cfg)
         UnpairedFormat.__init__(self, tokenizer)
 

@@ -31,6 +31,7 @@ from jaxpref.data.chat_templates import resolve_chat_template
 from jaxpref.data.formats import BadRow, register_format
 from jaxpref.data.formats.preference import PAIR, PairFormat, PairText, check_responses, system_prompt
 from jaxpref.data.formats.sft import DEFAULT_ROLES, PASSTHROUGH_KEYS
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 
 DUMMY_USER = {"role": "user", "content": "[[dummy_message]]"}  # axolotl's placeholder turn
@@ -53,10 +54,10 @@ def extract_response(full: str, prefix: str, content: str) -> str:
 class _ChatPair(PairFormat):
     """Shared: the template, message mapping (``message_property_mappings``, ``roles``) and rendering."""
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         super().__init__(tokenizer)
         override = opt(ds_cfg, "chat_template")
-        self.template = resolve_chat_template(override, cfg, tokenizer) if override else tokenizer.chat_template
+        self.template = resolve_chat_template(override, settings, tokenizer) if override else tokenizer.chat_template
         if self.template is None:
             raise ConfigError(
                 f"type: {opt(ds_cfg, 'type')} needs a chat template, and the tokenizer has none; set "

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data._cfg import opt
 from jaxpref.data.chat_templates import end_of_turn_ids, resolve_chat_template
 from jaxpref.data.formats import BadRow, Example, register_format
+from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
 
 TRAIN_ON_EOS = ("turn", "last", "all", "none")
@@ -88,7 +89,7 @@ def _text_field(row: dict[str, Any], field: str, *, required: bool = True) -> st
 class CompletionFormat:
     """Raw text from ``field`` (default ``text``); every token is trainable; BOS per tokenizer, EOS once."""
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         self.field = opt(ds_cfg, "field", "text")
         self.encoder = _TextEncoder(tokenizer)
 
@@ -119,9 +120,9 @@ class AlpacaFormat:
     ``train_on_inputs: true`` makes the prompt trainable too.
     """
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         self.encoder = _TextEncoder(tokenizer)
-        self.train_on_inputs = bool(opt(cfg, "train_on_inputs", False))
+        self.train_on_inputs = bool(settings.train_on_inputs)
 
     def __call__(self, row: dict[str, Any]) -> Example:
         instruction = _text_field(row, "instruction")
@@ -156,9 +157,9 @@ class ChatTemplateFormat:
     separators, BOS) are never trainable.
     """
 
-    def __init__(self, ds_cfg: Any, cfg: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
         override = opt(ds_cfg, "chat_template")
-        self.template = resolve_chat_template(override, cfg, tokenizer) if override else tokenizer.chat_template
+        self.template = resolve_chat_template(override, settings, tokenizer) if override else tokenizer.chat_template
         if self.template is None:
             raise ConfigError(
                 "type: chat_template needs a chat template, and the tokenizer has none; set "
@@ -175,7 +176,7 @@ class ChatTemplateFormat:
         self.train_on_eos = opt(ds_cfg, "train_on_eos", "turn")
         if self.train_on_eos not in TRAIN_ON_EOS:
             raise ConfigError(f"train_on_eos: {self.train_on_eos!r} is not one of {', '.join(TRAIN_ON_EOS)}")
-        self.train_on_inputs = bool(opt(cfg, "train_on_inputs", False))
+        self.train_on_inputs = bool(settings.train_on_inputs)
         self.field_system = opt(ds_cfg, "field_system", "system")
         self.drop_system_message = bool(opt(ds_cfg, "drop_system_message", False))
         self.eot_ids = end_of_turn_ids(tokenizer)

@@ -1,0 +1,53 @@
+"""What ``jaxpref.data`` reads of a run's config, as one typed value built once per run.
+
+``DataSettings.from_config(cfg)`` takes the validated config's own values (the schema writes every
+default once); the pipelines, formats, the tokenizer loader and the prepared-data cache take these
+settings, never the config itself. The field names are the config keys (docs/config.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    # the data section (config/sections.py DataSection)
+    datasets: tuple[Any, ...]  # DatasetConfig entries; () when unset
+    test_datasets: tuple[Any, ...]
+    val_set_size: float
+    sequence_len: int
+    sample_packing: bool
+    pad_to_sequence_len: bool
+    excess_length_strategy: str
+    train_on_inputs: bool
+    dataset_prepared_path: str | None
+    dataset_processes: int
+    max_bad_row_fraction: float
+    # batching and order
+    micro_batch_size: int  # rows per micro-batch per process
+    eval_batch_size: int
+    seed: int
+    max_steps: int | None  # streaming data needs it
+    # which objective's rows
+    objective: str | None
+    rl: str | None
+    reward_model: bool
+    kd_trainer: bool
+    kd_temperature: float
+    kd_teacher_model: str | None
+    # the tokenizer and its chat template
+    tokenizer_config: str | None
+    base_model: str | None
+    chat_template: str | None
+    chat_template_jinja: str | None
+    special_tokens: Any
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DataSettings:
+        """The settings of a validated ``JaxprefConfig``."""
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
+        values["datasets"] = tuple(values["datasets"] or ())
+        values["test_datasets"] = tuple(values["test_datasets"] or ())
+        return cls(**values)
