@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jax.numpy as jnp
@@ -13,9 +12,10 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from jaxpref import models
+from jaxpref.config import JaxprefConfig
 from jaxpref.data.formats import get_format
 from jaxpref.data.preference import KTO_SIDES, PAIR_SIDES, CollateKTO, ProcessPreference, collate_pairs
-from tests.data.helpers import DEMO_MODEL, config, ds_config
+from tests.data.helpers import DEMO_MODEL, config, data_settings, ds_config
 from tests.models.tiny import build_hf
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
@@ -41,7 +41,7 @@ def save_and_load(hf_model, path: Path):
 
 def pair_texts(tok) -> tuple[Any, list]:
     """The ``chatml.intel`` format and the rendered (prompt, chosen, rejected) strings of the ORCA rows."""
-    f = get_format("chatml.intel", kind="preference").build(ds_config(type="chatml.intel"), config(), tok)
+    f = get_format("chatml.intel", kind="preference").build(ds_config(type="chatml.intel"), data_settings(), tok)
     return f, [f.text(r) for r in ORCA]
 
 
@@ -53,7 +53,7 @@ def pair_batch(tok, length: int = 128) -> dict[str, np.ndarray]:
 
 
 def kto_parts(tok):
-    f = get_format("llama3.ultra", kind="kto").build(ds_config(type="llama3.ultra"), config(), tok)
+    f = get_format("llama3.ultra", kind="kto").build(ds_config(type="llama3.ultra"), data_settings(), tok)
     process = ProcessPreference(f, sides=KTO_SIDES, sequence_len=10_000, excess_length_strategy="drop", keep_parts=True)
     return f, [process(r)[0] for r in KTO_ROWS]
 
@@ -67,24 +67,11 @@ def jnp_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def cfg(**kw: Any) -> SimpleNamespace:
-    """The config fields the preference objectives read, with jaxpref's (TRL's) defaults."""
-    base = dict(
-        rl_beta=0.1,
-        dpo_loss_type=None,
-        dpo_label_smoothing=0.0,
-        orpo_alpha=0.1,
-        simpo_gamma=0.5,
-        cpo_alpha=1.0,
-        kto_desirable_weight=1.0,
-        kto_undesirable_weight=1.0,
-        adapter=None,
-        rl_adapter_ref_model=False,
-        precompute_ref_log_probs=False,
-        fused_kernel=None,
-    )
-    base.update(kw)
-    return SimpleNamespace(**base)
+def cfg(**kw: Any) -> JaxprefConfig:
+    """A validated config with the given keys: the preference defaults are the schema's (TRL's)."""
+    if kw.get("adapter") == "lora":
+        kw.setdefault("lora_target_linear", True)
+    return config(**kw)
 
 
 def floats(metrics: dict[str, Any]) -> dict[str, float]:
