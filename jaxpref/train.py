@@ -34,8 +34,9 @@ from jaxpref.assembly import (
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
 from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError
+from jaxpref.export import export_final
 from jaxpref.logs import RunLogger
-from jaxpref.trainer import LoopHooks, LoopSettings, Trainer, fit
+from jaxpref.trainer import LoopHooks, LoopSettings, fit
 
 logger = logging.getLogger("jaxpref")
 
@@ -198,36 +199,6 @@ def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:
             "over, choose another output_dir or delete that one."
         )
     return root, None
-
-
-def export_final(cfg: Any, trainer: Trainer, tokenizer: Any, out_dir: Path) -> None:
-    """Write the trained model as a Hugging Face directory (or PEFT adapter) plus the tokenizer.
-
-    Every process calls this (gathering sharded weights is a collective); only process 0 writes.
-    """
-    from jaxpref import lora, models
-
-    model = trainer.model()
-    if trainer.objective.score_head:
-        export_reward_model(cfg, model, tokenizer, out_dir)
-    elif cfg.adapter == "lora":
-        lora.export_peft_adapter(model, out_dir, base_model_name_or_path=cfg.base_model)
-    else:
-        models.save_pretrained(model, out_dir)
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(out_dir)
-
-
-def export_reward_model(cfg: Any, model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """A reward model as a transformers ``*ForSequenceClassification`` directory (LoRA merged in)."""
-    from jaxpref import lora
-    from jaxpref.models.reward import save_reward_model
-
-    if cfg.adapter == "lora":
-        score = model.score
-        model = lora.merge_lora(model)
-        model.score = score
-    save_reward_model(model, out_dir, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 def wandb_settings(cfg: Any) -> dict[str, Any] | None:
