@@ -77,14 +77,14 @@ class TeacherRunner:
 
     ``__call__(input_ids [B, T] int32, lengths [B]) -> (ids [B, T, K] int32, logprobs [B, T, K] f32)``,
     entry t of a row is the top-k for the token after t, log-probs at ``temperature`` over the full
-    vocabulary (``jaxpref.losses.topk_logprobs``: row blocks, never [B*T, V] at once).
+    vocabulary (``jaxpref.teacher_topk.topk_logprobs``: row blocks, never [B*T, V] at once).
     """
 
     def __init__(self, model: Any, mesh: Any, k: int, temperature: float, batch_size: int):
         from flax import nnx
 
         from jaxpref import sharding as shd
-        from jaxpref.losses.topk import topk_logprobs
+        from jaxpref.teacher_topk import topk_logprobs
 
         self.mesh = mesh
         divisor = shd.batch_divisor(mesh)

@@ -23,7 +23,6 @@ from .orpo import log1mexp, orpo_loss
 from .registry import UnknownLossError, get_loss, list_losses, register_loss
 from .reward import reward_loss
 from .simpo import CPO_LOSS_TYPES, cpo_loss, simpo_loss
-from .topk import topk_logprobs
 
 __all__ = [
     "CPO_LOSS_TYPES",
@@ -56,5 +55,4 @@ __all__ = [
     "simpo_loss",
     "token_logps",
     "token_logps_from_gathered",
-    "topk_logprobs",
 ]

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 
 from jaxpref import batch_keys as keys
 from jaxpref.losses.fused import fused_kd_loss
-from jaxpref.losses.topk import topk_logprobs
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import forward_hidden, kernel_options, trainable_tokens
+from jaxpref.teacher_topk import topk_logprobs
 
 
 def kd_options(cfg: Any) -> dict[str, Any]:

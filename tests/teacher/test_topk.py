@@ -1,10 +1,10 @@
-"""``jaxpref.losses.topk_logprobs`` against a float64 full-vocabulary softmax, and its memory bound."""
+"""``jaxpref.teacher_topk.topk_logprobs`` against a float64 full-vocabulary softmax, and its memory bound."""
 
 import jax
 import numpy as np
 import pytest
 
-from jaxpref.losses import topk_logprobs
+from jaxpref.teacher_topk import topk_logprobs
 
 
 def brute_force(hidden, weight, k, temperature):

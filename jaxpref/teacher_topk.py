@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from ._utils import Array, ArrayLike
+from jax import Array
+from jax.typing import ArrayLike
 
 
 def topk_logprobs(
