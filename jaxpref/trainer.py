@@ -151,9 +151,7 @@ class Trainer:
 
         ``batch``: [accum, micro_batch, ...] shapes and dtypes of the stacked micro-batches (global).
         """
-        sharding = shd.batch_sharding(self.mesh, leading_dims=1)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        batch, step = self._step_shapes(batch)
         # Kernels are chosen while tracing and JAX caches traces (remat, scan) by function: start clean,
         # and leave clean, so no trace made for one platform is reused for another.
         jax.clear_caches()
@@ -167,13 +165,17 @@ class Trainer:
         finally:
             jax.clear_caches()
 
+    def _step_shapes(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[dict[str, Any], Any]:
+        """The batch and step-number arguments of the train step as sharded shapes."""
+        sharding = shd.batch_sharding(self.mesh, leading_dims=1)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+        return batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+
     def compile_train_step(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> jax.stages.Compiled:
         """The jitted train step compiled for this machine from shapes only (for its memory analysis).
 
         ``batch``: as in ``export_train_step``."""
-        sharding = shd.batch_sharding(self.mesh, leading_dims=1)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        batch, step = self._step_shapes(batch)
         with platform.kernel_mesh(self.mesh):
             lowered = self._train_step.lower(self.params, self.frozen, self.companions, self.opt_state, batch, step)
         return lowered.compile()

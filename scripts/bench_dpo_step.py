@@ -99,7 +99,8 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<unk>", bos_token="<s>")
 
 
-def _result(args, tokens: int, times: list[float], cpu: list[float], losses: list[float], extra: dict) -> dict:
+def step_result(args, tokens: int, times: list[float], cpu: list[float], losses: list[float], extra: dict) -> dict:
+    """One worker's row: ``args.config`` / ``args.impl``, step times, tokens/s, the process's peak RSS."""
     med = statistics.median(times)
     return {
         "config": args.config,
@@ -180,7 +181,7 @@ def _trl_worker(args: argparse.Namespace) -> dict:
     trainer.train()
     times, cpu = marks["times"][args.warmup :], marks["cpu"][args.warmup :]
     extra = {"torch": torch.__version__, "trl_batch_shape": list(batch["input_ids"].shape)}
-    return _result(args, 2 * pairs * seq_len, times, cpu, marks["losses"], extra)
+    return step_result(args, 2 * pairs * seq_len, times, cpu, marks["losses"], extra)
 
 
 def _jax_worker(args: argparse.Namespace) -> dict:
@@ -228,7 +229,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     extra = {"jax": jax.__version__, "reference": objective.reference}
-    return _result(args, 2 * pairs * seq_len, times, cpu, losses, extra)
+    return step_result(args, 2 * pairs * seq_len, times, cpu, losses, extra)
 
 
 def table(results: list[dict]) -> str:

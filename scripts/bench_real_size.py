@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -121,23 +120,10 @@ def rss_now() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
-def result(args, cell: str, times: list[float], cpu: list[float], losses: list[float], extra: dict) -> dict:
-    med = statistics.median(times)
-    tokens = tokens_per_step(cell)
-    return {
-        "config": cell,
-        "impl": args.impl,
-        "tokens_per_step": tokens,
-        "times_s": times,
-        "median_step_s": med,
-        "cpu_s": cpu,
-        "median_cpu_s": statistics.median(cpu),
-        "tokens_per_s": tokens / med,
-        "peak_rss_bytes": kd.rss_bytes(),
-        "losses": losses,
-        "load_avg": os.getloadavg()[0],
-        **extra,
-    }
+def result(args, times: list[float], cpu: list[float], losses: list[float], extra: dict) -> dict:
+    """``bench_dpo_step.step_result`` for the cell ``args.config``, with the load average."""
+    extra = {"load_avg": os.getloadavg()[0], **extra}
+    return dpo.step_result(args, tokens_per_step(args.config), times, cpu, losses, extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +194,7 @@ def _torch_kd_worker(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "rss_after_setup_bytes": rss_setup,
         "trainable_params": sum(p.numel() for p in trainable),
     }  # fmt: skip
-    return result(args, args.config, times, cpu, losses, extra)
+    return result(args, times, cpu, losses, extra)
 
 
 def _trl_dpo_worker(args: argparse.Namespace) -> dict:
@@ -261,7 +247,7 @@ def _trl_dpo_worker(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "trl_batch_shape": seen, "rss_after_setup_bytes": rss_setup,
         "trainable_params": trainable,
     }  # fmt: skip
-    return result(args, args.config, times, cpu, marks["losses"], extra)
+    return result(args, times, cpu, marks["losses"], extra)
 
 
 def _jax_worker(args: argparse.Namespace) -> dict:
@@ -335,7 +321,7 @@ def _jax_worker(args: argparse.Namespace) -> dict:
             extra.setdefault("warmup_s", []).append(time.perf_counter() - t0)
     n_train, n_frozen = trainer.num_params()
     extra |= {"trainable_params": n_train, "frozen_params": n_frozen, "remat_policy": cfg.remat_policy}
-    return result(args, args.config, times, cpu, losses, extra)
+    return result(args, times, cpu, losses, extra)
 
 
 # ---------------------------------------------------------------------------------------------------------

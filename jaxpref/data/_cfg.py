@@ -1,9 +1,8 @@
-"""Reading config attributes by the names in docs/design.md "Config".
+"""Reading dataset entries by the names in docs/design.md "Config".
 
-The pipeline reads `JaxprefConfig` / `DatasetConfig` attributes, and tests may pass stand-in objects
-that lack optional keys; ``None`` means "unset" (axolotl YAMLs write `key:` with no value). Raw dataset
-entries (plain mappings, as YAML writes them) are read by key: they carry axolotl keys that the schema
-does not model (``field_chosen``, a mapping ``type``, ...).
+An entry is a ``DatasetConfig`` or a raw mapping (as YAML writes it): raw entries carry axolotl keys
+that the schema does not model (``field_chosen``, a mapping ``type``, ...); ``None`` means "unset"
+(axolotl YAMLs write `key:` with no value). Run-level settings come typed, in ``DataSettings``.
 """
 
 from collections.abc import Mapping

@@ -203,7 +203,7 @@ class PreparedCache:
         if jinja and os.path.isfile(os.path.expanduser(jinja)):
             jinja = Path(os.path.expanduser(jinja)).read_text()
         entries = {
-            key: [{"entry": _jsonable(e), "data": entry_fingerprint(e)} for e in getattr(settings, key) or []]
+            key: [{"entry": _jsonable(e), "data": entry_fingerprint(e)} for e in getattr(settings, key)]
             for key in ("datasets", "test_datasets")
         }
         return {

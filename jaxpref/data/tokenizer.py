@@ -106,7 +106,7 @@ def load_tokenizer(settings: DataSettings) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         for key in ("datasets", "test_datasets"):
-            for i, ds in enumerate(getattr(settings, key) or []):
+            for i, ds in enumerate(getattr(settings, key)):
                 if needs_chat_template(opt(ds, "type")) and not opt(ds, "chat_template"):
                     raise ConfigError(
                         f"{key}[{i}] has type {ds.type!r}, which formats rows with a chat template, but the "

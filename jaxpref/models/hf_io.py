@@ -302,10 +302,13 @@ def from_config(
     shardings = [None] * len(shapes)
     if mesh is not None:
         shardings = jax.tree.leaves(state_shardings(abstract_state, mesh, rules))
+    def init_group(group: list[int]) -> list[jax.Array]:
+        leaves = jax.tree.leaves(nnx.state(make()))
+        return [leaves[i] for i in group]
+
     values: list[Any] = [None] * len(shapes)
     for group in _init_groups(shapes):
-        init = jax.jit(lambda g=group: [jax.tree.leaves(nnx.state(make()))[i] for i in g],
-                       out_shardings=[shardings[i] for i in group])  # fmt: skip
+        init = jax.jit(functools.partial(init_group, group), out_shardings=[shardings[i] for i in group])
         for i, value in zip(group, init()):
             values[i] = value
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))

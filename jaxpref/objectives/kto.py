@@ -97,7 +97,7 @@ def build_kto(cfg: Any) -> Objective:
         mask = batch["example_mask"].astype(bool)
         stats = sequence_stats(model, seqs, train=train, kopts=kopts)
         if mode == "precomputed":
-            ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
+            ref, ref_kl = (batch[k] for k in keys.REF_KTO)
         else:
             both = reference_logps(mode, model, companions, seqs, kopts=kopts)
             ref, ref_kl = both[:n], both[n:]

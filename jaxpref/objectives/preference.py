@@ -214,7 +214,7 @@ def pair_objective(
         stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=full_nll)
         ref = None
         if mode == "precomputed":
-            ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+            ref = tuple(batch[k] for k in keys.REF_PAIR)
         elif mode != "none":
             logps = reference_logps(mode, model, companions, seqs, kopts=kopts)
             ref = (logps[:n], logps[n:])

@@ -223,7 +223,7 @@ def lm_kind(settings: DataSettings) -> str:
     """
     if settings.kd_teacher_model:
         return "lm"  # the online teacher makes the targets in the train step
-    entries = [*(settings.datasets or []), *(settings.test_datasets or [])]
+    entries = [*settings.datasets, *settings.test_datasets]
     return "kd" if is_kd_run(settings) or any(opt(e, "type") in KD_TYPES for e in entries) else "lm"
 
 
