@@ -91,9 +91,23 @@ def build_data(settings: Any, tokenizer: Any, kind: str) -> Any:
     return builders[kind](settings, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
+def with_served_targets(cfg: Any, data: Any, tokenizer: Any) -> Any:
+    """``data`` whose micro-batches get KD targets from ``kd_online_server_base_url`` (unchanged without
+    one); ``close()`` the result when the run ends."""
+    if not cfg.kd_online_server_base_url:
+        return data
+    from jaxpref.data import DataSettings
+    from jaxpref.served_targets import ServedTeacherData
+    from jaxpref.teacher_client import ServerSettings
+
+    scale = 1.0 / DataSettings.from_config(cfg).target_temperature  # T_gen = 1: a server's prompt log-probs
+    return ServedTeacherData(data, ServerSettings.from_config(cfg), scale=scale, vocab_size=len(tokenizer))
+
+
 def build_teacher(cfg: Any, vocab_needed: int, mesh: Any, *, weights: bool = True) -> Any:
-    """``kd_teacher_model`` (frozen, ``kd_teacher_dtype``) straight into its shards; ConfigError when its
-    vocabulary is smaller than the tokenizer's. ``weights=False``: from its ``config.json`` only."""
+    """``kd_teacher_model`` (frozen, ``kd_teacher_dtype``, with ``kd_teacher_adapter``) straight into its
+    shards; ConfigError when its vocabulary is smaller than the tokenizer's. ``weights=False``: from its
+    ``config.json`` only."""
     from jaxpref import models
 
     opts = dict(
@@ -104,6 +118,10 @@ def build_teacher(cfg: Any, vocab_needed: int, mesh: Any, *, weights: bool = Tru
         teacher = models.from_pretrained(cfg.kd_teacher_model, **opts)
     else:
         teacher = models.from_config(models.load_model_config(cfg.kd_teacher_model), seed=0, **opts)
+    if cfg.kd_teacher_adapter and weights:
+        from jaxpref import lora
+
+        lora.load_peft_adapter(teacher, cfg.kd_teacher_adapter, mesh=mesh, rules=cfg.logical_axis_rules)
     vocab = teacher.config.vocab_size
     if vocab < vocab_needed:
         raise ConfigError(

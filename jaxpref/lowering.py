@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxpref.batch_keys import KD_TARGETS
 from jaxpref.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ def batch_shapes(cfg: Any, objective: Any, data: Any, divisor: int) -> dict[str,
     for key in objective.batch_keys:
         if key not in out and key.startswith("ref_"):
             out[key] = jax.ShapeDtypeStruct((accum, rows), np.float32)
+    if cfg.kd_online_server_base_url:  # targets a teacher server adds on the way (not asked here)
+        time_len, k = out["input_ids"].shape[2], cfg.kd_online_topk
+        for key, dtype in zip(KD_TARGETS, (np.int32, np.float32, np.bool_)):
+            out[key] = jax.ShapeDtypeStruct((accum, rows, time_len, k), dtype)
     missing = [k for k in objective.batch_keys if k not in out]
     if missing:
         raise ConfigError(f"the {objective.name} objective reads batch keys {missing} the data does not provide")

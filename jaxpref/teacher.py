@@ -33,55 +33,9 @@ if __name__ == "__main__":  # before the heavy imports below: the re-exec restar
 
 import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from jaxpref.cli import run_command, setup_logging
-from jaxpref.errors import ConfigError
-from jaxpref.teacher_pass import NO_TEACHER, run_teacher
-
-# ----------------------------------------------------------------------------------------- config
-
-
-def load_teacher_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
-    """The config of a teacher pass: the normal schema, with keys training needs but this pass does
-    not filled in: ``learning_rate`` (0) and ``base_model`` (``kd_teacher_model``; the pass reads only
-    the tokenizer from it, and ``tokenizer_config`` comes first)."""
-    from jaxpref.config import load_config
-
-    given = _top_level_keys(path) | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides if "=" in o.rstrip("=")}
-    if Path(path).is_file() and "kd_teacher_model" not in given:
-        raise ConfigError(NO_TEACHER)
-    extra = []
-    if "learning_rate" not in given:
-        extra.append("learning_rate=0")
-    if "base_model" not in given and "kd_teacher_model" in given:
-        teacher = next((o.split("=", 1)[1] for o in overrides if o.startswith("kd_teacher_model=")), None)
-        if teacher is None:
-            teacher = _yaml_value(path, "kd_teacher_model")
-        if teacher:
-            extra.append(f"base_model={teacher}")
-    return load_config(path, [*extra, *overrides])
-
-
-def _top_level_keys(path: str | Path) -> set[str]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return set()  # load_config reports it
-    return {k for k, v in data.items() if v is not None} if isinstance(data, dict) else set()
-
-
-def _yaml_value(path: str | Path, key: str) -> Any:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return data.get(key) if isinstance(data, dict) else None
-
+from jaxpref.teacher_pass import load_teacher_config, run_teacher
 
 # ----------------------------------------------------------------------------------------- CLI
 

@@ -30,12 +30,14 @@ from jaxpref.assembly import (
     build_data,
     build_trainer,
     objective_name,
+    with_served_targets,
 )
 from jaxpref.checkpoint import Checkpointer, allgather_json, data_state_for_process, find_checkpoint_root
 from jaxpref.cli import run_command, setup_logging
 from jaxpref.errors import ConfigError
 from jaxpref.export import export_final
 from jaxpref.logs import RunLogger
+from jaxpref.teacher_client import TeacherServerError
 from jaxpref.trainer import LoopHooks, LoopSettings, fit
 
 logger = logging.getLogger("jaxpref")
@@ -115,7 +117,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             f"micro_batch_size={cfg.micro_batch_size} x {jax.process_count()} process(es) must be a "
             f"multiple of the {divisor} devices on the mesh's data and fsdp axes."
         )
-    data = build_data(data_settings, tokenizer, objective.data)
+    data = with_served_targets(cfg, build_data(data_settings, tokenizer, objective.data), tokenizer)
     logger.info(data.report.summary())
     total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
 
@@ -177,9 +179,21 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             save(trainer.step)
         ckpt.wait()
         export_final(cfg, trainer, tokenizer, out_dir)
+    except TeacherServerError as e:  # the checkpoints so far are whole: say where the run goes on from
+        ckpt.wait()
+        latest = ckpt.latest_step()
+        where = (
+            f"The last checkpoint is step {latest} in {ckpt.directory}; when the server is back, rerun with "
+            "resume_from_checkpoint: auto to go on from there."
+            if latest is not None
+            else "No checkpoint was written yet (save_steps sets how often); the run starts over when rerun."
+        )
+        raise TeacherServerError(f"{e} {where}") from None
     finally:
         ckpt.close()
         run_log.close()
+        if hasattr(data, "close"):
+            data.close()
     distributed.barrier("run-done", timeout_s=3600)  # leave together: JAX's shutdown barrier is short
     run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
     return {**result, "output_dir": str(out_dir), "steps": trainer.step}

@@ -122,7 +122,8 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             num_labels""",
         "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
             trl vllm ebft dpo_use_weighting dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval
-            dpo_norm_loss rpo_alpha dynamic_checkpoint kd_temperature_min""",
+            dpo_norm_loss rpo_alpha dynamic_checkpoint""",
+        "a generation length; the teacher server only scores the rows of the dataset": "kd_online_max_new_tokens",
         "axolotl plugins do not load in jaxpref; their keys are handled one by one": "plugins",
     }
 )
@@ -135,7 +136,6 @@ IGNORED_PREFIXES: dict[str, str] = {
     "ddp_": "a torch DDP setting; jaxpref shards over the mesh (data, fsdp, tensor)",
     "dataloader_": "a torch DataLoader setting; jaxpref's Grain pipeline sets its own workers",
     "generation_": "generation during training is not implemented",
-    "kd_online_": "online KD from an inference server is not implemented; use offline top-k logprobs",
     "dion_": "an optimizer jaxpref does not implement",
     "qgalore_": "an optimizer jaxpref does not implement",
     "jagged_restart_": "ReLoRA-style restarts are not implemented",

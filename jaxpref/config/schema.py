@@ -174,6 +174,31 @@ class JaxprefConfig(*SECTIONS):
                 "precompute_ref_log_probs: true (partners fixed across the whole dataset)"
             )
         p.extend(self._preference_problems())
+        p.extend(self._kd_problems())
+        return p
+
+    def _kd_problems(self) -> list[str]:
+        """The KD teacher sources: stored targets, kd_teacher_model (in the step) or a teacher server."""
+        p = []
+        if self.kd_online_server_base_url:
+            if not self.kd_trainer:
+                p.append("kd_online_server_base_url: the teacher server gives KD targets; set kd_trainer: true")
+            if self.kd_teacher_model:
+                p.append(
+                    "kd_online_server_base_url and kd_teacher_model: choose one teacher (a server, or a "
+                    "checkpoint run inside the train step)"
+                )
+            if self.kd_online_topk is None:
+                p.append("kd_online_server_base_url needs kd_online_topk: the entries per position to ask for (K)")
+            if not self.kd_online_server_base_url.startswith(("http://", "https://")):
+                p.append(
+                    f"kd_online_server_base_url: {self.kd_online_server_base_url!r} is not an http(s) URL "
+                    "(e.g. http://127.0.0.1:8000)"
+                )
+        elif self.kd_online_topk is not None:
+            warn("kd_online_topk has no effect without kd_online_server_base_url")
+        if self.kd_temperature_min is not None and not self.kd_trainer:
+            warn("kd_temperature_min has no effect without kd_trainer")
         return p
 
     def _preference_problems(self) -> list[str]:

@@ -267,9 +267,51 @@ class KDSection(Section):
         description="Online teacher: a Hugging Face model directory run inside the train step (frozen) "
         "whose top-k log-probs replace stored teacher targets; datasets are then plain chat rows.",
     )
+    kd_teacher_adapter: str | None = Field(
+        None,
+        description="A PEFT LoRA adapter directory applied to kd_teacher_model (in the train step, the "
+        "teacher pass and python -m jaxpref.serve).",
+    )
     kd_teacher_top_k: int = Field(32, ge=1, description="Online teacher: entries per position (K).")
     kd_teacher_dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="Online teacher: parameter dtype (default: param_dtype)."
+    )
+    kd_temperature_min: float | None = Field(
+        None,
+        gt=0,
+        description="Decay the KD temperature from kd_temperature to this value over the run (axolotl's "
+        "cosine: T = T0 - (T0 - Tmin) * (1 - cos(pi * step / steps)) / 2), for stored, in-process and "
+        "served teachers alike; logged as kd_temperature.",
+    )
+    kd_online_server_base_url: str | None = Field(
+        None,
+        description="A teacher server (vLLM, SGLang or python -m jaxpref.serve), e.g. http://host:8000: its "
+        "top-k prompt log-probs of each row become the KD targets; datasets are then plain chat rows.",
+    )
+    kd_online_server: Literal["vllm", "sglang"] = Field(
+        "vllm",
+        description="The server's API: vllm (POST /v1/completions, prompt_logprobs; also jaxpref.serve) or "
+        "sglang (POST /generate, input_top_logprobs).",
+    )
+    kd_online_server_model: str | None = Field(
+        None, description="vLLM: the served model name sent as 'model' (default: the server's only model)."
+    )
+    kd_online_topk: int | None = Field(
+        None, ge=1, description="Teacher server: entries per position asked for and trained on (K)."
+    )
+    kd_online_timeout: float = Field(
+        120.0, gt=0, description="Teacher server: seconds to wait for one answer before retrying (axolotl default)."
+    )
+    kd_online_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Teacher server: requests in flight (one per micro-batch, sent ahead of the train step).",
+    )
+    kd_online_retries: int = Field(
+        8,
+        ge=0,
+        description="Teacher server: retries of a failed request (0.5 s, 1 s, 2 s ... backoff, capped at 30 s) "
+        "before the run stops with an error; the last checkpoint stays, and the run resumes from it.",
     )
 
 

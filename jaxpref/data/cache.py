@@ -59,7 +59,7 @@ _NOT_KEYED = {
     "pad_to_sequence_len",
     "max_bad_row_fraction",  # re-checked on every load
 }
-_EXTRA_KEYED = ("seed", "kd_temperature", "kd_trainer", "objective", "rl", "reward_model")
+_EXTRA_KEYED = ("seed", "kd_temperature", "kd_temperature_min", "kd_trainer", "objective", "rl", "reward_model")
 _DATA_SOURCE = Path(__file__).resolve().parent
 
 

@@ -36,13 +36,26 @@ class DataSettings:
     reward_model: bool
     kd_trainer: bool
     kd_temperature: float
+    kd_temperature_min: float | None
     kd_teacher_model: str | None
+    kd_online_server_base_url: str | None
     # the tokenizer and its chat template
     tokenizer_config: str | None
     base_model: str | None
     chat_template: str | None
     chat_template_jinja: str | None
     special_tokens: Any
+
+    @property
+    def target_temperature(self) -> float:
+        """The T_kd stored targets are rescaled to (p ** (T_gen / T_kd)): ``kd_temperature``, or 1 when
+        ``kd_temperature_min`` schedules it (the train step then rescales by 1 / T(step))."""
+        return 1.0 if self.kd_temperature_min is not None else float(self.kd_temperature)
+
+    @property
+    def teacher_in_run(self) -> bool:
+        """The KD targets come from a teacher during the run (in the step or from a server), not the rows."""
+        return bool(self.kd_teacher_model or self.kd_online_server_base_url)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataSettings:

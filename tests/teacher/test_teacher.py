@@ -21,9 +21,9 @@ from jaxpref.config import load_config
 from jaxpref.data import build_lm_data, load_tokenizer
 from jaxpref.data.settings import DataSettings
 from jaxpref.objectives import build_objective
-from jaxpref.teacher import load_teacher_config, main
+from jaxpref.teacher import main
 from jaxpref.teacher_output import shortest_float32, teacher_columns
-from jaxpref.teacher_pass import run_teacher
+from jaxpref.teacher_pass import load_teacher_config, run_teacher
 from tests.teacher.conftest import DEMO_MODEL, GOOD_ROWS, REPO, save_teacher, teacher_config
 
 K, T_GEN = 5, 1.5

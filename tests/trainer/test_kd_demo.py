@@ -52,7 +52,7 @@ BF16_KL_RATIO = 1.10
 def test_kd_configs_validate():
     from jaxpref.assembly import objective_name
     from jaxpref.config import load_config
-    from jaxpref.teacher import load_teacher_config
+    from jaxpref.teacher_pass import load_teacher_config
 
     kd = load_config(CONFIGS / "kd.yaml")
     assert objective_name(kd) == "kd" and kd.random_init_weights and kd.base_model == "demo/tiny-llama"

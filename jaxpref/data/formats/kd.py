@@ -199,7 +199,7 @@ class KDChatTemplateFormat:
         self.alignment = opt(ds_cfg, "logprobs_alignment", "token")
         if self.alignment not in ALIGNMENTS:
             raise ConfigError(f"logprobs_alignment: {self.alignment!r} is not one of {', '.join(ALIGNMENTS)}")
-        self.scale = float(opt(ds_cfg, "temperature", 1.0)) / float(settings.kd_temperature)
+        self.scale = float(opt(ds_cfg, "temperature", 1.0)) / settings.target_temperature
         self.vocab_size = len(tokenizer)
 
     def __call__(self, row: dict[str, Any]) -> Example:
@@ -219,10 +219,10 @@ def lm_kind(settings: DataSettings) -> str:
 
     In a KD run every dataset must be of a ``kd`` type: rows without teacher targets cannot share
     batches with rows that have them. With an online teacher (``kd_teacher_model``) the rows are
-    plain chat rows.
+    plain chat rows, and so with a teacher server (``kd_online_server_base_url``).
     """
-    if settings.kd_teacher_model:
-        return "lm"  # the online teacher makes the targets in the train step
+    if settings.teacher_in_run:
+        return "lm"  # the teacher makes the targets in the train step, or the server's client adds them
     entries = [*settings.datasets, *settings.test_datasets]
     return "kd" if is_kd_run(settings) or any(opt(e, "type") in KD_TYPES for e in entries) else "lm"
 
