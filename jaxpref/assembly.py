@@ -166,6 +166,7 @@ def build_trainer(
     trainer = Trainer(
         model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
         seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
+        step_inputs=objective.schedules(total_steps) if objective.schedules else None,
     )
     return trainer, schedule
 

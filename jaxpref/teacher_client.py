@@ -92,6 +92,10 @@ class TeacherClient:
             return
 
         async def shutdown() -> None:
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:  # requests asked ahead that nobody waits for any more
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             if self._session is not None:
                 await self._session.close()
 

@@ -172,7 +172,7 @@ class Batcher:
             flat = [r for rows, _ in waiting for r in rows]
             try:
                 scores = await loop.run_in_executor(self.pool, self.scorer, flat) if flat else []
-            except Exception as e:  # noqa: BLE001: every waiting request gets the error, the server goes on
+            except Exception as e:  # every waiting request gets the error; the server goes on
                 logger.exception("teacher forward pass failed")
                 for _, f in waiting:
                     if not f.done():
@@ -404,7 +404,7 @@ def make_app(api: TeacherAPI) -> web.Application:
                 answer = await handler(body)
             except RequestError as e:
                 return _error(str(e), e.status)
-            except Exception as e:  # noqa: BLE001: a failed request must not take the server down
+            except Exception as e:  # a failed request must not take the server down
                 logger.exception("request failed")
                 return _error(f"{type(e).__name__}: {e}", 500)
             return web.Response(body=json.dumps(answer).encode(), content_type="application/json")

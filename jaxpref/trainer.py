@@ -82,6 +82,7 @@ class Trainer:
         seed: int = 0,
         companions: Mapping[str, nnx.Module] | None = None,
         rounding: str = "stochastic",
+        step_inputs: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
     ):
         """``companions``: frozen models the objective reads (``objective.companions`` names them:
         an online KD teacher, a DPO reference copy). They are sharded by the same rules, passed to
@@ -89,10 +90,14 @@ class Trainer:
 
         ``rounding``: how updates reach bfloat16 parameters, "stochastic" (jaxpref's policy) or
         "nearest" (what PyTorch's in-place bfloat16 update does; for comparisons, see
-        ``jaxpref.precision``)."""
+        ``jaxpref.precision``).
+
+        ``step_inputs``: {batch key: f(step number) -> scalar} added to every micro-batch inside the step
+        (``Objective.schedules``: the KD temperature schedule) and logged with the step's metrics."""
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding={rounding!r}: use 'stochastic' or 'nearest'")
         self.objective = objective
+        self.step_inputs = dict(step_inputs or {})
         missing = [n for n in objective.companions if n not in (companions or {})]
         if missing:
             raise ValueError(f"objective {objective.name!r} needs companion model(s) {missing}")
@@ -221,12 +226,13 @@ class Trainer:
         # argument, which jax.export of the step cannot carry
         step_key = jax.random.fold_in(jax.random.key(self._seed), step)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+        scheduled = self._scheduled(step)
 
         def micro(mb, i, float32_grads=True):
             """(grads, loss, metrics) of one micro-batch; float32, but for the gradients of a single
             micro-batch, which keep their parameters' dtype."""
             (loss, metrics), grads = grad_fn(
-                params, frozen, companions, mb, num_items, jax.random.fold_in(step_key, i), train=True
+                params, frozen, companions, {**mb, **scheduled}, num_items, jax.random.fold_in(step_key, i), train=True
             )
             if float32_grads:
                 grads = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
@@ -265,8 +271,13 @@ class Trainer:
             "trainable_tokens": _key_sum(batch, self.objective.sequences, "loss_mask", lambda x: x),
             "finite": finite,
             **metrics,
+            **scheduled,
         }
         return new_params, new_opt_state, stats
+
+    def _scheduled(self, step: Any) -> dict[str, jax.Array]:
+        """The step inputs at ``step`` (traced or not), float32 scalars."""
+        return {name: jnp.asarray(fn(step), jnp.float32) for name, fn in self.step_inputs.items()}
 
     def _eval_step_impl(self, params, frozen, companions, batch):
         loss, metrics = self._micro_loss(params, frozen, companions, batch, jnp.float32(1.0), None, train=False)
@@ -287,9 +298,11 @@ class Trainer:
     def evaluate(self, batches: Iterable[NumpyBatch]) -> dict[str, float]:
         """Count-weighted means of the objective's loss and metrics over ``batches``."""
         totals = None
+        scheduled = self._scheduled(jnp.int32(self.step))
         for mb in batches:
             with platform.kernel_mesh(self.mesh):
-                out = self._eval_step(self.params, self.frozen, self.companions, shd.global_batch(mb, self.mesh))
+                batch = {**shd.global_batch(mb, self.mesh), **scheduled}
+                out = self._eval_step(self.params, self.frozen, self.companions, batch)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if totals is None:
             return {}

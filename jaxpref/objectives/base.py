@@ -47,3 +47,6 @@ class Objective:
     companions: tuple[str, ...] = ()
     # Which pipeline feeds it: "lm" (SFT/KD batches) or "preference" (pairs or KTO rows).
     data: str = "lm"
+    # Values that change over the run (the KD temperature schedule): ``schedules(total_steps)`` gives
+    # {batch key: f(step) -> float32 scalar}; the trainer adds them to every micro-batch and logs them.
+    schedules: Callable[[int], Mapping[str, Callable[[jax.Array], jax.Array]]] | None = None

@@ -414,3 +414,75 @@ def test_two_jax_processes_split_the_shards(tmp_path, kd_output, teacher_dir, ch
     assert parts(tmp_path / "kd") == parts(kd_output)
     info = json.loads((tmp_path / "kd" / "teacher_info.json").read_text())
     assert info["rows_out"] == GOOD_ROWS and info["files"] == sorted(parts(kd_output))
+
+
+# ------------------------------------------------------------------------------------------ kd_temperature_min
+
+
+def axolotl_temperature(start: float, minimum: float, global_step: int, max_steps: int) -> float:
+    """axolotl's KDTemperatureSchedulerCallback.on_step_end, written out (integrations/kd/callbacks.py)."""
+    import math
+
+    progress = global_step / max_steps
+    decay_factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return start - (start - minimum) * (1.0 - decay_factor)
+
+
+def test_the_temperature_schedule_is_axolotls_cosine():
+    from jaxpref.objectives.kd import kd_temperature_schedule
+
+    fn = kd_temperature_schedule(2.0, 0.7, 10)
+    for step in range(11):
+        np.testing.assert_allclose(float(fn(step)), axolotl_temperature(2.0, 0.7, step, 10), rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(kd_ce_alpha=0.4, kd_beta=0.3), dict(kd_zscore_base_temp=1.5, kd_alpha=0.5)])
+def test_a_scheduled_temperature_trains_as_the_fixed_one_at_that_temperature(tmp_path, kd_output, teacher_dir, options):
+    """kd_temperature_min: targets stay at T = 1 in the data and are rescaled in the step, the student's
+    logits are those of hidden / T. At the same T the loss, metrics and gradient equal the fixed path's."""
+    import jax
+
+    info = json.loads((kd_output / "teacher_info.json").read_text())
+    common = dict(kd_temperature=2.0, kd_teacher_top_k=K, micro_batch_size=2, **options)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    fixed_cfg = load_config(kd_config(tmp_path / "a", teacher_dir, info, **common))
+    sched_cfg = load_config(kd_config(tmp_path / "b", teacher_dir, info, kd_temperature_min=2.0, **common))
+    student = models.from_config(
+        dataclasses.replace(models.load_model_config(DEMO_MODEL), num_hidden_layers=1), seed=11
+    )
+    results = []
+    for cfg, extra in ((fixed_cfg, {}), (sched_cfg, {"kd_temperature": np.float32(2.0)})):
+        objective = build_objective(cfg, "kd")
+        assert (objective.schedules is None) == (not extra)
+        settings = DataSettings.from_config(cfg)
+        batch = {**next(build_lm_data(settings, load_tokenizer(settings)).train_iterator(1)), **extra}
+
+        @nnx.jit
+        def fn(student, batch, objective=objective):
+            loss = lambda m: objective.loss(m, batch, objective.count(batch), train=False)
+            return nnx.value_and_grad(loss, has_aux=True)(student)
+
+        results.append(fn(student, batch))
+    ((fixed_loss, fixed_metrics), fixed_grad), ((loss, metrics), grad) = results
+    np.testing.assert_allclose(float(loss), float(fixed_loss), rtol=2e-5)
+    # without a CE term a scheduled run skips the CE pass, so it has no ce_loss metric
+    assert set(metrics) == set(fixed_metrics) - (set() if options.get("kd_ce_alpha") else {"ce_loss"})
+    for key in metrics:
+        np.testing.assert_allclose(float(metrics[key]), float(fixed_metrics[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(fixed_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6 * max(1.0, np.abs(b).max()))
+
+
+@pytest.mark.slow
+def test_a_run_with_kd_temperature_min_logs_the_schedule(tmp_path, kd_output, teacher_dir):
+    from jaxpref.train import run
+
+    info = json.loads((kd_output / "teacher_info.json").read_text())
+    cfg = kd_config(
+        tmp_path, teacher_dir, info, kd_temperature=3.0, kd_temperature_min=1.0, max_steps=4, logging_steps=1,
+        use_tensorboard=False, output_dir=str(tmp_path / "out"), kd_teacher_top_k=K,
+    )  # fmt: skip
+    run(load_config(cfg), show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["kd_temperature"] for r in lines if r["split"] == "train"]
+    np.testing.assert_allclose(logged, [axolotl_temperature(3.0, 1.0, s, 4) for s in range(4)], rtol=1e-6)
