@@ -40,7 +40,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             fused_attn_kernel lora_mlp_kernel lora_qkv_kernel lora_o_kernel lora_embedding_kernel
             chunked_cross_entropy chunked_cross_entropy_num_chunks cut_cross_entropy tiled_mlp
             tiled_mlp_num_shards tiled_mlp_use_original_mlp dpo_use_liger_kernel use_kernels
-            experts_implementation llama4_linearized_experts dpo_padding_free batch_flattening""",
+            experts_implementation llama4_linearized_experts batch_flattening""",
         "torch.compile; the jaxpref train step is always compiled with jax.jit": """
             torch_compile torch_compile_backend torch_compile_mode torch_compile_options deepcompile""",
         "a CUDA matmul switch; JAX's matmul precision is set with JAX_DEFAULT_MATMUL_PRECISION": "tf32",
@@ -121,10 +121,13 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
             num_labels""",
         "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
-            trl vllm ebft dpo_use_weighting dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval
+            trl vllm ebft dpo_use_logits_to_keep dpo_generate_during_eval
             dpo_norm_loss rpo_alpha dynamic_checkpoint""",
         "a generation length; the teacher server only scores the rows of the dataset": "kd_online_max_new_tokens",
         "axolotl plugins do not load in jaxpref; their keys are handled one by one": "plugins",
+        "no effect, as in TRL 1.16 (which turns padding_free off and pads): pairs are padded to the batch's "
+        "longest row and the padding is masked out of attention and the loss, so the loss equals the padding-free "
+        "one": "dpo_padding_free",
     }
 )
 

@@ -78,25 +78,20 @@ def adapter(value: Any) -> Any:
     return value
 
 
-def single_dpo_loss(value: Any) -> Any:
-    """axolotl accepts a list of DPO losses (weighted); jaxpref trains one."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ValueError(
-                f"jaxpref trains one DPO loss; give a single loss type, got {value!r} "
-                "(weighted combinations are not supported)"
-            )
-        return value[0]
-    return value
-
-
 def dpo_loss_type(value: Any) -> Any:
+    """A DPO loss type or a list of them (TRL's ``loss_type``, MPO) -> a non-empty list of TRL names."""
     # The losses module is the one list of TRL's loss types (imported here, only when the key is set).
     from jaxpref.losses.dpo import DPO_LOSS_TYPES
 
-    value = single_dpo_loss(value)
-    if isinstance(value, str) and value not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss {value!r}; TRL's loss types are {', '.join(DPO_LOSS_TYPES)}")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return value  # the list[str] type check reports it
+    if not value:
+        raise ValueError("an empty list; give at least one DPO loss type (TRL's default is sigmoid)")
+    for name in value:
+        if isinstance(name, str) and name not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss {name!r}; TRL's loss types are {', '.join(DPO_LOSS_TYPES)}")
     return value
 
 

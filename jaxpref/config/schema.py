@@ -5,6 +5,7 @@ that depend on other keys and check keys against each other.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class JaxprefConfig(*SECTIONS):
         if self.chat_template_jinja and "chat_template" not in self.model_fields_set:
             self.chat_template = "jinja"
         p += self._resolve_objective()
+        if self.rl == "ipo" and "dpo_loss_type" not in self.model_fields_set:
+            self.dpo_loss_type = ["ipo"]  # rl: ipo is DPO with the ipo loss (TRL's loss_type=["ipo"])
         return p
 
     def _resolve_objective(self) -> list[str]:
@@ -202,27 +205,58 @@ class JaxprefConfig(*SECTIONS):
         return p
 
     def _preference_problems(self) -> list[str]:
-        """Label smoothing as TRL 1.16 uses it: only DPO's robust/exo_pair/aot/aot_unpaired losses and
-        SimPO read it (TRL silently ignores it elsewhere, e.g. for the sigmoid loss); exo_pair needs it > 0,
-        robust < 0.5."""
+        """The DPO keys as TRL 1.16's ``DPOConfig`` / ``DPOTrainer`` check them: label smoothing only where
+        TRL reads it (the robust/exo_pair/aot/aot_unpaired losses and SimPO; TRL silently ignores it
+        elsewhere, e.g. for the sigmoid loss), exo_pair needs it > 0, robust < 0.5; one
+        ``dpo_loss_weights`` entry per ``dpo_loss_type``; WPO weighting not with the sorted aot losses nor with
+        sft (TRL 1.16 fails on it)."""
         p: list[str] = []
-        loss_type = "ipo" if self.rl == "ipo" else (self.dpo_loss_type or "sigmoid")
+        types, weights = self.dpo_loss_type, self.dpo_loss_weights
+        named = types[0] if len(types) == 1 else f"[{', '.join(types)}]"
         smoothing = self.dpo_label_smoothing
         if self.rl in ("dpo", "ipo"):
-            if smoothing and loss_type not in ("robust", "exo_pair", "aot", "aot_unpaired"):
+            if smoothing and not {"robust", "exo_pair", "aot", "aot_unpaired"} & set(types):
                 warn(
-                    f"dpo_label_smoothing={smoothing} has no effect with dpo_loss_type {loss_type} (TRL 1.16 only uses "
+                    f"dpo_label_smoothing={smoothing} has no effect with dpo_loss_type {named} (TRL 1.16 only uses "
                     "it in the robust, exo_pair, aot and aot_unpaired losses); for conservative DPO use "
                     "dpo_loss_type: robust"
                 )
-            if loss_type == "exo_pair" and not smoothing:
+            if "exo_pair" in types and not smoothing:
                 p.append("dpo_loss_type: exo_pair needs dpo_label_smoothing > 0 (the EXO paper uses 1e-3)")
-            if loss_type == "robust" and smoothing >= 0.5:
+            if "robust" in types and smoothing >= 0.5:
                 p.append(f"dpo_label_smoothing={smoothing}: the robust loss needs a value in [0, 0.5)")
+            if weights is not None and len(weights) != len(types):
+                p.append(
+                    f"dpo_loss_weights has {len(weights)} entries for the {len(types)} of dpo_loss_type {named}; "
+                    "give one weight per loss type, in the same order (or remove dpo_loss_weights: 1.0 each)"
+                )
+            if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+                p.append(f"dpo_loss_weights {weights}: each weight must be a finite number >= 0")
+            if self.dpo_use_weighting and {"aot", "aot_unpaired"} & set(types):
+                p.append(
+                    "dpo_use_weighting (WPO) does not work with dpo_loss_type aot or aot_unpaired: they sort the "
+                    "pairs over the batch, so per-pair weights would be misaligned (TRL refuses this too); remove "
+                    "one of them"
+                )
+            if self.dpo_use_weighting and "sft" in types:
+                p.append(
+                    "dpo_use_weighting (WPO) with dpo_loss_type sft: TRL 1.16 fails on this combination (it weights "
+                    "the batch-level sft loss in place), so there is no reference behaviour to match; remove sft "
+                    "from dpo_loss_type or turn dpo_use_weighting off"
+                )
         elif smoothing and self.rl != "simpo":
             warn(f"dpo_label_smoothing has no effect with {self.rl or 'this objective'} (only DPO and SimPO use it)")
-        if self.rl == "ipo" and self.dpo_loss_type not in (None, "ipo"):
-            p.append(f"rl: ipo is DPO with the ipo loss; remove dpo_loss_type: {self.dpo_loss_type} or use rl: dpo")
-        elif self.dpo_loss_type and self.rl not in ("dpo", "ipo", None):
-            warn(f"dpo_loss_type has no effect with rl: {self.rl}")
+        if self.rl == "ipo":
+            if types != ["ipo"]:
+                p.append(f"rl: ipo is DPO with the ipo loss; remove dpo_loss_type: {named} or use rl: dpo")
+            if weights is not None:
+                p.append(
+                    "rl: ipo trains the ipo loss alone; remove dpo_loss_weights, or use rl: dpo with "
+                    "dpo_loss_type: [ipo, ...] to combine losses"
+                )
+        elif self.rl not in ("dpo", None):
+            given = [k for k in ("dpo_loss_type", "dpo_loss_weights") if k in self.model_fields_set]
+            given += ["dpo_use_weighting"] if self.dpo_use_weighting else []
+            for key in given:
+                warn(f"{key} has no effect with rl: {self.rl}")
         return p

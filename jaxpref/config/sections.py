@@ -218,8 +218,20 @@ class PreferenceSection(Section):
         description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0.",
     )
     reward_model: bool = Field(False, description="Train a Bradley-Terry reward model.")
-    dpo_loss_type: Annotated[str | None, BeforeValidator(coerce.dpo_loss_type)] = Field(
-        None, description="DPO loss variant by TRL name (sigmoid, hinge, ipo, robust, ...); default sigmoid."
+    dpo_loss_type: Annotated[list[str], BeforeValidator(coerce.dpo_loss_type)] = Field(
+        ["sigmoid"],
+        description="DPO loss type by TRL name (sigmoid, hinge, ipo, robust, bco_pair, sft, ...), or a list of them "
+        "combined as a weighted sum (MPO, e.g. [sigmoid, bco_pair, sft]); rl: ipo means [ipo].",
+    )
+    dpo_loss_weights: list[float] | None = Field(
+        None,
+        description="Weights of the dpo_loss_type entries, one per entry (>= 0; MPO e.g. [0.8, 0.2, 1.0]); "
+        "null = 1.0 each (TRL).",
+    )
+    dpo_use_weighting: bool = Field(
+        False,
+        description="WPO (TRL use_weighting): weight each pair's DPO loss by exp of the policy's length-normalised "
+        "log-probs of both completions, each token aligned by log sum_v p_v^2 (no gradient).",
     )
     dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative-DPO label smoothing.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL default).")

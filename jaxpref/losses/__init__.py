@@ -6,14 +6,16 @@ Of the rest of jaxpref the losses import only ``jaxpref.pallas``: the fused loss
 its LM-head kernels. See docs/losses.md for one example per loss.
 """
 
-from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores
-from .fused import fused_cross_entropy, fused_kd_loss, fused_token_logps
+from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores, wpo_weights
+from .fused import fused_cross_entropy, fused_kd_loss, fused_token_logps, fused_token_logps_and_log_sum_sq_probs
 from .kd import kd_loss, kd_loss_from_gathered, kd_topk_loss, kd_topk_loss_from_gathered
 from .kto import KTO_LOSS_TYPES, kto_loss
 from .logps import (
     cross_entropy_from_gathered,
     cross_entropy_loss,
     gather_logits,
+    log_sum_sq_probs,
+    log_sum_sq_probs_from_gathered,
     sequence_logps,
     sequence_logps_from_gathered,
     token_logps,
@@ -38,6 +40,7 @@ __all__ = [
     "fused_cross_entropy",
     "fused_kd_loss",
     "fused_token_logps",
+    "fused_token_logps_and_log_sum_sq_probs",
     "gather_logits",
     "get_loss",
     "kd_loss",
@@ -47,6 +50,8 @@ __all__ = [
     "kto_loss",
     "list_losses",
     "log1mexp",
+    "log_sum_sq_probs",
+    "log_sum_sq_probs_from_gathered",
     "orpo_loss",
     "register_loss",
     "reward_loss",
@@ -55,4 +60,5 @@ __all__ = [
     "simpo_loss",
     "token_logps",
     "token_logps_from_gathered",
+    "wpo_weights",
 ]

@@ -31,9 +31,17 @@ sft             -sum(chosen_logps) / sum(chosen_lengths)   (token-mean NLL of th
 sigmoid_norm    -logsigmoid(b (s_c / l_c - s_r / l_r))
 ==============  ==========================================================================
 
-``loss = sum_i loss_weights[i] * sum_pairs(per_pair_i) / N`` with ``N = num_items`` or the number of
-valid pairs (the TRL batch mean). Not covered here (done where log-probs are computed): TRL's
-``ld_alpha`` (LD-DPO) and ``use_weighting`` (WPO).
+``loss = sum_i loss_weights[i] * sum_pairs(w * per_pair_i) / N`` with ``N = num_items`` or the number of
+valid pairs (the TRL batch mean), ``loss_weights`` 1.0 each by default (TRL's MPO combination: e.g.
+``["sigmoid", "bco_pair", "sft"]`` with ``[0.8, 0.2, 1.0]``) and ``w = pair_weights`` (1 by default).
+The metrics do not depend on the loss types or weights (TRL logs the same ones for any combination).
+
+WPO (TRL's ``use_weighting``, :func:`wpo_weights`): ``w = exp(a_c / l_c) * exp(a_r / l_r)`` without
+gradient, ``a = sum over completion tokens t of (log p(y_t) - log sum_v p_v(t)^2)``, the policy's
+length-normalised log-probability with each token's distribution "aligned" by its own
+``sum_v p_v^2``. It weights every loss type except ``aot`` / ``aot_unpaired`` (they sort the pairs, so
+per-pair weights would be misaligned; TRL refuses them too). Not covered here (done where log-probs are
+computed): TRL's ``ld_alpha`` (LD-DPO).
 """
 
 from __future__ import annotations
@@ -126,6 +134,31 @@ def _normalise_loss_types(loss_type, loss_weights) -> tuple[list[str], list[floa
     return types, weights
 
 
+def wpo_weights(
+    chosen_aligned_logps: ArrayLike,
+    rejected_aligned_logps: ArrayLike,
+    chosen_lengths: ArrayLike,
+    rejected_lengths: ArrayLike,
+) -> Array:
+    """WPO pair weights (TRL 1.16 ``use_weighting``, Eq. 2 of the WPO paper), without gradient.
+
+    ``w = exp(a_c / max(l_c, 1)) * exp(a_r / max(l_r, 1))`` where ``a`` is the sum over a sequence's
+    completion tokens of ``log p(y_t) - log sum_v p_v(t)^2`` (per-token log-prob minus
+    :func:`~jaxpref.losses.logps.log_sum_sq_probs`; the fused kernel gives both,
+    ``fused_token_logps_and_log_sum_sq_probs``) and ``l`` the completion token count.
+
+    Args:
+      chosen_aligned_logps, rejected_aligned_logps: ``[B]`` the sums ``a``; chosen_lengths,
+        rejected_lengths: ``[B]`` completion token counts.
+
+    Returns:
+      ``[B]`` float32 weights for ``dpo_loss(pair_weights=...)``.
+    """
+    mean_c = f32(chosen_aligned_logps) / jnp.maximum(f32(chosen_lengths), 1.0)
+    mean_r = f32(rejected_aligned_logps) / jnp.maximum(f32(rejected_lengths), 1.0)
+    return jax.lax.stop_gradient(jnp.exp(mean_c) * jnp.exp(mean_r))
+
+
 @register_loss("dpo")
 def dpo_loss(
     policy_chosen_logps: ArrayLike,
@@ -142,6 +175,7 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
+    pair_weights: ArrayLike | None = None,
     mask: ArrayLike | None = None,
     num_items: ArrayLike | None = None,
 ) -> tuple[Array, dict[str, Array]]:
@@ -160,6 +194,8 @@ def dpo_loss(
         ``sft``).
       f_divergence_type, f_alpha_divergence_coef: the f-DPO regulariser (TRL names and defaults).
       discopop_tau: DiscoPOP temperature (TRL default 0.05).
+      pair_weights: ``[B]`` per-pair weights multiplying every loss type's per-pair value (WPO:
+        :func:`wpo_weights`); not with ``aot`` / ``aot_unpaired``. The metrics are unweighted (TRL).
       mask: ``[B]`` bool valid pairs (padding); num_items: divisor N (default: valid pairs).
 
     Returns:
@@ -174,6 +210,11 @@ def dpo_loss(
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} is only supported for loss types "
             f"{sorted(_F_DIVERGENCE_LOSS_TYPES)}; got {types}."
+        )
+    if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
+        raise ValueError(
+            "pair_weights (WPO) cannot be used with the 'aot' / 'aot_unpaired' losses: they sort the pairs over the "
+            "batch, so per-pair weights would be misaligned (TRL refuses this too)."
         )
     ls = float(label_smoothing)
     if "exo_pair" in types and ls == 0.0:
@@ -190,6 +231,7 @@ def dpo_loss(
         rejected_lengths = clean(rejected_lengths, valid, 1.0)
     n = normaliser(jnp.sum(valid), num_items)
     b = float(beta)
+    w_pair = None if pair_weights is None else clean(pair_weights, valid)
 
     z_c, z_r = pc - rc, pr - rr
     s_c = f_divergence_scores(z_c, f_divergence_type, f_alpha_divergence_coef)
@@ -249,6 +291,8 @@ def dpo_loss(
     loss = jnp.zeros((), jnp.float32)
     for t, w in zip(types, weights):
         values, values_valid = aot(t) if t in ("aot", "aot_unpaired") else (per_pair(t), valid)
+        if w_pair is not None:
+            values = values * w_pair
         loss = loss + w * masked_sum(values, values_valid) / n
 
     metrics = preference_metrics(b * z_c, b * z_r, pc, pr, valid, n)

@@ -13,13 +13,14 @@ Hidden states may carry leading dims ``[..., H]``; they are flattened here. Ids 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxpref.pallas import linear_logsumexp_gather, linear_logsumexp_gather_loss
 
 from ._utils import Array, ArrayLike, as_mask, metric, normaliser
 from .kd import kd_loss_from_gathered, kd_trainable_positions
-from .logps import cross_entropy_from_gathered, token_logps_from_gathered
+from .logps import cross_entropy_from_gathered, log_sum_sq_probs_from_gathered, token_logps_from_gathered
 
 
 def _flat_ids(hidden: Array, ids: Array, vocab: int) -> tuple[Array, Array]:
@@ -184,4 +185,38 @@ def fused_token_logps(
     return token_logps_from_gathered(gathered[..., 0], lse[0], mask=mask, temperature=t)
 
 
-__all__ = ["fused_cross_entropy", "fused_kd_loss", "fused_token_logps"]
+def fused_token_logps_and_log_sum_sq_probs(
+    hidden: ArrayLike,
+    lm_head_weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    temperature: float = 1.0,
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> tuple[Array, Array]:
+    """:func:`fused_token_logps` and, from the same sweep over the vocabulary, ``log sum_v p_v^2``.
+
+    One kernel call with the log-sum-exp at temperatures ``T`` and ``T / 2``:
+    ``log sum_v p_v^2 = lse(z / (T / 2)) - 2 lse(z / T)`` (:func:`log_sum_sq_probs_from_gathered`).
+    The second output carries no gradient (TRL's ``log_sum_sq_probs``, used by WPO weights, is
+    non-differentiable too).
+
+    Returns:
+      ``(logps [...], log_sum_sq_probs [...])`` float32; 0 where ``mask`` is False.
+    """
+    t = float(temperature)
+    ids = jnp.asarray(labels).astype(jnp.int32)[..., None]
+    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, (t, t / 2.0), impl, block_n, block_v)
+    logps = token_logps_from_gathered(gathered[..., 0], lse[0], mask=mask, temperature=t)
+    sq = log_sum_sq_probs_from_gathered(jax.lax.stop_gradient(lse[0]), jax.lax.stop_gradient(lse[1]), mask=mask)
+    return logps, sq
+
+
+__all__ = [
+    "fused_cross_entropy",
+    "fused_kd_loss",
+    "fused_token_logps",
+    "fused_token_logps_and_log_sum_sq_probs",
+]

@@ -76,6 +76,40 @@ def token_logps(
     return token_logps_from_gathered(label_logits, lse, mask=mask, temperature=temperature)
 
 
+def log_sum_sq_probs_from_gathered(
+    logsumexp: ArrayLike,
+    logsumexp_half_temperature: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+) -> Array:
+    """``log sum_v p_v^2`` of the next-token distribution ``p = softmax(z / T)``, from two log-sum-exps.
+
+    ``log sum_v exp(2 z_v / T - 2 lse(z / T)) = lse(z / (T / 2)) - 2 lse(z / T)``: the kernel's
+    log-sum-exp at temperatures ``T`` and ``T / 2`` give it without the [..., V] probabilities. WPO
+    (TRL's ``use_weighting``) uses it; TRL's fused LM head returns it as ``log_sum_sq_probs``.
+
+    Args:
+      logsumexp: ``[...]`` ``logsumexp(z / T)``; logsumexp_half_temperature: ``[...]`` ``logsumexp(2 z / T)``.
+      mask: optional ``[...]`` bool; masked positions return 0.
+
+    Returns:
+      ``[...]`` float32, <= 0 (the log of the probability that two draws from p agree).
+    """
+    out = f32(logsumexp_half_temperature) - 2.0 * f32(logsumexp)
+    if mask is not None:
+        out = jnp.where(jnp.asarray(mask).astype(bool), out, 0.0)
+    return out
+
+
+def log_sum_sq_probs(logits: ArrayLike, *, mask: ArrayLike | None = None, temperature: float = 1.0) -> Array:
+    """``log sum_v softmax(logits / T)_v^2`` per position (full-logits form of
+    :func:`log_sum_sq_probs_from_gathered`); ``logits`` ``[..., V]`` -> ``[...]`` float32."""
+    z = f32(logits)
+    lse = jax.nn.logsumexp(z / temperature, axis=-1)
+    lse_half = jax.nn.logsumexp(z / (temperature / 2.0), axis=-1)
+    return log_sum_sq_probs_from_gathered(lse, lse_half, mask=mask)
+
+
 def _reduce_sequence(lp: Array, mask: Array) -> tuple[Array, Array]:
     total = masked_sum(lp, mask, axis=-1)
     count = jnp.sum(mask.astype(jnp.float32), axis=-1)

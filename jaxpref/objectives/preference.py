@@ -1,4 +1,5 @@
-"""Pair preference objectives: DPO (all TRL loss types), IPO, ORPO and SimPO.
+"""Pair preference objectives: DPO (all TRL loss types, alone or as a weighted list (MPO), optionally
+with WPO pair weights), IPO, ORPO and SimPO.
 
 Batches are pair batches (docs/design.md "Batches"): ``chosen_*`` / ``rejected_*`` [B, T] and
 ``pair_mask`` [B]. Chosen and rejected are concatenated along the batch axis and go through **one**
@@ -25,15 +26,15 @@ token-mean ``nll_loss`` of ORPO and SimPO.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxpref import batch_keys as keys
-from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss
-from jaxpref.losses.fused import fused_token_logps
+from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss, wpo_weights
+from jaxpref.losses.fused import fused_token_logps, fused_token_logps_and_log_sum_sq_probs
 from jaxpref.objectives.base import Batch, Metrics, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
@@ -48,7 +49,9 @@ class SequenceStats(NamedTuple):
     ``logps``: log-prob of the completion (sum over ``loss_mask`` positions, nats); ``lengths``:
     completion tokens; ``logit_sums``: sum over completion positions of the mean logit over the
     vocabulary (no gradient); ``nll_sums`` / ``nll_tokens``: negative log-likelihood summed over every
-    real next-token prediction (prompt included) and their count (ORPO's NLL; zeros unless asked).
+    real next-token prediction (prompt included) and their count (ORPO's NLL; zeros unless asked);
+    ``aligned_logps``: sum over completion positions of ``log p(label) - log sum_v p_v^2`` (WPO's
+    weights; no gradient; zeros unless asked).
     """
 
     logps: jax.Array
@@ -56,6 +59,7 @@ class SequenceStats(NamedTuple):
     logit_sums: jax.Array
     nll_sums: jax.Array
     nll_tokens: jax.Array
+    aligned_logps: jax.Array
 
 
 def reference_mode(cfg: Any, *, uses_reference: bool = True) -> str:
@@ -88,11 +92,13 @@ def sequence_stats(
     use_adapters: bool = True,
     kopts: Mapping[str, Any] | None = None,
     full_nll: bool = False,
+    wpo: bool = False,
 ) -> SequenceStats:
     """One forward pass over [N, T] sequences -> :class:`SequenceStats` (see there for units).
 
     ``full_nll``: also the NLL over every real next-token prediction, prompt included (ORPO); that
-    needs the log-probs at every position, which the same kernel call already returns.
+    needs the log-probs at every position, which the same kernel call already returns. ``wpo``: also
+    ``aligned_logps`` (WPO), from the same kernel call (its log-sum-exp at temperatures 1 and 1/2).
     """
     kopts = dict(kopts or {})
     hidden = model(
@@ -103,8 +109,12 @@ def sequence_stats(
         deterministic=not train,
     )
     weight = model.lm_head_weight(use_adapters=use_adapters)
-    token_logps = fused_token_logps(hidden, weight, seqs["labels"], **kopts)  # [N, T] float32
     mask = seqs["loss_mask"].astype(bool)
+    if wpo:
+        token_logps, sq = fused_token_logps_and_log_sum_sq_probs(hidden, weight, seqs["labels"], **kopts)
+        aligned_logps = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(token_logps) - sq, 0.0), axis=-1)
+    else:
+        token_logps = fused_token_logps(hidden, weight, seqs["labels"], **kopts)  # [N, T] float32
     logps = jnp.sum(jnp.where(mask, token_logps, 0.0), axis=-1)
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
     # Mean logit over the vocabulary at each position = h . mean_v W[:, v]: no [N, T, V] logits.
@@ -117,7 +127,9 @@ def sequence_stats(
         nll_tokens = jnp.sum(predicts, axis=-1).astype(jnp.float32)
     else:
         nll_sums = nll_tokens = jnp.zeros_like(logps)
-    return SequenceStats(logps, lengths, logit_sums, nll_sums, nll_tokens)
+    if not wpo:
+        aligned_logps = jnp.zeros_like(logps)
+    return SequenceStats(logps, lengths, logit_sums, nll_sums, nll_tokens, aligned_logps)
 
 
 def reference_logps(
@@ -166,14 +178,6 @@ def pair_count(batch: Batch) -> jax.Array:
     return jnp.sum(batch["pair_mask"].astype(jnp.float32))
 
 
-def _dpo_kwargs(cfg: Any, loss_type: str) -> dict[str, Any]:
-    return {
-        "beta": float(cfg.rl_beta),
-        "loss_type": loss_type,
-        "label_smoothing": float(cfg.dpo_label_smoothing),
-    }
-
-
 class PairView(NamedTuple):
     """What a pairwise loss sees of one micro-batch: the policy's :class:`SequenceStats` of the 2B
     sequences (chosen rows first), B, the real pairs [B] and the reference log-probs (chosen [B],
@@ -200,18 +204,19 @@ PairLoss = Callable[[PairView, jax.Array], tuple[jax.Array, Metrics]]
 
 
 def pair_objective(
-    cfg: Any, name: str, pair_loss: PairLoss, *, reference: bool = False, full_nll: bool = False
+    cfg: Any, name: str, pair_loss: PairLoss, *, reference: bool = False, full_nll: bool = False, wpo: bool = False
 ) -> Objective:
     """A pair objective from its pairwise loss: chosen and rejected in one forward pass ([2B, T]), the
     reference log-probs per :func:`reference_mode` when ``reference``, TRL's ``logits/*`` metrics.
-    ``full_nll``: the stats also carry the NLL over whole sequences (ORPO)."""
+    ``full_nll``: the stats also carry the NLL over whole sequences (ORPO); ``wpo``: WPO's
+    ``aligned_logps``."""
     kopts = kernel_options(cfg)
     mode = reference_mode(cfg, uses_reference=reference)
 
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
         seqs = concat_sides(batch)
         n, mask = batch["pair_mask"].shape[0], batch["pair_mask"]
-        stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=full_nll)
+        stats = sequence_stats(model, seqs, train=train, kopts=kopts, full_nll=full_nll, wpo=wpo)
         ref = None
         if mode == "precomputed":
             ref = tuple(batch[k] for k in keys.REF_PAIR)
@@ -234,29 +239,43 @@ def pair_objective(
     )
 
 
-def build_dpo_family(cfg: Any, name: str, loss_type: str) -> Objective:
-    """DPO with TRL loss type ``loss_type`` (IPO is ``loss_type="ipo"``); reference per :func:`reference_mode`."""
-    options = _dpo_kwargs(cfg, loss_type)
+def build_dpo_family(
+    cfg: Any, name: str, loss_types: Sequence[str], loss_weights: Sequence[float] | None = None
+) -> Objective:
+    """DPO with TRL's ``loss_type`` list and ``loss_weights`` (MPO: a weighted sum of loss types; IPO is
+    ``["ipo"]``) and, with ``dpo_use_weighting``, WPO's pair weights; reference per :func:`reference_mode`.
+    Every loss type reads the stats of the one forward pass (``sft``: the chosen log-probs and lengths)."""
+    options = {
+        "beta": float(cfg.rl_beta),
+        "loss_type": list(loss_types),
+        "loss_weights": None if loss_weights is None else list(loss_weights),
+        "label_smoothing": float(cfg.dpo_label_smoothing),
+    }
+    wpo = bool(cfg.dpo_use_weighting)
 
     def dpo(p: PairView, num_items: jax.Array) -> tuple[jax.Array, Metrics]:
-        logps, lengths = p.stats.logps, p.stats.lengths
+        logps, lengths, aligned = p.stats.logps, p.stats.lengths, p.stats.aligned_logps
+        chosen, rejected = slice(0, p.n), slice(p.n, 2 * p.n)
+        weights = wpo_weights(aligned[chosen], aligned[rejected], lengths[chosen], lengths[rejected]) if wpo else None
         return dpo_loss(
-            logps[: p.n], logps[p.n :], *p.ref, chosen_lengths=lengths[: p.n], rejected_lengths=lengths[p.n :],
-            mask=p.mask, num_items=num_items, **options,
+            logps[chosen], logps[rejected], *p.ref, chosen_lengths=lengths[chosen], rejected_lengths=lengths[rejected],
+            pair_weights=weights, mask=p.mask, num_items=num_items, **options,
         )  # fmt: skip
 
-    return pair_objective(cfg, name, dpo, reference=True)
+    return pair_objective(cfg, name, dpo, reference=True, wpo=wpo)
 
 
 @register_objective("dpo")
 def build_dpo(cfg: Any) -> Objective:
-    return build_dpo_family(cfg, "dpo", cfg.dpo_loss_type or "sigmoid")
+    """DPO with ``dpo_loss_type`` (a list; default ``[sigmoid]``) and ``dpo_loss_weights`` (default 1.0 each)."""
+    return build_dpo_family(cfg, "dpo", cfg.dpo_loss_type, cfg.dpo_loss_weights)
 
 
 @register_objective("ipo")
 def build_ipo(cfg: Any) -> Objective:
-    """IPO: DPO with TRL's ``ipo`` loss (the schema rejects any other ``dpo_loss_type`` with ``rl: ipo``)."""
-    return build_dpo_family(cfg, "ipo", "ipo")
+    """IPO: DPO with TRL's ``ipo`` loss alone (the schema rejects other ``dpo_loss_type`` / any
+    ``dpo_loss_weights`` with ``rl: ipo``)."""
+    return build_dpo_family(cfg, "ipo", ["ipo"])
 
 
 @register_objective("orpo")

@@ -276,15 +276,47 @@ def test_kto_needs_two_rows_per_micro_batch():
     assert make(rl="kto", micro_batch_size=1, precompute_ref_log_probs=True).rl == "kto"  # fixed partners
 
 
-def test_dpo_loss_type_accepts_axolotl_lists_of_one():
-    assert make(rl="dpo", dpo_loss_type=["ipo"]).dpo_loss_type == "ipo"
-    assert "jaxpref trains one DPO loss" in problem(rl="dpo", dpo_loss_type=["sigmoid", "sft"])
+def test_dpo_loss_type_is_a_list_as_trls_loss_type():
+    assert make(rl="dpo").dpo_loss_type == ["sigmoid"]  # TRL's default
+    assert make(rl="dpo", dpo_loss_type="hinge").dpo_loss_type == ["hinge"]
+    assert make(rl="dpo", dpo_loss_type=["ipo"]).dpo_loss_type == ["ipo"]
+    assert make(rl="ipo").dpo_loss_type == ["ipo"]  # rl: ipo is DPO with the ipo loss
+    mpo = make(rl="dpo", dpo_loss_type=["sigmoid", "bco_pair", "sft"], dpo_loss_weights=[0.8, 0.2, 1.0])
+    assert mpo.dpo_loss_type == ["sigmoid", "bco_pair", "sft"] and mpo.dpo_loss_weights == [0.8, 0.2, 1.0]
+    assert make(rl="dpo", dpo_loss_type=["sigmoid", "sft"]).dpo_loss_weights is None  # 1.0 each, in dpo_loss
     assert "unknown DPO loss 'sigmod'" in problem(rl="dpo", dpo_loss_type="sigmod")
+    assert "unknown DPO loss 'sftt'" in problem(rl="dpo", dpo_loss_type=["sigmoid", "sftt"])
+    assert "give at least one DPO loss type" in problem(rl="dpo", dpo_loss_type=[])
+
+
+def test_dpo_loss_weights_one_per_loss_type():
+    msg = problem(rl="dpo", dpo_loss_type=["sigmoid", "bco_pair", "sft"], dpo_loss_weights=[0.8, 0.2])
+    assert "dpo_loss_weights has 2 entries for the 3 of dpo_loss_type [sigmoid, bco_pair, sft]" in msg
+    assert "one weight per loss type" in msg
+    assert "has 2 entries for the 1 of dpo_loss_type sigmoid" in problem(rl="dpo", dpo_loss_weights=[1.0, 2.0])
+    assert "must be a finite number >= 0" in problem(rl="dpo", dpo_loss_type=["sigmoid"], dpo_loss_weights=[-1.0])
+    assert "rl: ipo trains the ipo loss alone" in problem(rl="ipo", dpo_loss_weights=[2.0])
+
+
+def test_dpo_use_weighting():
+    assert make(rl="dpo", dpo_use_weighting=True).dpo_use_weighting is True
+    assert make(rl="ipo", dpo_use_weighting=True).dpo_use_weighting is True
+    msg = problem(rl="dpo", dpo_use_weighting=True, dpo_loss_type=["sigmoid", "aot"], dpo_label_smoothing=0.1)
+    assert "dpo_use_weighting (WPO) does not work with dpo_loss_type aot" in msg
+    msg = problem(rl="dpo", dpo_use_weighting=True, dpo_loss_type=["sigmoid", "bco_pair", "sft"])
+    assert "dpo_use_weighting (WPO) with dpo_loss_type sft: TRL 1.16 fails" in msg
+
+
+def test_dpo_keys_warn_without_dpo(caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxpref.config"):
+        make(rl="orpo", dpo_loss_type=["sigmoid"], dpo_loss_weights=[1.0], dpo_use_weighting=True)
+    for key in ("dpo_loss_type", "dpo_loss_weights", "dpo_use_weighting"):
+        assert f"{key} has no effect with rl: orpo" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["aot_unpaired", "sigmoid_norm", "discopop"])
 def test_dpo_loss_type_accepts_every_loss_the_library_implements(name):
-    assert make(rl="dpo", dpo_loss_type=name).dpo_loss_type == name
+    assert make(rl="dpo", dpo_loss_type=name, dpo_label_smoothing=0.1).dpo_loss_type == [name]
 
 
 def test_dpo_loss_type_rejects_names_trl_does_not_have():

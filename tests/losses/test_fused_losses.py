@@ -1,4 +1,5 @@
-"""fused_kd_loss / fused_token_logps equal the full-logits losses (values, metrics, gradients)."""
+"""fused_kd_loss / fused_token_logps (and its WPO twin with log sum_v p_v^2) equal the full-logits losses
+(values, metrics, gradients)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 
 from jaxpref.losses import cross_entropy_loss, kd_loss, token_logps
-from jaxpref.losses.fused import fused_cross_entropy, fused_kd_loss, fused_token_logps
+from jaxpref.losses.fused import (
+    fused_cross_entropy,
+    fused_kd_loss,
+    fused_token_logps,
+    fused_token_logps_and_log_sum_sq_probs,
+)
 
 B, T, H, V, K = 2, 5, 16, 97, 4
 XLA = dict(impl="xla_chunked", block_n=4, block_v=32)  # 3 row chunks, ragged last vocabulary block
@@ -122,6 +128,31 @@ def test_fused_token_logps_equals_token_logps(temperature):
     assert np.all(np.asarray(out_a)[~loss_mask] == 0.0)
     for a, e in zip(grads_a, grads_e):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl_kw", [XLA, dict(impl="reference"), dict(impl="pallas", block_n=16, block_v=32)])
+def test_fused_log_sum_sq_probs_equals_the_probabilities(impl_kw):
+    """WPO's ``log sum_v p_v^2`` from the kernel's log-sum-exps at T and T/2 equals the float64 sum of the
+    squared probabilities; the log-probs and their gradient are fused_token_logps' (the second output
+    carries no gradient)."""
+    hidden, weight, _, _, _, labels, loss_mask = make_inputs(3)
+    g = np.random.default_rng(4).normal(size=(B, T)).astype(np.float32)
+    z = np.einsum("bth,hv->btv", hidden.astype(np.float64), weight.astype(np.float64))
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.where(loss_mask, np.log(np.sum(p**2, axis=-1)), 0.0)
+
+    def both(h, w):
+        return fused_token_logps_and_log_sum_sq_probs(h, w, labels, mask=loss_mask, **impl_kw)
+
+    (logps, sq), pullback = jax.vjp(both, hidden, weight)
+    np.testing.assert_allclose(sq, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(sq) <= 0.0) and np.all(np.asarray(sq)[~loss_mask] == 0.0)
+    np.testing.assert_allclose(logps, fused_token_logps(hidden, weight, labels, mask=loss_mask, **impl_kw), atol=1e-6)
+    grads = pullback((g, np.ones_like(g)))  # the log_sum_sq_probs cotangent must not reach the gradient
+    _, pull_logps = jax.vjp(lambda h, w: fused_token_logps(h, w, labels, mask=loss_mask, **impl_kw), hidden, weight)
+    for a, e in zip(grads, pull_logps(g)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_kd_loss_never_builds_nv_logits():

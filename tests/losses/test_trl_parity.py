@@ -13,7 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpref.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, kd_topk_loss, kto_loss, orpo_loss, reward_loss
+from jaxpref.losses import (
+    DPO_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    kd_topk_loss,
+    kto_loss,
+    log_sum_sq_probs,
+    orpo_loss,
+    reward_loss,
+    wpo_weights,
+)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -31,8 +41,8 @@ class _FakeModel:
 
     training = True
 
-    def __init__(self, log_probs=None, logits=None):
-        self.log_probs, self.logits = log_probs, logits
+    def __init__(self, log_probs=None, logits=None, log_sum_sq_probs=None):
+        self.log_probs, self.logits, self.log_sum_sq_probs = log_probs, logits, log_sum_sq_probs
 
     def __call__(self, input_ids=None, **kwargs):
         if self.logits is not None:  # reward model
@@ -40,7 +50,12 @@ class _FakeModel:
         b, t = input_ids.shape
         zeros = torch.zeros(b, t - 1)
         return SimpleNamespace(
-            log_probs=self.log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None
+            log_probs=self.log_probs,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=zeros.bool(),
+            log_sum_sq_probs=self.log_sum_sq_probs,
+            aux_loss=None,
         )
 
 
@@ -75,7 +90,18 @@ def _completion_batch(rng, rows, t=12):
 # ----------------------------------------------------------------------------------------------- DPO
 
 
-def _dpo_case(loss_types, weights=None, f_div="reverse_kl", label_smoothing=0.0, seed=0, pairs=5):
+def _wpo_inputs(rng, log_probs, vocab=9):
+    """Per-token ``log sum_v p_v^2`` of random next-token logits (NumPy, from the probabilities themselves)
+    for TRL's fused-head output, and jaxpref's own value of it from the same logits, 0 where masked."""
+    logits = rng.normal(size=(*log_probs.shape, vocab)) * 2.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    live = log_probs != 0.0
+    numpy_value = np.where(live, np.log(np.sum(p**2, -1)), 0.0).astype(np.float32)
+    return numpy_value, np.asarray(log_sum_sq_probs(logits.astype(np.float32), mask=live))
+
+
+def _dpo_case(loss_types, weights=None, f_div="reverse_kl", label_smoothing=0.0, seed=0, pairs=5, use_weighting=False):
     from trl.trainer.dpo_trainer import DPOTrainer
 
     rng = np.random.default_rng(seed)
@@ -83,8 +109,9 @@ def _dpo_case(loss_types, weights=None, f_div="reverse_kl", label_smoothing=0.0,
     ref_logps = (log_probs.sum(1) + rng.normal(size=2 * pairs) * 2.0).astype(np.float32)
     batch["ref_chosen_logps"] = torch.tensor(ref_logps[:pairs])
     batch["ref_rejected_logps"] = torch.tensor(ref_logps[pairs:])
+    trl_sq, our_sq = _wpo_inputs(rng, log_probs) if use_weighting else (None, None)
     stub = _trainer_stub(
-        _FakeModel(torch.tensor(log_probs)),
+        _FakeModel(torch.tensor(log_probs), log_sum_sq_probs=None if trl_sq is None else torch.tensor(trl_sq)),
         beta=0.2,
         loss_types=loss_types,
         loss_weights=weights or [1.0] * len(loss_types),
@@ -92,13 +119,18 @@ def _dpo_case(loss_types, weights=None, f_div="reverse_kl", label_smoothing=0.0,
         f_divergence_type=f_div,
         f_alpha_divergence_coef=0.4,
         label_smoothing=label_smoothing,
-        use_weighting=False,
+        use_weighting=use_weighting,
         args=SimpleNamespace(discopop_tau=0.05),
     )
     trl_loss = DPOTrainer._compute_loss(stub, stub.model, batch, return_outputs=False)
 
     lengths = batch["completion_mask"].sum(1).numpy()
     seq = log_probs.sum(1)
+    pair_weights = None
+    if use_weighting:
+        aligned = (log_probs - our_sq).sum(1)  # both are 0 outside the completion
+        pair_weights = wpo_weights(aligned[:pairs], aligned[pairs:], lengths[:pairs], lengths[pairs:])
+        assert np.ptp(np.asarray(pair_weights)) > 0.1 * np.max(pair_weights)  # weights that differ per pair
     loss, metrics = dpo_loss(
         seq[:pairs],
         seq[pairs:],
@@ -112,6 +144,7 @@ def _dpo_case(loss_types, weights=None, f_div="reverse_kl", label_smoothing=0.0,
         rejected_lengths=lengths[pairs:],
         f_divergence_type=f_div,
         f_alpha_divergence_coef=0.4,
+        pair_weights=pair_weights,
     )
     np.testing.assert_allclose(loss, trl_loss.item(), rtol=RTOL, atol=1e-6)
     for name in (
@@ -137,6 +170,26 @@ def test_dpo_f_divergences_match_trl(f_div):
 
 def test_dpo_mpo_combination_matches_trl():
     _dpo_case(["sigmoid", "bco_pair", "sft"], weights=[0.8, 0.2, 1.0], seed=2)
+
+
+@pytest.mark.parametrize(
+    "loss_types, weights", [(["sigmoid"], None), (["ipo"], None), (["sigmoid", "bco_pair"], [0.8, 0.2])]
+)
+def test_dpo_wpo_weighting_matches_trl(loss_types, weights):
+    _dpo_case(loss_types, weights=weights, seed=3, use_weighting=True)
+
+
+def test_trl_cannot_weight_the_sft_loss():
+    """TRL 1.16 multiplies the expanded (one-element) sft loss in place by the WPO weights and fails, so
+    WPO with ``sft`` has no reference behaviour: jaxpref's config refuses ``dpo_use_weighting`` with it.
+    When this stops failing, TRL has defined the combination; follow it and drop the config check."""
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        _dpo_case(["sigmoid", "sft"], seed=3, use_weighting=True)
+
+
+def test_dpo_wpo_weighting_refuses_sorted_losses():
+    with pytest.raises(ValueError, match="'aot' / 'aot_unpaired'"):
+        dpo_loss(np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), loss_type="aot", pair_weights=np.ones(2))
 
 
 # ----------------------------------------------------------------------------------------------- KTO

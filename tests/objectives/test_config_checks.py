@@ -1,5 +1,6 @@
 """Config checks of the preference keys: label smoothing where TRL 1.16 ignores it, exo_pair/robust
-ranges, rl: ipo vs dpo_loss_type, and TRL's KTO desirable/undesirable weight advice."""
+ranges (also inside a list of loss types), rl: ipo vs dpo_loss_type, dpo_padding_free (a no-op, as in
+TRL 1.16), and TRL's KTO desirable/undesirable weight advice."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from tests.data.helpers import config
         (dict(rl="dpo", dpo_loss_type="robust", dpo_label_smoothing=0.1), None),
         (dict(rl="dpo", dpo_loss_type="aot", dpo_label_smoothing=0.1), None),
         (dict(rl="simpo", dpo_label_smoothing=0.1), None),
+        (dict(rl="dpo", dpo_loss_type=["sigmoid", "sft"], dpo_label_smoothing=0.1), "dpo_loss_type [sigmoid, sft]"),
+        (dict(rl="dpo", dpo_loss_type=["sigmoid", "robust"], dpo_label_smoothing=0.1), None),
     ],
 )
 def test_label_smoothing_warnings_follow_trl(kw, warned):
@@ -38,11 +41,23 @@ def test_label_smoothing_warnings_follow_trl(kw, warned):
         (dict(rl="dpo", dpo_loss_type="exo_pair"), "exo_pair needs dpo_label_smoothing > 0"),
         (dict(rl="dpo", dpo_loss_type="robust", dpo_label_smoothing=0.5), "robust loss needs a value in"),
         (dict(rl="ipo", dpo_loss_type="hinge"), "rl: ipo is DPO with the ipo loss"),
+        (dict(rl="dpo", dpo_loss_type=["sigmoid", "exo_pair"]), "exo_pair needs dpo_label_smoothing > 0"),
+        (dict(rl="ipo", dpo_loss_type=["ipo", "sft"]), "rl: ipo is DPO with the ipo loss"),
     ],
 )
 def test_bad_preference_settings_are_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
         config(**kw)
+
+
+def test_dpo_padding_free_is_a_no_op_as_in_trl():
+    """TRL 1.16's DPOTrainer turns ``padding_free`` off (a warning, then standard padding), so axolotl's
+    ``dpo_padding_free: true`` trains padded there; jaxpref warns with the reason and trains the same config.
+    (tests/objectives/test_trl_parity.py runs TRL with ``padding_free=True`` and checks it falls back.)"""
+    cfg = config(rl="dpo", dpo_padding_free=True)
+    warned = [w for w in cfg.warnings if w.startswith("ignored: dpo_padding_free")]
+    assert len(warned) == 1 and "no effect, as in TRL 1.16 (which turns padding_free off and pads)" in warned[0]
+    assert cfg.model_dump() == config(rl="dpo").model_dump()
 
 
 def test_kto_weight_advice_matches_trl():

@@ -115,6 +115,43 @@ def test_dpo_first_step_equals_trl(tmp_path, tok, weights, loss_type, label_smoo
     assert 0 < want["rewards/accuracies"] < 1 and abs(want["rewards/margins"]) > 1e-3  # a non-trivial reference
 
 
+@pytest.mark.parametrize(
+    "loss_types, loss_weights, use_weighting",
+    [
+        (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], False),  # MPO, as in TRL's docs
+        (["sigmoid"], None, True),  # WPO
+        (["sigmoid", "bco_pair"], [0.8, 0.2], True),  # both
+    ],
+)
+def test_dpo_loss_lists_and_wpo_first_step_equal_trl(tmp_path, tok, weights, loss_types, loss_weights, use_weighting):
+    """``dpo_loss_type`` lists with ``dpo_loss_weights`` (TRL ``loss_type`` / ``loss_weights``) and
+    ``dpo_use_weighting`` (TRL ``use_weighting``) give TRL's first-step loss and metrics. TRL runs with
+    ``padding_free=True`` too: TRL 1.16 turns it off (standard padding), the no-op jaxpref's
+    ``dpo_padding_free`` is."""
+    policy, reference, _, _ = weights
+    _, texts = pair_texts(tok)
+    args = trl.DPOConfig(
+        beta=0.3, loss_type=loss_types, loss_weights=loss_weights, use_weighting=use_weighting, padding_free=True,
+        **common(tmp_path, 4),
+    )  # fmt: skip
+    trainer = trl.DPOTrainer(policy, reference, args=args, train_dataset=pair_dataset(texts), processing_class=tok)
+    assert trainer.padding_free is False
+    trl_batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        want_loss = float(trainer.compute_loss(trainer.model, trl_batch))
+    want = last_metrics(trainer)
+
+    kw = dict(rl_beta=0.3, dpo_loss_type=loss_types, dpo_use_weighting=use_weighting, dpo_padding_free=True)
+    if loss_weights is not None:
+        kw["dpo_loss_weights"] = loss_weights
+    loss, got = ours("dpo", pair_batch(tok), weights, "pair_mask", **kw)
+    np.testing.assert_allclose(loss, want_loss, atol=ATOL, rtol=RTOL)
+    assert_close(got, want, DPO_KEYS)
+    if use_weighting:  # the weights matter: TRL's unweighted loss is another number
+        unweighted, _ = ours("dpo", pair_batch(tok), weights, "pair_mask", **{**kw, "dpo_use_weighting": False})
+        assert abs(unweighted - want_loss) > 100 * ATOL
+
+
 def test_kto_first_step_equals_trl(tmp_path, tok, weights):
     policy, reference, _, _ = weights
     f, _ = kto_parts(tok)
