@@ -1,0 +1,149 @@
+"""Benchmark: teacher throughput of ``jaxpref.serve`` at concurrency 1, 8 and 64 vs the in-process pass.
+
+Both run the same teacher over the same rows of token ids and return the top-k (k = 20, vLLM's default
+``max_logprobs``) at every position:
+
+* in-process: ``jaxpref.teacher_pass.TeacherRunner`` (what ``python -m jaxpref.teacher`` runs), rows in
+  length-sorted batches of ``--batch_rows``, padded to a multiple of 64, ids and log-probs fetched to
+  the host;
+* server: the aiohttp server (``jaxpref.teacher_server``: dynamic batching, bucketed passes, the
+  prompt token's log-prob and rank, vLLM's JSON answer) on 127.0.0.1 and jaxpref's client
+  (``jaxpref.teacher_client``, one request per ``--batch_rows`` rows, ``c`` requests in flight, answers
+  parsed into teacher rows) in the same process, as a KD run on the same host would use it.
+
+Tokens/s = prompt tokens scored / wall seconds of the second pass over the rows (the first compiles).
+Each (model, mode) runs in its own fresh process, one after the other.
+
+  python scripts/bench_teacher_server.py --out teacher_server_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+K = 20
+# name: (model directory or (layers, hidden, vocab) for a random Llama, rows)
+MODELS = {"demo-teacher": ("demo/teacher", 256), "4L-d512-v32k": ((4, 512, 32000), 64)}
+MODES = ("inprocess", "server-1", "server-8", "server-64")
+
+
+def rows(n: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=int(rng.integers(64, 385))).astype(np.int32) for _ in range(n)]
+
+
+def load(name: str):
+    from jaxpref import models
+
+    spec, n = MODELS[name]
+    if isinstance(spec, str):
+        from transformers import AutoTokenizer
+
+        model = models.from_pretrained(REPO / spec)
+        return model, AutoTokenizer.from_pretrained(REPO / spec), n
+    layers, hidden, vocab = spec
+    cfg = models.ModelConfig.from_hf_dict({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers, "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 128,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "initializer_range": 0.02,
+    })  # fmt: skip
+    return models.from_config(cfg, seed=0), None, n
+
+
+def worker(name: str, mode: str, batch_rows: int) -> dict:
+    from jaxpref import sharding as shd
+
+    model, tokenizer, n = load(name)
+    data = rows(n, model.config.vocab_size)
+    tokens = sum(len(r) for r in data)
+    mesh = shd.make_mesh(None)
+    if mode == "inprocess":
+        from jaxpref.teacher_pass import TeacherRunner
+
+        runner = TeacherRunner(model, mesh, K, 1.0, batch_rows)
+        order = sorted(range(n), key=lambda i: -len(data[i]))
+
+        def one_pass() -> None:
+            for s in range(0, n, batch_rows):
+                batch = [data[i] for i in order[s : s + batch_rows]]
+                t = -(-len(batch[0]) // 64) * 64
+                ids = np.zeros((runner.batch_size, t), np.int32)
+                lengths = np.zeros(runner.batch_size, np.int64)
+                for j, r in enumerate(batch):
+                    ids[j, : len(r)], lengths[j] = r, len(r)
+                runner(ids, lengths)
+
+    else:
+        from jaxpref.teacher_client import ServerSettings, TeacherClient
+        from jaxpref.teacher_server import BackgroundServer, Batcher, Scorer, ServeSettings, TeacherAPI
+
+        concurrency = int(mode.split("-")[1])
+        settings = ServeSettings(max_top_k=K, max_model_len=512, max_batch_tokens=batch_rows * 512)
+        scorer = Scorer(model, mesh, K, settings.max_batch_tokens, settings.max_model_len)
+        server = BackgroundServer(TeacherAPI(Batcher(scorer), tokenizer, model.config.vocab_size, settings))
+        client = TeacherClient(ServerSettings(base_url=server.url, server="vllm", top_k=K, concurrency=concurrency))
+
+        def one_pass() -> None:
+            futures = [client.submit(data[s : s + batch_rows]) for s in range(0, n, batch_rows)]
+            for f in futures:
+                f.result()
+
+    one_pass()  # compiles every shape
+    start, cpu = time.perf_counter(), time.process_time()
+    one_pass()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"model": name, "mode": mode, "rows": n, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu,
+            "tokens_per_s": tokens / wall}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batch_rows", type=int, default=8, help="rows per in-process batch and per request")
+    p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.batch_rows)))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kd_step import machine
+
+    results = []
+    for name in args.models.split(","):
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--worker", name, mode, "--batch_rows", str(args.batch_rows)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            if out.returncode:
+                sys.exit(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+    lines = [
+        f"Machine: {machine()}; k = {K}, {args.batch_rows} rows per batch / request.",
+        "",
+        "| model | mode | rows | tokens | tokens/s | vs in-process | CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base = next(x for x in results if x["model"] == r["model"] and x["mode"] == "inprocess")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['rows']} | {r['tokens']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['cpu_seconds']:.1f} |"
+        )
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
