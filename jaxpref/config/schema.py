@@ -84,6 +84,7 @@ class JaxprefConfig(*SECTIONS):
                 "(remat_policy none turns checkpointing off, full/dots/dots_with_no_batch_dims turn it on)"
             )
         self.gradient_checkpointing = self.remat_policy != "none"
+        self._resolve_eval_cadence()
         if self.eval_batch_size is None:
             self.eval_batch_size = self.micro_batch_size
         if self.pad_to_sequence_len is None:
@@ -94,6 +95,24 @@ class JaxprefConfig(*SECTIONS):
             self.chat_template = "jinja"
         p += self._resolve_objective()
         return p
+
+    def _resolve_eval_cadence(self) -> None:
+        """axolotl reads ``eval_steps: 0`` and ``evals_per_epoch: 0`` as not set, and runs no evaluation
+        when neither is set. A 0 next to a cadence > 0 is dropped; a 0 alone (the common
+        ``evals_per_epoch: 0``) is kept as ``evals_per_epoch: 0``, no evaluation, so that it does not fall
+        back to jaxpref's own default (one evaluation after the last step)."""
+        zero = 0 in (self.eval_steps, self.evals_per_epoch)
+        if self.eval_steps == 0:
+            self.eval_steps = None
+        if self.evals_per_epoch == 0:
+            self.evals_per_epoch = None
+        if zero and self.eval_steps is None and self.evals_per_epoch is None:
+            self.evals_per_epoch = 0
+            if self.val_set_size or self.test_datasets:
+                what = "the val_set_size rows are still held out of training" if self.val_set_size else (
+                    "test_datasets are still loaded"
+                )
+                warn(f"evals_per_epoch: 0 (or eval_steps: 0): no evaluation, as in axolotl; {what}")
 
     def _resolve_objective(self) -> list[str]:
         """``objective: dpo`` (a built-in name) and ``rl: dpo`` say the same: either sets the other, so the
