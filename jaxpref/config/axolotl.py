@@ -117,7 +117,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             batch_size auto_find_batch_size""",
         "a training-method extra jaxpref does not implement": """
             neftune_noise_alpha noisy_embedding_alpha use_eaft eaft_alpha eaft_k use_dft
-            center_rewards_coefficient max_packed_sequence_len use_pose scaling_softmax
+            max_packed_sequence_len use_pose scaling_softmax
             scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
             num_labels""",
         "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """

@@ -178,6 +178,8 @@ class JaxprefConfig(*SECTIONS):
             stray = [k for k in _LORA_KEYS if k in self.model_fields_set]
             if stray:
                 warn(f"ignored: {', '.join(stray)} (adapter is not lora: full fine-tuning)")
+        if self.center_rewards_coefficient is not None and not self.reward_model:
+            warn("center_rewards_coefficient has no effect without reward_model: true (as in axolotl)")
         if self.precompute_ref_log_probs and (self.rl in ("orpo", "simpo") or self.reward_model):
             warn(f"precompute_ref_log_probs has no effect: {self.rl or 'reward_model'} uses no reference model")
         if self.train_on_inputs and (self.rl or self.reward_model):

@@ -236,6 +236,12 @@ class PreferenceSection(Section):
         description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0.",
     )
     reward_model: bool = Field(False, description="Train a Bradley-Terry reward model.")
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Reward models: adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, pulling "
+        "rewards towards mean zero (TRL's RewardTrainer; unset: no term; axolotl's example uses 0.01).",
+    )
     dpo_loss_type: Annotated[str | None, BeforeValidator(coerce.dpo_loss_type)] = Field(
         None, description="DPO loss variant by TRL name (sigmoid, hinge, ipo, robust, ...); default sigmoid."
     )

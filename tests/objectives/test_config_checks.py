@@ -22,6 +22,8 @@ from tests.data.helpers import config
         (dict(rl="dpo", dpo_loss_type="robust", dpo_label_smoothing=0.1), None),
         (dict(rl="dpo", dpo_loss_type="aot", dpo_label_smoothing=0.1), None),
         (dict(rl="simpo", dpo_label_smoothing=0.1), None),
+        (dict(rl="dpo", center_rewards_coefficient=0.01), "center_rewards_coefficient has no effect without"),
+        (dict(reward_model=True, center_rewards_coefficient=0.01), None),
     ],
 )
 def test_label_smoothing_warnings_follow_trl(kw, warned):
@@ -38,6 +40,7 @@ def test_label_smoothing_warnings_follow_trl(kw, warned):
         (dict(rl="dpo", dpo_loss_type="exo_pair"), "exo_pair needs dpo_label_smoothing > 0"),
         (dict(rl="dpo", dpo_loss_type="robust", dpo_label_smoothing=0.5), "robust loss needs a value in"),
         (dict(rl="ipo", dpo_loss_type="hinge"), "rl: ipo is DPO with the ipo loss"),
+        (dict(reward_model=True, center_rewards_coefficient=-0.1), "center_rewards_coefficient: must be >= 0"),
     ],
 )
 def test_bad_preference_settings_are_config_errors(kw, message):
