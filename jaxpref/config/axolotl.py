@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any
 
+from jaxpref.config.axolotl_keys import AXOLOTL_TRL_KEYS
 from jaxpref.config.notes import warn
 
 
@@ -121,7 +122,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
             num_labels""",
         "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
-            trl vllm ebft dpo_use_weighting dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval
+            vllm ebft dpo_use_weighting dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval
             dpo_norm_loss rpo_alpha dynamic_checkpoint kd_temperature_min""",
         "axolotl plugins do not load in jaxpref; their keys are handled one by one": "plugins",
     }
@@ -180,7 +181,17 @@ MAPPED_KEYS: dict[str, str] = {
     "lr_scheduler_kwargs": "min_lr_rate -> cosine_min_lr_ratio; other keys are ignored with a warning",
     "streaming": "true -> streaming: true on every datasets/test_datasets entry that does not set it",
     "auto_resume_from_checkpoints": "true -> resume_from_checkpoint: auto",
+    "trl": "beta -> rl_beta (axolotl's first choice for TRL's beta; an rl_beta that differs is an error); every "
+    "other key (GRPO/EBFT settings, which axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read) is ignored "
+    "with one warning line each",
 }
+
+# Keys of the ``trl:`` section with a jaxpref field; the rest of axolotl's TRLConfig is ignored with a warning.
+TRL_MAPPED_KEYS: dict[str, str] = {"beta": "rl_beta"}
+TRL_IGNORED_REASON = (
+    "a GRPO/EBFT (online RL) setting; axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read it, and jaxpref "
+    "has no online RL"
+)
 
 # Keys of one datasets/test_datasets entry.
 IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
@@ -389,6 +400,35 @@ def _auto_resume(data: dict[str, Any], key: str, errors: list[str]) -> None:
         data.setdefault("resume_from_checkpoint", "auto")
 
 
+def _trl(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """axolotl's nested ``trl:`` section: ``beta`` is TRL's beta, which axolotl takes before rl_beta and
+    orpo_alpha (core/builders/rl.py); the other keys configure GRPO/EBFT only."""
+    section = data.pop(key)
+    if not section:
+        return
+    if not isinstance(section, dict):
+        errors.append(f"trl: expected a mapping (axolotl's TRL section, e.g. trl: {{beta: 0.1}}), got {section!r}")
+        return
+    for name, value in section.items():
+        if name in TRL_MAPPED_KEYS:
+            dst = TRL_MAPPED_KEYS[name]
+            if value is None:
+                continue
+            if dst in data and data[dst] != value:
+                errors.append(
+                    f"trl.{name} ({value!r}) and {dst} ({data[dst]!r}) disagree; axolotl would use trl.{name} "
+                    f"(TRL's {name}); keep one of them"
+                )
+            else:
+                data[dst] = value
+        elif not value:  # false/empty: nothing is being ignored
+            continue
+        elif name in AXOLOTL_TRL_KEYS:
+            warn(f"ignored: trl.{name} ({TRL_IGNORED_REASON})")
+        else:
+            warn(f"ignored: trl.{name} (not a key of axolotl's trl section)")
+
+
 _MAPPERS: dict[str, Mapper] = {
     **dict.fromkeys(_PRECISION_KEYS, _keep_for_precision),
     "strict": _drop,
@@ -400,6 +440,7 @@ _MAPPERS: dict[str, Mapper] = {
     "lr_scheduler_kwargs": _lr_scheduler_kwargs,
     "streaming": _streaming,
     "auto_resume_from_checkpoints": _auto_resume,
+    "trl": _trl,
 }
 assert set(_MAPPERS) == set(MAPPED_KEYS)
 

@@ -157,3 +157,22 @@ AXOLOTL_DATASET_KEYS: frozenset[str] = frozenset(
         """
     )
 )
+
+# Keys of the nested ``trl:`` section (schemas/trl.py: TRLConfig).
+AXOLOTL_TRL_KEYS: frozenset[str] = frozenset(
+    _keys(
+        """
+        beta max_completion_length use_vllm vllm_mode vllm_server_host vllm_server_port vllm_server_timeout
+        vllm_guided_decoding_regex reward_funcs reward_weights generation_batch_size num_generations
+        log_completions num_completions_to_print importance_sampling_level sync_ref_model
+        ref_model_mixup_alpha ref_model_sync_steps scale_rewards temperature top_p top_k min_p
+        repetition_penalty generation_kwargs chat_template_kwargs num_iterations epsilon epsilon_high
+        use_liger_loss loss_type mask_truncated_completions vllm_enable_sleep_mode rollout_func
+        multi_objective_aggregation use_data_producer async_prefetch prefetch_depth vllm_sync_interval
+        streaming_partial_batch streaming_min_groups vllm_importance_sampling_correction
+        vllm_importance_sampling_mode vllm_importance_sampling_cap off_policy_mask_threshold
+        use_bias_correction_kl reward_num_workers replay_buffer_size replay_recompute_logps
+        reroll_start_fraction reroll_max_groups skip_zero_advantage_batches vllm_lora_sync
+        """
+    )
+)

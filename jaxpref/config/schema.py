@@ -94,7 +94,38 @@ class JaxprefConfig(*SECTIONS):
         if self.chat_template_jinja and "chat_template" not in self.model_fields_set:
             self.chat_template = "jinja"
         p += self._resolve_objective()
+        p += self._resolve_beta()
         return p
+
+    def _resolve_beta(self) -> list[str]:
+        """axolotl passes one beta to every TRL preference trainer: trl.beta, else rl_beta, else orpo_alpha
+        (core/builders/rl.py; ``trl.beta`` and ``dpo_beta`` load as rl_beta). So ORPO's weight is rl_beta when
+        that is set, and a DPO/IPO/KTO/SimPO run with orpo_alpha but no rl_beta takes orpo_alpha as beta.
+        Where this makes a key silently lose (or win) against what it says, the config is an error."""
+        beta_set = "rl_beta" in self.model_fields_set
+        alpha_set = "orpo_alpha" in self.model_fields_set
+        if self.rl == "orpo":
+            if beta_set and alpha_set and self.rl_beta != self.orpo_alpha:
+                return [
+                    f"rl: orpo with rl_beta ({self.rl_beta}) and orpo_alpha ({self.orpo_alpha}): axolotl passes "
+                    "ORPO's weight as TRL's beta, taking trl.beta, then rl_beta, then orpo_alpha, so it would "
+                    f"train with {self.rl_beta}; keep one of the two keys"
+                ]
+            if beta_set:
+                self.orpo_alpha = self.rl_beta
+            elif self.orpo_alpha > 0:
+                self.rl_beta = self.orpo_alpha  # one value for TRL's beta, so the saved config reads back the same
+        elif alpha_set and self.rl is not None:
+            if not beta_set and self.orpo_alpha != self.rl_beta:
+                return [
+                    f"orpo_alpha: {self.orpo_alpha} with rl: {self.rl} and no rl_beta: axolotl would use orpo_alpha as "
+                    f"{self.rl}'s beta (it takes trl.beta, then rl_beta, then orpo_alpha); write "
+                    f"rl_beta: {self.orpo_alpha} to train as axolotl does, or remove orpo_alpha for beta {self.rl_beta}"
+                ]
+            warn(f"orpo_alpha has no effect with rl: {self.rl} (rl_beta is its beta)")
+        elif alpha_set:
+            warn("orpo_alpha has no effect without rl: orpo")
+        return []
 
     def _resolve_eval_cadence(self) -> None:
         """axolotl reads ``eval_steps: 0`` and ``evals_per_epoch: 0`` as not set, and runs no evaluation

@@ -233,7 +233,8 @@ class PreferenceSection(Section):
     rl_beta: float = Field(
         0.1,
         gt=0,
-        description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0.",
+        description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0. "
+        "Also ORPO's weight when set: axolotl takes TRL's beta from trl.beta, then rl_beta, then orpo_alpha.",
     )
     reward_model: bool = Field(False, description="Train a Bradley-Terry reward model.")
     center_rewards_coefficient: float | None = Field(
@@ -248,7 +249,12 @@ class PreferenceSection(Section):
     dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative-DPO label smoothing.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL default).")
     cpo_alpha: float = Field(1.0, ge=0, description="SimPO/CPO NLL weight (TRL default; 0 = pure SimPO).")
-    orpo_alpha: float = Field(0.1, ge=0, description="ORPO odds-ratio weight (TRL's ORPO beta).")
+    orpo_alpha: float = Field(
+        0.1,
+        ge=0,
+        description="ORPO odds-ratio weight (TRL's ORPO beta). rl_beta (or trl.beta), when set, is the weight "
+        "instead (axolotl's order); both set and different is an error.",
+    )
     kto_desirable_weight: float = Field(1.0, ge=0, description="KTO weight of desirable examples.")
     kto_undesirable_weight: float = Field(1.0, ge=0, description="KTO weight of undesirable examples.")
     rl_adapter_ref_model: bool = Field(

@@ -156,6 +156,20 @@ def test_mapped_keys():
     assert cfg.warnings == ()
 
 
+def test_trl_section_maps_beta_and_names_every_other_key():
+    cfg = make(rl="dpo", trl={"beta": 0.05, "use_vllm": True, "max_completion_length": 256, "num_generations": 0,
+                              "top_k": None, "no_such_key": 1})
+    assert cfg.rl_beta == 0.05
+    assert cfg.warnings == (
+        f"ignored: trl.use_vllm ({ax.TRL_IGNORED_REASON})",
+        f"ignored: trl.max_completion_length ({ax.TRL_IGNORED_REASON})",
+        "ignored: trl.no_such_key (not a key of axolotl's trl section)",
+    )
+    assert make(trl={}).warnings == () and make(trl=None).rl_beta == 0.1
+    with pytest.raises(ConfigError, match="trl: expected a mapping"):
+        make(trl=True)
+
+
 def test_base_config_validates_with_warnings():
     cfg = validate_config(yaml.safe_load(BASE_YAML))
     assert cfg.adapter == "lora" and cfg.optimizer == "adamw" and cfg.compute_dtype == "bfloat16"
