@@ -104,7 +104,9 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
         "hub revisions are not supported; download the revision and point base_model at it": ("model_revision"),
         "quantized loading/merging is not implemented; weights are loaded at param_dtype": """
             load_in_8bit bnb_config_kwargs qlora_sharded_model_loading model_quantization_config
-            model_quantization_config_kwargs quantize_moe_experts quantization export peft""",
+            model_quantization_config_kwargs quantize_moe_experts quantization export""",
+        "names the layer list LISA samples from (axolotl's default model.layers); LISA itself (lisa_n_layers, "
+        "lisa_step_interval) is rejected": "lisa_layers_attribute",
         "merging LoRA is a separate step after training (export), not a training option": """
             merge_lora merge_method""",
         "a PEFT option jaxpref's LoRA does not implement (plain LoRA, B initialised to zero)": """
@@ -141,7 +143,6 @@ IGNORED_PREFIXES: dict[str, str] = {
     "qgalore_": "an optimizer jaxpref does not implement",
     "jagged_restart_": "ReLoRA-style restarts are not implemented",
     "relora_": "ReLoRA is not implemented",
-    "lisa_": "LISA layer sampling is not implemented",
     "pose_": "PoSE context extension is not implemented",
 }
 
@@ -156,6 +157,10 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "lora_target_parameters": "LoRA on raw parameters (MoE experts) is not supported yet",
     "unfrozen_parameters": "partial freezing by regex is not supported yet",
     "relora": "ReLoRA is not supported yet",
+    "lisa_n_layers": "LISA (training a random subset of layers, resampled every lisa_step_interval steps) is not "
+    "supported yet; remove the lisa_* keys to train every layer",
+    "lisa_step_interval": "LISA (training a random subset of layers, resampled every lisa_step_interval steps) is "
+    "not supported yet; remove the lisa_* keys to train every layer",
     "pretraining_dataset": "streaming pretraining datasets are not supported yet; use datasets",
     "process_reward_model": "process reward models are not supported yet",
     "model_config": "overriding the model's config.json is not supported; edit config.json instead",
@@ -181,9 +186,17 @@ MAPPED_KEYS: dict[str, str] = {
     "lr_scheduler_kwargs": "min_lr_rate -> cosine_min_lr_ratio; other keys are ignored with a warning",
     "streaming": "true -> streaming: true on every datasets/test_datasets entry that does not set it",
     "auto_resume_from_checkpoints": "true -> resume_from_checkpoint: auto",
+    "peft": "loftq_config: an error when enabled (loftq_bits, default 4, not 0), as LoftQ init is not supported "
+    "yet; other keys are ignored with a warning",
     "trl": "beta -> rl_beta (axolotl's first choice for TRL's beta; an rl_beta that differs is an error); every "
     "other key (GRPO/EBFT settings, which axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read) is ignored "
     "with one warning line each",
+}
+
+# Keys of the ``peft:`` section (schemas/peft.py: PeftConfig) rejected when enabled.
+PEFT_UNSUPPORTED_KEYS: dict[str, str] = {
+    "loftq_config": "LoftQ initialisation of LoRA (quantised base weights, adapters initialised from the "
+    "quantisation error) is not supported yet; remove it to train plain LoRA (B initialised to zero)",
 }
 
 # Keys of the ``trl:`` section with a jaxpref field; the rest of axolotl's TRLConfig is ignored with a warning.
@@ -400,6 +413,24 @@ def _auto_resume(data: dict[str, Any], key: str, errors: list[str]) -> None:
         data.setdefault("resume_from_checkpoint", "auto")
 
 
+def _peft(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """axolotl's nested ``peft:`` section: ``loftq_config`` turns on LoftQ when its loftq_bits (default 4) is
+    not 0 (loaders/adapter.py)."""
+    section = data.pop(key)
+    if not section:
+        return
+    if not isinstance(section, dict):
+        errors.append(f"peft: expected a mapping (axolotl's peft section: loftq_config), got {section!r}")
+        return
+    for name, value in section.items():
+        if name == "loftq_config":
+            bits = value.get("loftq_bits", 4) if isinstance(value, dict) else value
+            if bits:
+                errors.append(f"peft.loftq_config: {PEFT_UNSUPPORTED_KEYS[name]}")
+        elif value:
+            warn(f"ignored: peft.{name} (not a key of axolotl's peft section)")
+
+
 def _trl(data: dict[str, Any], key: str, errors: list[str]) -> None:
     """axolotl's nested ``trl:`` section: ``beta`` is TRL's beta, which axolotl takes before rl_beta and
     orpo_alpha (core/builders/rl.py); the other keys configure GRPO/EBFT only."""
@@ -440,6 +471,7 @@ _MAPPERS: dict[str, Mapper] = {
     "lr_scheduler_kwargs": _lr_scheduler_kwargs,
     "streaming": _streaming,
     "auto_resume_from_checkpoints": _auto_resume,
+    "peft": _peft,
     "trl": _trl,
 }
 assert set(_MAPPERS) == set(MAPPED_KEYS)

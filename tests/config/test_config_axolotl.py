@@ -156,6 +156,21 @@ def test_mapped_keys():
     assert cfg.warnings == ()
 
 
+def test_training_changing_keys_are_errors_not_warnings():
+    # LISA trains a random subset of layers (axolotl: on when lisa_n_layers and lisa_step_interval are set)
+    msg = str(pytest.raises(ConfigError, make, lisa_n_layers=4, lisa_step_interval=20).value)
+    assert "lisa_n_layers: LISA" in msg and "lisa_step_interval: LISA" in msg and "remove the lisa_* keys" in msg
+    (warning,) = make(lisa_layers_attribute="model.layers").warnings  # axolotl's default; alone it does nothing
+    assert warning.startswith("ignored: lisa_layers_attribute (")
+    # LoftQ: on when peft.loftq_config.loftq_bits (default 4) is not 0 (axolotl loaders/adapter.py)
+    for loftq in ({"loftq_bits": 4}, {}):
+        with pytest.raises(ConfigError, match=r"peft.loftq_config: LoftQ .* not supported yet; remove it"):
+            make(peft={"loftq_config": loftq})
+    assert make(peft={"loftq_config": {"loftq_bits": 0}}).warnings == ()
+    assert make(peft={"loftq_config": None}).warnings == () and make(peft={}).warnings == ()
+    assert make(peft={"other": 1}).warnings == ("ignored: peft.other (not a key of axolotl's peft section)",)
+
+
 def test_trl_section_maps_beta_and_names_every_other_key():
     cfg = make(rl="dpo", trl={"beta": 0.05, "use_vllm": True, "max_completion_length": 256, "num_generations": 0,
                               "top_k": None, "no_such_key": 1})
