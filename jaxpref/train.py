@@ -66,6 +66,21 @@ def _every(explicit: float | None, per_epoch: int | None, steps_per_epoch: int, 
     return None
 
 
+def eval_cadence(cfg: Any, has_eval: bool, steps_per_epoch: int, total: int) -> int | None:
+    """Evaluate every N steps, or None for never. With an eval set and no cadence: once, after the last
+    step; ``evals_per_epoch: 0`` (the schema's "no evaluation") turns that off too."""
+    if not has_eval:
+        return None
+    every = _every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch, total)
+    if every is not None:
+        return every
+    if cfg.evals_per_epoch == 0:
+        logger.info("not evaluating (evals_per_epoch: 0)")
+        return None
+    logger.info("evaluating once, after the last step (set eval_steps or evals_per_epoch to evaluate more often)")
+    return total
+
+
 def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]:
     """(total optimizer steps, steps per epoch). Epochs are a continuous stream of micro-batches.
 
@@ -125,10 +140,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     n_train, n_frozen = trainer.num_params()
     logger.info("parameters: %s trainable, %s frozen; %d steps", f"{n_train:,}", f"{n_frozen:,}", total_steps)
 
-    eval_every = _every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch, total_steps)
-    if data.has_eval and eval_every is None:
-        eval_every = total_steps
-        logger.info("evaluating once, after the last step (set eval_steps or evals_per_epoch to evaluate more often)")
+    eval_every = eval_cadence(cfg, data.has_eval, steps_per_epoch, total_steps)
     settings = LoopSettings(
         total_steps=total_steps,
         grad_accum=cfg.gradient_accumulation_steps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any
 
+from jaxpref.config.axolotl_keys import AXOLOTL_TRL_KEYS
 from jaxpref.config.notes import warn
 
 
@@ -74,7 +75,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             use_comet comet_api_key comet_workspace comet_project_name comet_experiment_key comet_mode
             comet_online comet_experiment_config use_trackio trackio_project_name trackio_run_name
             trackio_space_id use_otel_metrics otel_metrics_host otel_metrics_port include_tokens_per_second
-            include_tkps profiler_steps profiler_steps_start""",
+            include_tkps profiler_steps profiler_steps_start use_swanlab""",
         "W&B gradient watching and model upload are not implemented": "wandb_watch wandb_log_model",
         "a Gradio inference-UI setting": """
             gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens
@@ -96,14 +97,16 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             is_llama_derived_model is_mistral_derived_model is_qwen_derived_model axolotl_config_path""",
         "jaxpref loads the tokenizer with transformers AutoTokenizer defaults": """
             tokenizer_use_fast tokenizer_legacy tokenizer_use_mistral_common tokenizer_type processor_type
-            tokenizer_save_jinja_files chat_template_kwargs eot_tokens default_system_message""",
+            tokenizer_save_jinja_files chat_template_kwargs eot_tokens default_system_message processor_kwargs""",
         "adding tokens and resizing embeddings is not implemented": """
             tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings
             shrink_embeddings embeddings_skip_upcast fix_untrained_tokens""",
         "hub revisions are not supported; download the revision and point base_model at it": ("model_revision"),
         "quantized loading/merging is not implemented; weights are loaded at param_dtype": """
             load_in_8bit bnb_config_kwargs qlora_sharded_model_loading model_quantization_config
-            model_quantization_config_kwargs quantize_moe_experts quantization export peft""",
+            model_quantization_config_kwargs quantize_moe_experts quantization export""",
+        "names the layer list LISA samples from (axolotl's default model.layers); LISA itself (lisa_n_layers, "
+        "lisa_step_interval) is rejected": "lisa_layers_attribute",
         "merging LoRA is a separate step after training (export), not a training option": """
             merge_lora merge_method""",
         "a PEFT option jaxpref's LoRA does not implement (plain LoRA, B initialised to zero)": """
@@ -117,14 +120,18 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             batch_size auto_find_batch_size""",
         "a training-method extra jaxpref does not implement": """
             neftune_noise_alpha noisy_embedding_alpha use_eaft eaft_alpha eaft_k use_dft
-            center_rewards_coefficient max_packed_sequence_len use_pose scaling_softmax
+            max_packed_sequence_len use_pose scaling_softmax
             scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
-            num_labels""",
+            role_boundaries num_labels""",
         "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
-            trl vllm ebft dpo_use_logits_to_keep dpo_generate_during_eval
+            vllm ebft dpo_use_logits_to_keep dpo_generate_during_eval
             dpo_norm_loss rpo_alpha dynamic_checkpoint""",
         "a generation length; the teacher server only scores the rows of the dataset": "kd_online_max_new_tokens",
-        "axolotl plugins do not load in jaxpref; their keys are handled one by one": "plugins",
+        "an MoE or model-specific CUDA kernel option (axolotl's kernels, DenseMixer plugins); jaxpref's models "
+        "(Llama family) have no experts": """
+            expert_backend moe_grouped_backend moe_dequant_chunk_size moe_bnb_fast use_scattermoe use_sonicmoe
+            use_dsv4_kernels use_glm_dsa_kernels dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel
+            dsv4_shared_mlp_lora_kernel dsv4_bf16_all dense_mixer""",
         "no effect, as in TRL 1.16 (which turns padding_free off and pads): pairs are padded to the batch's "
         "longest row and the padding is masked out of attention and the loss, so the loss equals the padding-free "
         "one": "dpo_padding_free",
@@ -143,8 +150,11 @@ IGNORED_PREFIXES: dict[str, str] = {
     "qgalore_": "an optimizer jaxpref does not implement",
     "jagged_restart_": "ReLoRA-style restarts are not implemented",
     "relora_": "ReLoRA is not implemented",
-    "lisa_": "LISA layer sampling is not implemented",
     "pose_": "PoSE context extension is not implemented",
+    "swanlab_": "not implemented; jaxpref logs to TensorBoard, metrics.jsonl and W&B",
+    "lm_eval_": "benchmark evals with lm-eval-harness are not run by jaxpref; run them on the exported model",
+    "expert_parallel_": "MoE expert parallelism; jaxpref's models (Llama family) have no experts",
+    "nemo_gym_": "NeMo Gym environment rewards for online RL (GRPO), which jaxpref does not implement",
 }
 
 # Rejected with an error when set to anything but false/empty: ignoring them would silently train a
@@ -158,6 +168,10 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "lora_target_parameters": "LoRA on raw parameters (MoE experts) is not supported yet",
     "unfrozen_parameters": "partial freezing by regex is not supported yet",
     "relora": "ReLoRA is not supported yet",
+    "lisa_n_layers": "LISA (training a random subset of layers, resampled every lisa_step_interval steps) is not "
+    "supported yet; remove the lisa_* keys to train every layer",
+    "lisa_step_interval": "LISA (training a random subset of layers, resampled every lisa_step_interval steps) is "
+    "not supported yet; remove the lisa_* keys to train every layer",
     "pretraining_dataset": "streaming pretraining datasets are not supported yet; use datasets",
     "process_reward_model": "process reward models are not supported yet",
     "model_config": "overriding the model's config.json is not supported; edit config.json instead",
@@ -165,6 +179,27 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "qat": "quantization-aware training is not supported yet",
     "diffusion_lm": "diffusion LM training is not supported",
     "diffusion": "diffusion LM training is not supported",
+    "use_onebitllms": "1.58-bit (BitNet) training with onebitllms is not supported",
+    "lora_rank_pattern": "per-module LoRA ranks (PEFT rank_pattern) are not supported yet; use one lora_r",
+    "lora_alpha_pattern": "per-module LoRA alphas (PEFT alpha_pattern) are not supported yet; use one lora_alpha",
+    "liger_use_token_scaling": "scaling each token's loss by its predicted probability (Liger's token scaling) is "
+    "not supported; remove it for the plain cross-entropy",
+    "spectrum_top_fraction": "Spectrum (training only the layers with the highest signal-to-noise ratio) is not "
+    "supported yet; remove the spectrum_* keys and its plugin to train every layer",
+    "spectrum_model_name": "Spectrum (training only the layers with the highest signal-to-noise ratio) is not "
+    "supported yet; remove the spectrum_* keys and its plugin to train every layer",
+    "grokfast_alpha": "Grokfast gradient filtering is not supported; remove the grokfast_* keys and its plugin",
+    "grokfast_lamb": "Grokfast gradient filtering is not supported; remove the grokfast_* keys and its plugin",
+    "mora": "MoRA adapters are not supported; use adapter: lora",
+    "llmcompressor": "sparse fine-tuning with LLM Compressor recipes is not supported",
+    "hatchery": "training on a remote Tinker/Hatchery service is not supported; jaxpref trains locally",
+    "nonexpert_quantization": "quantized (fp8/nf4) weights are not supported; jaxpref trains at param_dtype",
+    "gemma4_fp8_nonexpert": "quantized (fp8/nf4) weights are not supported; jaxpref trains at param_dtype",
+    "gemma4_nf4_nonexpert": "quantized (fp8/nf4) weights are not supported; jaxpref trains at param_dtype",
+    "dsv4_fp4_grouped_mode": "fp4 MoE experts are not supported; jaxpref's models have no experts",
+    "nvfp4_merge_aware": "NVFP4 fake-quantized LoRA training is not supported; jaxpref trains at param_dtype",
+    "nvfp4_merge_aware_start_step": "NVFP4 fake-quantized LoRA training is not supported; jaxpref trains at "
+    "param_dtype",
 }
 
 # Axolotl keys with a JAX meaning, mapped onto jaxpref fields (see ``_MAPPERS`` below).
@@ -183,7 +218,38 @@ MAPPED_KEYS: dict[str, str] = {
     "lr_scheduler_kwargs": "min_lr_rate -> cosine_min_lr_ratio; other keys are ignored with a warning",
     "streaming": "true -> streaming: true on every datasets/test_datasets entry that does not set it",
     "auto_resume_from_checkpoints": "true -> resume_from_checkpoint: auto",
+    "plugins": "not loaded: their keys are handled one by one (one warning); a plugin that changes what trains even "
+    "without keys (Spectrum, Grokfast, MoRA, Diffusion, LLMCompressor, Hatchery) is an error",
+    "peft": "loftq_config: an error when enabled (loftq_bits, default 4, not 0), as LoftQ init is not supported "
+    "yet; other keys are ignored with a warning",
+    "trl": "beta -> rl_beta (axolotl's first choice for TRL's beta; an rl_beta that differs is an error); every "
+    "other key (GRPO/EBFT settings, which axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read) is ignored "
+    "with one warning line each",
 }
+
+# axolotl plugins (by class name) that change what trains as soon as they are listed: their keys all have
+# defaults (spectrum_top_fraction 0.5, grokfast_alpha 0.98, mora.use_mora true, diffusion: {...}).
+UNSUPPORTED_PLUGINS: dict[str, str] = {
+    "SpectrumPlugin": "Spectrum (training only the layers with the highest signal-to-noise ratio) is not supported yet",
+    "GrokfastPlugin": "Grokfast gradient filtering is not supported",
+    "MoraPlugin": "MoRA adapters are not supported; use adapter: lora",
+    "DiffusionPlugin": "diffusion LM training is not supported",
+    "LLMCompressorPlugin": "sparse fine-tuning with LLM Compressor recipes is not supported",
+    "HatcheryPlugin": "training on a remote Tinker/Hatchery service is not supported; jaxpref trains locally",
+}
+
+# Keys of the ``peft:`` section (schemas/peft.py: PeftConfig) rejected when enabled.
+PEFT_UNSUPPORTED_KEYS: dict[str, str] = {
+    "loftq_config": "LoftQ initialisation of LoRA (quantised base weights, adapters initialised from the "
+    "quantisation error) is not supported yet; remove it to train plain LoRA (B initialised to zero)",
+}
+
+# Keys of the ``trl:`` section with a jaxpref field; the rest of axolotl's TRLConfig is ignored with a warning.
+TRL_MAPPED_KEYS: dict[str, str] = {"beta": "rl_beta"}
+TRL_IGNORED_REASON = (
+    "a GRPO/EBFT (online RL) setting; axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read it, and jaxpref "
+    "has no online RL"
+)
 
 # Keys of one datasets/test_datasets entry.
 IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
@@ -207,6 +273,8 @@ IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
 MAPPED_DATASET_KEYS: dict[str, str] = {
     "message_field_role": "-> message_property_mappings.role (axolotl's deprecated name)",
     "message_field_content": "-> message_property_mappings.content (axolotl's deprecated name)",
+    "train_on_eot": "accepted when equal to train_on_eos (axolotl's default for it); otherwise an error (a "
+    "separate end-of-turn setting is not supported yet)",
 }
 
 # axolotl/transformers optimizer names -> jaxpref's optax optimizer.
@@ -275,6 +343,8 @@ def normalize_lr_scheduler(name: str) -> str:
 
 def ignored_reason(key: str) -> str | None:
     """Why a top-level axolotl key is ignored, or None if it is not an ignored key."""
+    if key in UNSUPPORTED_KEYS or key in MAPPED_KEYS:  # a prefix does not reach these
+        return None
     if key in IGNORED_KEYS:
         return IGNORED_KEYS[key]
     for prefix, reason in IGNORED_PREFIXES.items():
@@ -312,16 +382,28 @@ def translate(data: dict[str, Any], own_fields: Collection[str], dataset_fields:
     for list_name in ("datasets", "test_datasets"):
         entries = data.get(list_name)
         if isinstance(entries, list):
-            for entry in entries:
+            for i, entry in enumerate(entries):
                 if isinstance(entry, dict):
-                    translate_dataset(entry, list_name, dataset_fields)
+                    errors += translate_dataset(entry, list_name, dataset_fields, where=f"{list_name}[{i}]")
     return errors
 
 
-def translate_dataset(entry: dict[str, Any], list_name: str, dataset_fields: Collection[str]) -> None:
-    """Rewrite axolotl keys of one dataset entry in place (warnings for ignored keys)."""
+def translate_dataset(
+    entry: dict[str, Any], list_name: str, dataset_fields: Collection[str], where: str | None = None
+) -> list[str]:
+    """Rewrite axolotl keys of one dataset entry in place (warnings for ignored keys); return the errors
+    found (``where`` names the entry in them)."""
+    errors: list[str] = []
     for key in [k for k in entry if k not in dataset_fields]:
-        if key in MAPPED_DATASET_KEYS:
+        if key == "train_on_eot":
+            value, eos = entry.pop(key), entry.get("train_on_eos", "turn")
+            if value is not None and value != eos:
+                errors.append(
+                    f"{where or list_name + '[]'}.train_on_eot: {value!r} differs from train_on_eos ({eos!r}); "
+                    "jaxpref trains end-of-turn tokens by train_on_eos alone (a separate EOT setting is not "
+                    "supported yet); remove train_on_eot or make it equal to train_on_eos"
+                )
+        elif key in MAPPED_DATASET_KEYS:
             prop = "role" if key == "message_field_role" else "content"
             mappings = entry.setdefault("message_property_mappings", {})
             value = entry.pop(key)
@@ -329,6 +411,7 @@ def translate_dataset(entry: dict[str, Any], list_name: str, dataset_fields: Col
                 mappings.setdefault(prop, value)
         elif key in IGNORED_DATASET_KEYS:
             _pop_and_warn(entry, key, f"ignored: {list_name}[].{key} ({IGNORED_DATASET_KEYS[key]})")
+    return errors
 
 
 def _pop_and_warn(data: dict[str, Any], key: str, message: str) -> None:
@@ -392,6 +475,69 @@ def _auto_resume(data: dict[str, Any], key: str, errors: list[str]) -> None:
         data.setdefault("resume_from_checkpoint", "auto")
 
 
+def _plugins(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    plugins = data.pop(key)
+    if not plugins:
+        return
+    if not isinstance(plugins, list):
+        errors.append(f"plugins: expected a list of plugin classes (axolotl.integrations...Plugin), got {plugins!r}")
+        return
+    found = len(errors)
+    for plugin in plugins:
+        why = UNSUPPORTED_PLUGINS.get(str(plugin).rsplit(".", 1)[-1])
+        if why:
+            errors.append(f"plugins: {plugin}: {why}; remove it from plugins")
+    if len(errors) == found:
+        warn("ignored: plugins (axolotl plugins do not load in jaxpref; their keys are handled one by one)")
+
+
+def _peft(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """axolotl's nested ``peft:`` section: ``loftq_config`` turns on LoftQ when its loftq_bits (default 4) is
+    not 0 (loaders/adapter.py)."""
+    section = data.pop(key)
+    if not section:
+        return
+    if not isinstance(section, dict):
+        errors.append(f"peft: expected a mapping (axolotl's peft section: loftq_config), got {section!r}")
+        return
+    for name, value in section.items():
+        if name == "loftq_config":
+            bits = value.get("loftq_bits", 4) if isinstance(value, dict) else value
+            if bits:
+                errors.append(f"peft.loftq_config: {PEFT_UNSUPPORTED_KEYS[name]}")
+        elif value:
+            warn(f"ignored: peft.{name} (not a key of axolotl's peft section)")
+
+
+def _trl(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """axolotl's nested ``trl:`` section: ``beta`` is TRL's beta, which axolotl takes before rl_beta and
+    orpo_alpha (core/builders/rl.py); the other keys configure GRPO/EBFT only."""
+    section = data.pop(key)
+    if not section:
+        return
+    if not isinstance(section, dict):
+        errors.append(f"trl: expected a mapping (axolotl's TRL section, e.g. trl: {{beta: 0.1}}), got {section!r}")
+        return
+    for name, value in section.items():
+        if name in TRL_MAPPED_KEYS:
+            dst = TRL_MAPPED_KEYS[name]
+            if value is None:
+                continue
+            if dst in data and data[dst] != value:
+                errors.append(
+                    f"trl.{name} ({value!r}) and {dst} ({data[dst]!r}) disagree; axolotl would use trl.{name} "
+                    f"(TRL's {name}); keep one of them"
+                )
+            else:
+                data[dst] = value
+        elif not value:  # false/empty: nothing is being ignored
+            continue
+        elif name in AXOLOTL_TRL_KEYS:
+            warn(f"ignored: trl.{name} ({TRL_IGNORED_REASON})")
+        else:
+            warn(f"ignored: trl.{name} (not a key of axolotl's trl section)")
+
+
 _MAPPERS: dict[str, Mapper] = {
     **dict.fromkeys(_PRECISION_KEYS, _keep_for_precision),
     "strict": _drop,
@@ -403,6 +549,9 @@ _MAPPERS: dict[str, Mapper] = {
     "lr_scheduler_kwargs": _lr_scheduler_kwargs,
     "streaming": _streaming,
     "auto_resume_from_checkpoints": _auto_resume,
+    "plugins": _plugins,
+    "peft": _peft,
+    "trl": _trl,
 }
 assert set(_MAPPERS) == set(MAPPED_KEYS)
 

@@ -1,13 +1,12 @@
 """Every configuration key axolotl knows, read from its pydantic schema (data only).
 
-Source: github.com/axolotl-ai-cloud/axolotl. ``src/axolotl/utils/schemas/config.py`` at commit
-1e3ddf72dd06c256a6d5af9d9845211cdcef9ddd (main, 0.15/0.16 development line: it pins torch>=2.13) and
-the newest stored versions of the modules it composes: model.py (04980d49), peft.py (00564c8f),
-datasets.py (07e83ab8), deprecated.py (1377ccc3), multimodal.py (4f8e0417), training.py and
-integrations.py (the versions defining JaggedLRConfig and TrackioConfig/OpenTelemetryConfig), plus the
-KD, cut-cross-entropy and Liger plugin args (kd/args.py 002b1ac9 and the older KDArgs with
-``kd_zscore_base_temp``/``kd_top_k_before_softmax``). Keys of nested sections (``trl:``, ``vllm:``,
-``fsdp_config:``, ``peft:``, ...) are not listed: the section key itself is.
+Source: github.com/axolotl-ai-cloud/axolotl at commit 067b021c8b87a9e5e380b9173c704cf7340e30f5 (main):
+the fields of ``src/axolotl/utils/schemas/*.py`` (AxolotlInputConfig and the classes it composes; the
+RemappedParameters by their aliases), the ``trl:`` section (trl.py: TRLConfig) and every plugin's input
+args (``src/axolotl/integrations/*/args.py``, the classes the plugins' ``get_input_args`` name). Keys of
+older schemas (commit 1e3ddf72dd06c256a6d5af9d9845211cdcef9ddd and before) that real configs still
+carry are kept. Keys of the other nested sections (``vllm:``, ``fsdp_config:``, ``peft:``, ``mora:``,
+...) are not listed: the section key itself is.
 
 To refresh: read those files again, update the lists below, and run ``tests/config`` (every key listed
 here must be a jaxpref field, mapped, ignored with a reason, or rejected as unsupported).
@@ -18,7 +17,7 @@ def _keys(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-AXOLOTL_VERSION = "axolotl main @ 1e3ddf72dd06c256a6d5af9d9845211cdcef9ddd (schemas/config.py)"
+AXOLOTL_VERSION = "axolotl main @ 067b021c8b87a9e5e380b9173c704cf7340e30f5 (schemas/*.py, integrations/*/args.py)"
 
 # Top-level keys, grouped by the axolotl module that declares them.
 AXOLOTL_KEYS_BY_SOURCE: dict[str, tuple[str, ...]] = {
@@ -134,8 +133,36 @@ AXOLOTL_KEYS_BY_SOURCE: dict[str, tuple[str, ...]] = {
     "integrations/cut_cross_entropy/args.py, integrations/liger/args.py (plugins)": _keys(
         """
         cut_cross_entropy cut_cross_entropy_accum_c_fp32 cut_cross_entropy_c_grad_chunk_size liger_rope
-        liger_rms_norm liger_layer_norm liger_swiglu liger_glu_activation liger_cross_entropy
-        liger_fused_linear_cross_entropy
+        liger_rms_norm liger_rms_norm_gated liger_layer_norm liger_swiglu liger_glu_activation
+        liger_cross_entropy liger_fused_linear_cross_entropy liger_use_token_scaling
+        """
+    ),
+    "model.py, peft.py, multimodal.py at 067b021c (added since 1e3ddf72)": _keys(
+        """
+        processor_kwargs use_onebitllms lora_rank_pattern lora_alpha_pattern role_boundaries
+        """
+    ),
+    "integrations/kernels/args.py: KernelsArgs (plugin)": _keys(
+        """
+        expert_backend nonexpert_quantization moe_grouped_backend moe_dequant_chunk_size moe_bnb_fast
+        use_scattermoe use_sonicmoe use_dsv4_kernels use_glm_dsa_kernels dsv4_fp8_nonexpert_mode
+        dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all dsv4_fp4_grouped_mode
+        gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware nvfp4_merge_aware_start_step
+        """
+    ),
+    "integrations/*/args.py: the other plugins (swanlab, lm_eval, llm_compressor, spectrum, grokfast, "
+    "mora, densemixer, expert_parallel, hatchery, nemo_gym)": _keys(
+        """
+        use_swanlab swanlab_project swanlab_experiment_name swanlab_description swanlab_mode
+        swanlab_workspace swanlab_api_key swanlab_log_model swanlab_web_host swanlab_api_host
+        swanlab_lark_webhook_url swanlab_lark_secret swanlab_log_completions swanlab_completion_log_interval
+        swanlab_completion_max_buffer lm_eval_tasks lm_eval_batch_size lm_eval_post_train lm_eval_model
+        llmcompressor spectrum_top_fraction spectrum_model_name grokfast_alpha grokfast_lamb mora
+        dense_mixer expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes
+        expert_parallel_num_rdma_bytes expert_parallel_token_capacity expert_parallel_fallback_on_unsupported
+        hatchery nemo_gym_enabled nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port
+        nemo_gym_server_timeout nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets
+        nemo_gym_auto_start nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns
         """
     ),
 }
@@ -151,9 +178,29 @@ AXOLOTL_DATASET_KEYS: frozenset[str] = frozenset(
         chat_template_jinja data_files input_format name ds_type field field_human field_model
         field_messages field_tools field_thinking template_thinking_key message_field_role
         message_field_content message_property_mappings message_field_training message_field_training_detail
-        split_thinking logprobs_field temperature roles_to_train train_on_eos roles drop_system_message
+        split_thinking logprobs_field temperature roles_to_train train_on_eos train_on_eot roles
+        drop_system_message field_chosen field_rejected
         trust_remote_code revision text_column skip step_separator max_completion_length
         train_on_last_step_only length sequence_length min_input_id max_input_id seed
+        """
+    )
+)
+
+# Keys of the nested ``trl:`` section (schemas/trl.py: TRLConfig).
+AXOLOTL_TRL_KEYS: frozenset[str] = frozenset(
+    _keys(
+        """
+        beta max_completion_length use_vllm vllm_mode vllm_server_host vllm_server_port vllm_server_timeout
+        vllm_guided_decoding_regex reward_funcs reward_weights generation_batch_size num_generations
+        log_completions num_completions_to_print importance_sampling_level sync_ref_model
+        ref_model_mixup_alpha ref_model_sync_steps scale_rewards temperature top_p top_k min_p
+        repetition_penalty generation_kwargs chat_template_kwargs num_iterations epsilon epsilon_high
+        use_liger_loss loss_type mask_truncated_completions vllm_enable_sleep_mode rollout_func
+        multi_objective_aggregation use_data_producer async_prefetch prefetch_depth vllm_sync_interval
+        streaming_partial_batch streaming_min_groups vllm_importance_sampling_correction
+        vllm_importance_sampling_mode vllm_importance_sampling_cap off_policy_mask_threshold
+        use_bias_correction_kl reward_num_workers replay_buffer_size replay_recompute_logps
+        reroll_start_fraction reroll_max_groups skip_zero_advantage_batches vllm_lora_sync
         """
     )
 )

@@ -42,13 +42,23 @@ def count_or_fraction(value: Any) -> Any:
 
 
 def steps_or_fraction(value: Any) -> Any:
-    """``eval_steps``/``save_steps``: every N steps (whole N >= 1) or a fraction (0, 1) of the run."""
+    """``eval_steps``/``save_steps``: every N steps (whole N >= 1) or a fraction (0, 1) of the run.
+
+    0 passes as 0 (axolotl reads a zero cadence as not set; the schema says what it means for each key).
+    """
     if value is None:
         return None
     value = _maybe_number(value)
-    if not _is_number(value) or value <= 0 or (value >= 1 and not float(value).is_integer()):
+    if _is_number(value) and value == 0:
+        return 0
+    if not _is_number(value) or value < 0 or (value >= 1 and not float(value).is_integer()):
         raise ValueError(f"expected a whole number of steps >= 1 or a fraction in (0, 1), got {value!r}")
     return float(value) if value < 1 else int(value)
+
+
+def zero_is_unset(value: Any) -> Any:
+    """A count whose 0 axolotl reads as not set (``if cfg.max_steps:``): 0 -> None (the default)."""
+    return None if _is_number(value) and value == 0 else value
 
 
 def gradient_checkpointing(value: Any) -> Any:

@@ -163,7 +163,9 @@ class DatasetConfig(Section):
     def _from_axolotl(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = axolotl.drop_empty(data)
-            axolotl.translate_dataset(data, "datasets", cls.model_fields)
+            errors = axolotl.translate_dataset(data, "datasets", cls.model_fields)
+            if errors:
+                raise ValueError("\n".join(errors))
         return data
 
     @model_validator(mode="after")

@@ -41,6 +41,11 @@ an error with a "did you mean" hint. Wrong types and out-of-range values name th
 allowed; all problems are reported together.
 
 * **Empty values mean unset**: `wandb_project:` with nothing after it is the same as leaving the key out.
+* **Zero counts mean unset, as in axolotl**: `max_steps`, `save_steps`, `saves_per_epoch`,
+  `save_total_limit` and `eval_batch_size` set to 0 load as their defaults. `evals_per_epoch: 0` (or
+  `eval_steps: 0`) means no evaluation at all, as in axolotl, where no cadence means no evaluation
+  (with neither key written, jaxpref evaluates once after the last step); a cadence > 0 in the other
+  key wins. `warmup_steps: 0` is no warmup.
 * **Overrides**: `python -m jaxpref.train --config cfg.yaml learning_rate=1e-4 mesh.fsdp=4
   datasets.0.path=data/x.jsonl lora_target_modules=[q_proj,v_proj]`. Dotted paths reach nested keys
   and list entries (existing entries only); values are YAML (`true`, `1e-4`, lists); `key=` unsets.

@@ -85,6 +85,7 @@ class JaxprefConfig(*SECTIONS):
                 "(remat_policy none turns checkpointing off, full/dots/dots_with_no_batch_dims turn it on)"
             )
         self.gradient_checkpointing = self.remat_policy != "none"
+        self._resolve_eval_cadence()
         if self.eval_batch_size is None:
             self.eval_batch_size = self.micro_batch_size
         if self.pad_to_sequence_len is None:
@@ -96,7 +97,56 @@ class JaxprefConfig(*SECTIONS):
         p += self._resolve_objective()
         if self.rl == "ipo" and "dpo_loss_type" not in self.model_fields_set:
             self.dpo_loss_type = ["ipo"]  # rl: ipo is DPO with the ipo loss (TRL's loss_type=["ipo"])
+        p += self._resolve_beta()
         return p
+
+    def _resolve_beta(self) -> list[str]:
+        """axolotl passes one beta to every TRL preference trainer: trl.beta, else rl_beta, else orpo_alpha
+        (core/builders/rl.py; ``trl.beta`` and ``dpo_beta`` load as rl_beta). So ORPO's weight is rl_beta when
+        that is set, and a DPO/IPO/KTO/SimPO run with orpo_alpha but no rl_beta takes orpo_alpha as beta.
+        Where this makes a key silently lose (or win) against what it says, the config is an error."""
+        beta_set = "rl_beta" in self.model_fields_set
+        alpha_set = "orpo_alpha" in self.model_fields_set
+        if self.rl == "orpo":
+            if beta_set and alpha_set and self.rl_beta != self.orpo_alpha:
+                return [
+                    f"rl: orpo with rl_beta ({self.rl_beta}) and orpo_alpha ({self.orpo_alpha}): axolotl passes "
+                    "ORPO's weight as TRL's beta, taking trl.beta, then rl_beta, then orpo_alpha, so it would "
+                    f"train with {self.rl_beta}; keep one of the two keys"
+                ]
+            if beta_set:
+                self.orpo_alpha = self.rl_beta
+            elif self.orpo_alpha > 0:
+                self.rl_beta = self.orpo_alpha  # one value for TRL's beta, so the saved config reads back the same
+        elif alpha_set and self.rl is not None:
+            if not beta_set and self.orpo_alpha != self.rl_beta:
+                return [
+                    f"orpo_alpha: {self.orpo_alpha} with rl: {self.rl} and no rl_beta: axolotl would use orpo_alpha as "
+                    f"{self.rl}'s beta (it takes trl.beta, then rl_beta, then orpo_alpha); write "
+                    f"rl_beta: {self.orpo_alpha} to train as axolotl does, or remove orpo_alpha for beta {self.rl_beta}"
+                ]
+            warn(f"orpo_alpha has no effect with rl: {self.rl} (rl_beta is its beta)")
+        elif alpha_set:
+            warn("orpo_alpha has no effect without rl: orpo")
+        return []
+
+    def _resolve_eval_cadence(self) -> None:
+        """axolotl reads ``eval_steps: 0`` and ``evals_per_epoch: 0`` as not set, and runs no evaluation
+        when neither is set. A 0 next to a cadence > 0 is dropped; a 0 alone (the common
+        ``evals_per_epoch: 0``) is kept as ``evals_per_epoch: 0``, no evaluation, so that it does not fall
+        back to jaxpref's own default (one evaluation after the last step)."""
+        zero = 0 in (self.eval_steps, self.evals_per_epoch)
+        if self.eval_steps == 0:
+            self.eval_steps = None
+        if self.evals_per_epoch == 0:
+            self.evals_per_epoch = None
+        if zero and self.eval_steps is None and self.evals_per_epoch is None:
+            self.evals_per_epoch = 0
+            if self.val_set_size or self.test_datasets:
+                what = "the val_set_size rows are still held out of training" if self.val_set_size else (
+                    "test_datasets are still loaded"
+                )
+                warn(f"evals_per_epoch: 0 (or eval_steps: 0): no evaluation, as in axolotl; {what}")
 
     def _resolve_objective(self) -> list[str]:
         """``objective: dpo`` (a built-in name) and ``rl: dpo`` say the same: either sets the other, so the
@@ -162,6 +212,8 @@ class JaxprefConfig(*SECTIONS):
             stray = [k for k in _LORA_KEYS if k in self.model_fields_set]
             if stray:
                 warn(f"ignored: {', '.join(stray)} (adapter is not lora: full fine-tuning)")
+        if self.center_rewards_coefficient is not None and not self.reward_model:
+            warn("center_rewards_coefficient has no effect without reward_model: true (as in axolotl)")
         if self.precompute_ref_log_probs and (self.rl in ("orpo", "simpo") or self.reward_model):
             warn(f"precompute_ref_log_probs has no effect: {self.rl or 'reward_model'} uses no reference model")
         if self.train_on_inputs and (self.rl or self.reward_model):

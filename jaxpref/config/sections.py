@@ -27,6 +27,10 @@ from jaxpref.config.nested import (
 DType = Literal["float32", "bfloat16"]
 
 
+# A count whose 0 axolotl reads as not set (``if cfg.max_steps:``): 0 loads as the default.
+ZeroIsUnset = Annotated[int | None, BeforeValidator(coerce.zero_is_unset)]
+
+
 def _by_name(normalize: Any) -> Any:
     """A before-validator applying ``normalize`` to string values (other types fail type checks)."""
     return lambda value: normalize(value) if isinstance(value, str) else value
@@ -117,9 +121,13 @@ class OptimSection(Section):
 
     micro_batch_size: int = Field(1, ge=1, description="Rows per micro-batch per process (axolotl default).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Eval rows per micro-batch; default: micro_batch_size.")
+    eval_batch_size: ZeroIsUnset = Field(
+        None, ge=1, description="Eval rows per micro-batch; default (or 0): micro_batch_size."
+    )
     num_epochs: float = Field(1.0, gt=0, description="Epochs to train (axolotl default); max_steps wins if set.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides num_epochs.")
+    max_steps: ZeroIsUnset = Field(
+        None, ge=1, description="Optimizer steps to train; overrides num_epochs. 0 means not set (axolotl)."
+    )
     learning_rate: float = Field(ge=0, description="Peak learning rate (required, as in axolotl).")
     lr_scheduler: Annotated[
         Literal["cosine", "linear", "constant"], BeforeValidator(_by_name(axolotl.normalize_lr_scheduler))
@@ -179,15 +187,25 @@ class RunSection(Section):
     eval_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
         None,
         description="Evaluate every N steps, or at a fraction (0, 1) of the run; excludes evals_per_epoch. "
-        "Default (neither set): with an eval set, once after the last step.",
+        "Default (neither set): with an eval set, once after the last step. 0 is read as not set "
+        "(axolotl); 0 with evals_per_epoch unset means no evaluation, as evals_per_epoch: 0.",
     )
-    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
-    save_steps: Annotated[int | float | None, BeforeValidator(coerce.steps_or_fraction)] = Field(
+    evals_per_epoch: int | None = Field(
         None,
-        description="Checkpoint every N steps, or a fraction (0, 1) of the run; default: once per epoch.",
+        ge=0,
+        description="Evaluations per epoch. 0: no evaluation at all, not even after the last step (as in "
+        "axolotl, whose 0 means not set, and not set means no evaluation); an eval_steps > 0 wins over 0.",
     )
-    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
-    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints to keep; default: all.")
+    save_steps: Annotated[
+        int | float | None, BeforeValidator(coerce.steps_or_fraction), BeforeValidator(coerce.zero_is_unset)
+    ] = Field(
+        None,
+        description="Checkpoint every N steps, or a fraction (0, 1) of the run; default (or 0): once per epoch.",
+    )
+    saves_per_epoch: ZeroIsUnset = Field(None, ge=1, description="Checkpoints per epoch; 0 means not set (axolotl).")
+    save_total_limit: ZeroIsUnset = Field(
+        None, ge=1, description="Checkpoints to keep; default (or 0): all (axolotl's default is 4)."
+    )
     resume_from_checkpoint: str | None = Field(
         None, description="auto (latest checkpoint in output_dir) or a checkpoint directory."
     )
@@ -215,9 +233,16 @@ class PreferenceSection(Section):
     rl_beta: float = Field(
         0.1,
         gt=0,
-        description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0.",
+        description="beta of DPO/IPO/KTO/SimPO (TRL default); > 0: IPO divides by it, DPO's loss is flat at 0. "
+        "Also ORPO's weight when set: axolotl takes TRL's beta from trl.beta, then rl_beta, then orpo_alpha.",
     )
     reward_model: bool = Field(False, description="Train a Bradley-Terry reward model.")
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Reward models: adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, pulling "
+        "rewards towards mean zero (TRL's RewardTrainer; unset: no term; axolotl's example uses 0.01).",
+    )
     dpo_loss_type: Annotated[list[str], BeforeValidator(coerce.dpo_loss_type)] = Field(
         ["sigmoid"],
         description="DPO loss type by TRL name (sigmoid, hinge, ipo, robust, bco_pair, sft, ...), or a list of them "
@@ -236,7 +261,12 @@ class PreferenceSection(Section):
     dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative-DPO label smoothing.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (TRL default).")
     cpo_alpha: float = Field(1.0, ge=0, description="SimPO/CPO NLL weight (TRL default; 0 = pure SimPO).")
-    orpo_alpha: float = Field(0.1, ge=0, description="ORPO odds-ratio weight (TRL's ORPO beta).")
+    orpo_alpha: float = Field(
+        0.1,
+        ge=0,
+        description="ORPO odds-ratio weight (TRL's ORPO beta). rl_beta (or trl.beta), when set, is the weight "
+        "instead (axolotl's order); both set and different is an error.",
+    )
     kto_desirable_weight: float = Field(1.0, ge=0, description="KTO weight of desirable examples.")
     kto_undesirable_weight: float = Field(1.0, ge=0, description="KTO weight of undesirable examples.")
     rl_adapter_ref_model: bool = Field(

@@ -3,8 +3,9 @@
 Pair batches as for DPO; chosen and rejected go through one forward pass ([2B, T]); each sequence's
 reward is the score head (``jaxpref.models.reward``) at its last real token, as TRL 1.16's
 ``RewardTrainer`` with a transformers ``*ForSequenceClassification`` model computes it. Loss
-``-logsigmoid(r_chosen - r_rejected)`` summed over real pairs / ``num_items`` (pairs of the step);
-metrics ``accuracy``, ``margin``, ``mean_reward`` (TRL's names) plus ``rewards/chosen`` and
+``-logsigmoid(r_chosen - r_rejected)`` summed over real pairs / ``num_items`` (pairs of the step),
+plus ``center_rewards_coefficient * (r_chosen + r_rejected)^2`` likewise when that key is set (TRL's
+centring term); metrics ``accuracy``, ``margin``, ``mean_reward`` (TRL's names) plus ``rewards/chosen`` and
 ``rewards/rejected`` (mean rewards), all contributions. No [tokens, vocab] logits: the LM head is
 not used at all.
 """
@@ -27,6 +28,9 @@ from jaxpref.objectives.registry import register_objective
 
 @register_objective("reward")
 def build_reward(cfg: Any) -> Objective:
+    center = cfg.center_rewards_coefficient  # None: no centring term (TRL's default)
+    center = None if center is None else float(center)
+
     def loss(model: Any, batch: Batch, num_items: jax.Array, *, train: bool, companions: Any = None):
         seqs = concat_sides(batch)
         n = batch["pair_mask"].shape[0]
@@ -38,7 +42,9 @@ def build_reward(cfg: Any) -> Objective:
             segment_ids=seqs["segment_ids"],
             deterministic=not train,
         )
-        value, metrics = reward_loss(rewards[:n], rewards[n:], mask=mask, num_items=num_items)
+        value, metrics = reward_loss(
+            rewards[:n], rewards[n:], center_rewards_coefficient=center, mask=mask, num_items=num_items
+        )
         denom = jnp.where(num_items > 0, num_items, 1.0)
         metrics["rewards/chosen"] = jax.lax.stop_gradient(masked_sum(rewards[:n], mask) / denom)
         metrics["rewards/rejected"] = jax.lax.stop_gradient(masked_sum(rewards[n:], mask) / denom)

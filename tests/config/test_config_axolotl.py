@@ -156,6 +156,101 @@ def test_mapped_keys():
     assert cfg.warnings == ()
 
 
+# Keys of axolotl 067b021c's schema and plugin args (kernels, swanlab, lm_eval, expert_parallel, nemo_gym,
+# densemixer, liger, model.py, multimodal.py) that the older catalogue lacked, so that they were unknown keys.
+NEW_IGNORED = {
+    "use_scattermoe": "MoE or model-specific CUDA kernel",
+    "use_sonicmoe": "MoE or model-specific CUDA kernel",
+    "expert_backend": "MoE or model-specific CUDA kernel",
+    "dense_mixer": "MoE or model-specific CUDA kernel",
+    "use_swanlab": "jaxpref logs to TensorBoard",
+    "swanlab_project": "jaxpref logs to TensorBoard",
+    "lm_eval_tasks": "lm-eval-harness",
+    "expert_parallel_size": "MoE expert parallelism",
+    "nemo_gym_enabled": "NeMo Gym",
+    "liger_rms_norm_gated": "Liger Triton kernel",
+    "processor_kwargs": "AutoTokenizer defaults",
+    "role_boundaries": "training-method extra",
+}
+NEW_REJECTED = {
+    "use_onebitllms": "1.58-bit",
+    "lora_rank_pattern": "per-module LoRA ranks",
+    "lora_alpha_pattern": "per-module LoRA alphas",
+    "liger_use_token_scaling": "token scaling",
+    "spectrum_top_fraction": "Spectrum",
+    "grokfast_alpha": "Grokfast",
+    "mora": "MoRA",
+    "llmcompressor": "LLM Compressor",
+    "hatchery": "remote Tinker/Hatchery",
+    "gemma4_nf4_nonexpert": "quantized",
+    "nvfp4_merge_aware": "NVFP4",
+}
+
+
+@pytest.mark.parametrize("key", sorted(NEW_IGNORED))
+def test_refreshed_catalogue_keys_are_ignored_with_their_reason(key):
+    assert key in AXOLOTL_KEYS
+    (warning,) = make(**{key: True}).warnings
+    assert warning.startswith(f"ignored: {key} (") and NEW_IGNORED[key] in warning
+
+
+@pytest.mark.parametrize("key", sorted(NEW_REJECTED))
+def test_refreshed_catalogue_keys_that_change_training_are_errors(key):
+    assert key in AXOLOTL_KEYS
+    msg = str(pytest.raises(ConfigError, make, **{key: True}).value)
+    assert f"{key}: " in msg and NEW_REJECTED[key] in msg and "unknown key" not in msg
+
+
+def test_plugins_that_change_training_without_keys_are_errors():
+    base = "axolotl.integrations."
+    cfg = make(plugins=[base + "liger.LigerPlugin", base + "cut_cross_entropy.CutCrossEntropyPlugin"])
+    (warning,) = cfg.warnings
+    assert warning.startswith("ignored: plugins (axolotl plugins do not load in jaxpref;")
+    for plugin in ("spectrum.SpectrumPlugin", "grokfast.GrokfastPlugin", "mora.MoraPlugin", "hatchery.HatcheryPlugin"):
+        with pytest.raises(ConfigError, match=f"plugins: {base + plugin}: .*remove it from plugins"):
+            make(plugins=[base + "liger.LigerPlugin", base + plugin])
+
+
+def test_train_on_eot_is_accepted_only_as_train_on_eos():
+    # axolotl: train_on_eot defaults to the train_on_eos setting
+    same = [{"path": "d", "type": "chat_template", "train_on_eos": "all", "train_on_eot": "all"}]
+    assert make(datasets=same).datasets[0].train_on_eos == "all" and make(datasets=same).warnings == ()
+    default = [{"path": "d", "type": "chat_template", "train_on_eot": "turn"}]  # train_on_eos default: turn
+    assert make(datasets=default).warnings == ()
+    other = [{"path": "d", "type": "chat_template"}, {"path": "e", "type": "chat_template", "train_on_eot": "all"}]
+    with pytest.raises(ConfigError, match=r"datasets\[1\].train_on_eot: 'all' differs from train_on_eos \('turn'\)"):
+        make(datasets=other)
+
+
+def test_training_changing_keys_are_errors_not_warnings():
+    # LISA trains a random subset of layers (axolotl: on when lisa_n_layers and lisa_step_interval are set)
+    msg = str(pytest.raises(ConfigError, make, lisa_n_layers=4, lisa_step_interval=20).value)
+    assert "lisa_n_layers: LISA" in msg and "lisa_step_interval: LISA" in msg and "remove the lisa_* keys" in msg
+    (warning,) = make(lisa_layers_attribute="model.layers").warnings  # axolotl's default; alone it does nothing
+    assert warning.startswith("ignored: lisa_layers_attribute (")
+    # LoftQ: on when peft.loftq_config.loftq_bits (default 4) is not 0 (axolotl loaders/adapter.py)
+    for loftq in ({"loftq_bits": 4}, {}):
+        with pytest.raises(ConfigError, match=r"peft.loftq_config: LoftQ .* not supported yet; remove it"):
+            make(peft={"loftq_config": loftq})
+    assert make(peft={"loftq_config": {"loftq_bits": 0}}).warnings == ()
+    assert make(peft={"loftq_config": None}).warnings == () and make(peft={}).warnings == ()
+    assert make(peft={"other": 1}).warnings == ("ignored: peft.other (not a key of axolotl's peft section)",)
+
+
+def test_trl_section_maps_beta_and_names_every_other_key():
+    cfg = make(rl="dpo", trl={"beta": 0.05, "use_vllm": True, "max_completion_length": 256, "num_generations": 0,
+                              "top_k": None, "no_such_key": 1})
+    assert cfg.rl_beta == 0.05
+    assert cfg.warnings == (
+        f"ignored: trl.use_vllm ({ax.TRL_IGNORED_REASON})",
+        f"ignored: trl.max_completion_length ({ax.TRL_IGNORED_REASON})",
+        "ignored: trl.no_such_key (not a key of axolotl's trl section)",
+    )
+    assert make(trl={}).warnings == () and make(trl=None).rl_beta == 0.1
+    with pytest.raises(ConfigError, match="trl: expected a mapping"):
+        make(trl=True)
+
+
 def test_base_config_validates_with_warnings():
     cfg = validate_config(yaml.safe_load(BASE_YAML))
     assert cfg.adapter == "lora" and cfg.optimizer == "adamw" and cfg.compute_dtype == "bfloat16"

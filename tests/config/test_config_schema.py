@@ -69,7 +69,10 @@ def test_literals_list_the_allowed_values():
         ("learning_rate", -1, "learning_rate: must be >= 0"),
         ("val_set_size", 1.5, "val_set_size: expected a fraction in [0, 1) or a whole number of rows >= 1"),
         ("val_set_size", -0.1, "val_set_size: expected a fraction"),
-        ("eval_steps", 0, "eval_steps: expected a whole number of steps >= 1 or a fraction in (0, 1)"),
+        ("eval_steps", -1, "eval_steps: expected a whole number of steps >= 1 or a fraction in (0, 1)"),
+        ("save_steps", 1.5, "save_steps: expected a whole number of steps >= 1 or a fraction in (0, 1)"),
+        ("evals_per_epoch", -1, "evals_per_epoch: must be >= 0, got -1"),
+        ("saves_per_epoch", -1, "saves_per_epoch: must be >= 1, got -1"),
         ("max_bad_row_fraction", 2, "max_bad_row_fraction: must be <= 1"),
     ],
 )
@@ -82,6 +85,35 @@ def test_val_set_size_is_a_fraction_or_a_count():
     cfg = make(val_set_size=100)
     assert cfg.val_set_size == 100 and isinstance(cfg.val_set_size, int)
     assert isinstance(make(eval_steps=0.25).eval_steps, float) and make(eval_steps=50.0).eval_steps == 50
+
+
+def test_zero_counts_are_unset_as_in_axolotl():
+    # axolotl: `if cfg.save_steps:`, `if cfg.saves_per_epoch:`, `cfg.max_steps or total_num_steps`,
+    # `save_total_limit if save_total_limit else 4`, `if cfg.eval_batch_size:` (utils/config, builders/base.py)
+    zeros = dict(max_steps=0, save_steps=0, saves_per_epoch=0, save_total_limit=0, eval_batch_size=0)
+    cfg = make(micro_batch_size=3, **zeros)
+    assert (cfg.max_steps, cfg.save_steps, cfg.saves_per_epoch, cfg.save_total_limit) == (None,) * 4
+    assert cfg.eval_batch_size == 3 and cfg.warnings == ()
+    # 0 next to the other key of the pair is not a conflict: axolotl checks `if a and b`
+    assert make(save_steps=0, saves_per_epoch=2).saves_per_epoch == 2
+    assert make(save_steps=5, saves_per_epoch=0).save_steps == 5
+    # warmup_steps: 0 is meaningful (axolotl: `if cfg.warmup_steps is not None`): no warmup
+    assert make(warmup_steps=0).warmup_steps == 0
+
+
+def test_zero_eval_cadence_means_no_evaluation():
+    # axolotl: a zero cadence is not set, and with none set there is no evaluation (eval_strategy "no")
+    for zeros in ({"evals_per_epoch": 0}, {"eval_steps": 0}, {"eval_steps": 0, "evals_per_epoch": 0}):
+        cfg = make(**zeros)
+        assert (cfg.eval_steps, cfg.evals_per_epoch) == (None, 0) and cfg.warnings == ()
+    # a cadence > 0 wins over the other key's 0 (axolotl checks `if evals_per_epoch and eval_steps`)
+    cfg = make(evals_per_epoch=0, eval_steps=10)
+    assert (cfg.eval_steps, cfg.evals_per_epoch) == (10, None)
+    cfg = make(eval_steps=0, evals_per_epoch=4)
+    assert (cfg.eval_steps, cfg.evals_per_epoch) == (None, 4)
+    assert make().evals_per_epoch is None  # not set: jaxpref's default, one evaluation after the last step
+    (warning,) = make(evals_per_epoch=0, val_set_size=0.1).warnings
+    assert "no evaluation" in warning and "val_set_size rows are still held out" in warning
 
 
 def test_numbers_written_as_strings_are_numbers():

@@ -69,6 +69,13 @@ def test_reward_objective_equals_bradley_terry_on_transformers_scores(tmp_path, 
     np.testing.assert_allclose(metrics["accuracy"], np.mean((sc > sr)[m]), atol=1e-6)
     np.testing.assert_allclose(metrics["margin"], np.mean((sc - sr)[m]), atol=1e-5)
     np.testing.assert_allclose(metrics["rewards/chosen"], np.mean(sc[m]), atol=1e-5)
+    # center_rewards_coefficient (axolotl's examples/qwen3/reward-model.yaml: 0.01): TRL 1.16's
+    # RewardTrainer.compute_loss adds `coef * torch.mean((rewards_chosen + rewards_rejected) ** 2)`
+    centring = 0.01 * np.mean(((sc + sr) ** 2)[m])
+    assert centring > 1e-3  # large enough for the comparison below to see it
+    centred = build_objective(cfg(reward_model=True, center_rewards_coefficient=0.01), "reward")
+    loss, _ = jit_loss(centred, reward_model, batch, float(m.sum()))
+    np.testing.assert_allclose(loss, want_loss + centring, atol=1e-5)
 
 
 def test_export_refuses_a_missing_pad_token_and_lora(tmp_path, reward_model):

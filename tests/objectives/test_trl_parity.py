@@ -217,3 +217,6 @@ def test_orpo_and_simpo_first_step_equal_trl(tmp_path, tok, weights, name):
     if name == "orpo":
         keys += ["log_odds_ratio", "log_odds_chosen"]
     assert_close(got, want, keys)
+    if name == "orpo":  # axolotl hands TRL's beta from trl.beta (then rl_beta, then orpo_alpha)
+        loss, _ = ours(name, batch, weights, "pair_mask", rl="orpo", trl={"beta": 0.25})
+        np.testing.assert_allclose(loss, float(want_loss), atol=ATOL, rtol=RTOL)

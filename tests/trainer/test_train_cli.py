@@ -299,3 +299,16 @@ def test_plan_steps_counts_micro_batches_as_one_stream():
     assert plan_steps(cfg(max_steps=50), 10) == (50, 2)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         plan_steps(cfg(), 3)
+
+
+def test_eval_cadence_zero_means_no_evaluation():
+    from types import SimpleNamespace
+
+    from jaxpref.train import eval_cadence
+
+    cfg = lambda **kw: SimpleNamespace(**{"eval_steps": None, "evals_per_epoch": None, **kw})
+    assert eval_cadence(cfg(), True, 10, 30) == 30  # default: once, after the last step
+    assert eval_cadence(cfg(evals_per_epoch=0), True, 10, 30) is None  # the schema's "no evaluation"
+    assert eval_cadence(cfg(evals_per_epoch=2), True, 10, 30) == 5
+    assert eval_cadence(cfg(eval_steps=0.5), True, 10, 30) == 15
+    assert eval_cadence(cfg(eval_steps=7), False, 10, 30) is None  # no eval set
