@@ -96,7 +96,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             is_llama_derived_model is_mistral_derived_model is_qwen_derived_model axolotl_config_path""",
         "jaxpref loads the tokenizer with transformers AutoTokenizer defaults": """
             tokenizer_use_fast tokenizer_legacy tokenizer_use_mistral_common tokenizer_type processor_type
-            tokenizer_save_jinja_files chat_template_kwargs eot_tokens default_system_message""",
+            tokenizer_save_jinja_files chat_template_kwargs default_system_message""",
         "adding tokens and resizing embeddings is not implemented": """
             tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings
             shrink_embeddings embeddings_skip_upcast fix_untrained_tokens""",

@@ -55,6 +55,12 @@ class ModelSection(Section):
         "chat_template_jinja (implied when only chat_template_jinja is given).",
     )
     chat_template_jinja: str | None = Field(None, description="A jinja chat template, or the path of a .jinja file.")
+    eot_tokens: StrList | None = Field(
+        None,
+        description="Tokens that end a turn, trained per the dataset's train_on_eot (axolotl); each must be one "
+        "token of the tokenizer and appear in the chat template. Default: the eos token plus the shipped "
+        "templates' turn ends (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>). docs/data.md 'End-of-turn tokens'.",
+    )
     special_tokens: SpecialTokensConfig | None = Field(None, description="Special tokens to set on the tokenizer.")
     param_dtype: DType = Field(
         "float32",

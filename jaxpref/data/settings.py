@@ -42,6 +42,7 @@ class DataSettings:
     base_model: str | None
     chat_template: str | None
     chat_template_jinja: str | None
+    eot_tokens: tuple[str, ...] | None  # None: the default end-of-turn tokens (chat_templates.py)
     special_tokens: Any
 
     @classmethod
@@ -50,4 +51,6 @@ class DataSettings:
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
         values["datasets"] = tuple(values["datasets"] or ())
         values["test_datasets"] = tuple(values["test_datasets"] or ())
+        if values["eot_tokens"] is not None:
+            values["eot_tokens"] = tuple(values["eot_tokens"])
         return cls(**values)
