@@ -65,7 +65,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             curriculum_sampling""",
         "an axolotl dataset-preparation option, not implemented": """
             dataset_shard_num dataset_shard_idx skip_prepare_dataset num_dataset_shards_to_save
-            push_dataset_to_hub hf_use_auth_token dataset_exact_deduplication dataset_keep_in_memory
+            push_dataset_to_hub hf_use_auth_token dataset_keep_in_memory
             shuffle_before_merging_datasets is_preprocess preprocess_iterable total_num_tokens
             total_supervised_tokens eval_sequence_len max_prompt_len""",
         "jaxpref shuffles the merged training data with seed": "shuffle_merged_datasets",

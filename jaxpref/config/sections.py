@@ -116,6 +116,13 @@ class DataSection(Section):
     max_bad_row_fraction: float = Field(
         0.5, ge=0, le=1, description="A dataset with more bad rows than this fraction is an error."
     )
+    dataset_exact_deduplication: bool = Field(
+        False,
+        description="Drop rows whose tokenized example equals an earlier one of the same split (SFT/KD: tokens, "
+        "labels, teacher targets; preference: prompt and responses), as axolotl; a val_set_size eval split also drops "
+        "rows of the training set, test_datasets do so for preference data (as axolotl). Counted as duplicate in the "
+        "report. Not for streaming datasets. docs/data.md 'Exact deduplication'.",
+    )
 
 
 class OptimSection(Section):

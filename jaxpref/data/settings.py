@@ -25,6 +25,7 @@ class DataSettings:
     dataset_prepared_path: str | None
     dataset_processes: int
     max_bad_row_fraction: float
+    dataset_exact_deduplication: bool
     # batching and order
     micro_batch_size: int  # rows per micro-batch per process
     eval_batch_size: int

@@ -340,3 +340,12 @@ def test_eot_tokens_train_on_eot_and_the_new_template_names_are_keys():
         assert make(chat_template=name).chat_template == name
     assert "train_on_eot" in problem(datasets=[{"path": "d", "train_on_eot": "first"}])
 
+
+def test_exact_deduplication_is_a_key_and_refuses_streaming():
+    cfg = make(dataset_exact_deduplication=True)
+    assert cfg.dataset_exact_deduplication and not any("deduplication" in w for w in cfg.warnings)
+    assert make().dataset_exact_deduplication is False
+    msg = problem(dataset_exact_deduplication=True, max_steps=10, datasets=[{"path": "d", "streaming": True}])
+    assert "dataset_exact_deduplication: not available for streaming datasets (datasets[0] stream)" in msg
+    # axolotl's top-level `streaming: true` sets it on every entry: the same error.
+    assert "not available for streaming" in problem(dataset_exact_deduplication=True, max_steps=10, streaming=True)
