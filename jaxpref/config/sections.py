@@ -52,7 +52,9 @@ class ModelSection(Section):
     chat_template: ChatTemplateName = Field(
         "tokenizer_default",
         description="tokenizer_default: the tokenizer's own template (axolotl default); jinja: "
-        "chat_template_jinja (implied when only chat_template_jinja is given).",
+        "chat_template_jinja (implied when only chat_template_jinja is given); gemma, qwen_25, mistral_v3_tekken, "
+        "phi_3, phi_35 are axolotl's templates (docs/data.md 'Chat templates' lists how they differ from the "
+        "families' own).",
     )
     chat_template_jinja: str | None = Field(None, description="A jinja chat template, or the path of a .jinja file.")
     eot_tokens: StrList | None = Field(
