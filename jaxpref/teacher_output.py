@@ -36,6 +36,7 @@ TOKENIZATION_KEYS = (
     "roles",
     "roles_to_train",
     "train_on_eos",
+    "train_on_eot",
     "drop_system_message",
     "chat_template",
 )
@@ -54,6 +55,7 @@ FINGERPRINT_KEYS = (
     "base_model",
     "chat_template",
     "chat_template_jinja",
+    "eot_tokens",
     "special_tokens",
     "sequence_len",
     "excess_length_strategy",

@@ -66,7 +66,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             curriculum_sampling""",
         "an axolotl dataset-preparation option, not implemented": """
             dataset_shard_num dataset_shard_idx skip_prepare_dataset num_dataset_shards_to_save
-            push_dataset_to_hub hf_use_auth_token dataset_exact_deduplication dataset_keep_in_memory
+            push_dataset_to_hub hf_use_auth_token dataset_keep_in_memory
             shuffle_before_merging_datasets is_preprocess preprocess_iterable total_num_tokens
             total_supervised_tokens eval_sequence_len max_prompt_len""",
         "jaxpref shuffles the merged training data with seed": "shuffle_merged_datasets",
@@ -97,7 +97,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             is_llama_derived_model is_mistral_derived_model is_qwen_derived_model axolotl_config_path""",
         "jaxpref loads the tokenizer with transformers AutoTokenizer defaults": """
             tokenizer_use_fast tokenizer_legacy tokenizer_use_mistral_common tokenizer_type processor_type
-            tokenizer_save_jinja_files chat_template_kwargs eot_tokens default_system_message processor_kwargs""",
+            tokenizer_save_jinja_files chat_template_kwargs default_system_message processor_kwargs""",
         "adding tokens and resizing embeddings is not implemented": """
             tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings
             shrink_embeddings embeddings_skip_upcast fix_untrained_tokens""",

@@ -8,7 +8,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from jaxpref.config import axolotl, coerce
 
-ChatTemplateName = Literal["chatml", "llama3", "qwen3", "tokenizer_default", "jinja"]
+# The templates shipped in jaxpref/templates (jaxpref.data.chat_templates.SHIPPED_TEMPLATES) and the two choices.
+ChatTemplateName = Literal[
+    "chatml",
+    "llama3",
+    "qwen3",
+    "gemma",
+    "qwen_25",
+    "mistral_v3_tekken",
+    "phi_3",
+    "phi_35",
+    "tokenizer_default",
+    "jinja",
+]
 StrList = Annotated[list[str], BeforeValidator(coerce.str_list)]
 
 
@@ -138,7 +150,14 @@ class DatasetConfig(Section):
         default_factory=lambda: ["assistant"], description="Roles whose tokens are trained (axolotl default)."
     )
     train_on_eos: Literal["all", "turn", "last", "none"] = Field(
-        "turn", description="Which end-of-turn tokens are trained (axolotl default: turn)."
+        "turn",
+        description="Which eos tokens are trained (axolotl default: turn): all, turn (after each trained "
+        "turn), last (after the last trained turn), none. docs/data.md 'End-of-turn tokens'.",
+    )
+    train_on_eot: Literal["all", "turn", "last", "none"] | None = Field(
+        None,
+        description="Which end-of-turn tokens (eot_tokens) are trained; same values as train_on_eos, default: "
+        "train_on_eos (axolotl).",
     )
     drop_system_message: bool = Field(False, description="Drop system turns from the conversations.")
     chat_template: ChatTemplateName | None = Field(None, description="Per-dataset chat template override.")

@@ -188,6 +188,14 @@ class JaxprefConfig(*SECTIONS):
             for i, ds in enumerate(getattr(self, name) or []):
                 if ds.chat_template == "jinja" and not self.chat_template_jinja:
                     p.append(f"{name}[{i}].chat_template: jinja needs the top-level chat_template_jinja")
+        if self.dataset_exact_deduplication:
+            streamed = [f"datasets[{i}]" for i, ds in enumerate(self.datasets or []) if ds.streaming]
+            if streamed:
+                p.append(
+                    f"dataset_exact_deduplication: not available for streaming datasets ({', '.join(streamed)} "
+                    "stream): a stream is never held whole, so an earlier duplicate cannot be known (axolotl refuses "
+                    "this too). Remove dataset_exact_deduplication, or load the datasets in memory (streaming: false)"
+                )
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             p.append("warmup_steps and warmup_ratio: set one of them, not both")
         if self.eval_steps is not None and self.evals_per_epoch is not None:

@@ -56,9 +56,17 @@ class ModelSection(Section):
     chat_template: ChatTemplateName = Field(
         "tokenizer_default",
         description="tokenizer_default: the tokenizer's own template (axolotl default); jinja: "
-        "chat_template_jinja (implied when only chat_template_jinja is given).",
+        "chat_template_jinja (implied when only chat_template_jinja is given); gemma, qwen_25, mistral_v3_tekken, "
+        "phi_3, phi_35 are axolotl's templates (docs/data.md 'Chat templates' lists how they differ from the "
+        "families' own).",
     )
     chat_template_jinja: str | None = Field(None, description="A jinja chat template, or the path of a .jinja file.")
+    eot_tokens: StrList | None = Field(
+        None,
+        description="Tokens that end a turn, trained per the dataset's train_on_eot (axolotl); each must be one "
+        "token of the tokenizer and appear in the chat template. Default: the eos token plus the shipped "
+        "templates' turn ends (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>). docs/data.md 'End-of-turn tokens'.",
+    )
     special_tokens: SpecialTokensConfig | None = Field(None, description="Special tokens to set on the tokenizer.")
     param_dtype: DType = Field(
         "float32",
@@ -113,6 +121,13 @@ class DataSection(Section):
     )
     max_bad_row_fraction: float = Field(
         0.5, ge=0, le=1, description="A dataset with more bad rows than this fraction is an error."
+    )
+    dataset_exact_deduplication: bool = Field(
+        False,
+        description="Drop rows whose tokenized example equals an earlier one of the same split (SFT/KD: tokens, "
+        "labels, teacher targets; preference: prompt and responses), as axolotl; a val_set_size eval split also drops "
+        "rows of the training set, test_datasets do so for preference data (as axolotl). Counted as duplicate in the "
+        "report. Not for streaming datasets. docs/data.md 'Exact deduplication'.",
     )
 
 

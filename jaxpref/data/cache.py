@@ -10,7 +10,7 @@ the source of ``jaxpref/data`` (a code change invalidates old caches); the data 
 entry (all its keys) with a fingerprint of its files (path, size, mtime of every local file; the
 resolved commit for hub datasets); the config fields that change examples (the data keys except
 packing/batching/cache ones, plus ``seed``, ``kd_temperature``, ``kd_trainer``, ``objective``, ``rl``,
-``reward_model``); the tokenizer (its ``tokenizer.json`` serialisation, special tokens, size) and
+``reward_model``, ``eot_tokens``); the tokenizer (its ``tokenizer.json`` serialisation, special tokens, size) and
 chat template (the resolved text, and ``chat_template_jinja``).
 
 Layout: ``<dataset_prepared_path>/<kind>-<key>/`` with ``meta.json`` (material and reports) and per
@@ -59,7 +59,9 @@ _NOT_KEYED = {
     "pad_to_sequence_len",
     "max_bad_row_fraction",  # re-checked on every load
 }
-_EXTRA_KEYED = ("seed", "kd_temperature", "kd_temperature_min", "kd_trainer", "objective", "rl", "reward_model")
+_EXTRA_KEYED = (
+    "seed", "kd_temperature", "kd_temperature_min", "kd_trainer", "objective", "rl", "reward_model", "eot_tokens"
+)
 _DATA_SOURCE = Path(__file__).resolve().parent
 
 

@@ -10,7 +10,8 @@ Stages, in order:
    :class:`Dropped` record, counted per reason in the :class:`DataReport`; it never aborts the run
    and never moves another row. The map runs in this thread or, for large datasets, in
    ``dataset_processes`` worker processes with the same result (``workers.py``). Stages 1-2 go
-   through the ``dataset_prepared_path`` cache (``cache.py``);
+   through the ``dataset_prepared_path`` cache (``cache.py``). ``dataset_exact_deduplication`` drops
+   examples equal to an earlier one as they are counted (``dedup.py``);
 3. ``sample_packing``: pack rows into ``sequence_len`` sequences (Grain best-fit, ``packing.py``),
    once, in the shuffled row order; otherwise each row is its own example;
 4. batching: each epoch reshuffles the examples (Grain's index shuffle, seeded with ``seed`` + epoch)
@@ -42,6 +43,9 @@ from transformers import PreTrainedTokenizerBase
 
 from jaxpref.data._cfg import opt
 from jaxpref.data.cache import cached_examples
+from jaxpref.data.dedup import REASON as DUPLICATE
+from jaxpref.data.dedup import ExactDuplicates
+from jaxpref.data.dedup import summary as dedup_summary
 from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
 from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
 from jaxpref.data.packing import bucket_length, collate
@@ -145,16 +149,20 @@ def process_rows(
     excess_length_strategy: str,
     measure: Callable[[Example], tuple[int, int, int]] = lm_measure,
     processes: int = 1,
+    duplicates: ExactDuplicates | None = None,
 ) -> list[Example]:
     """Run the per-row map over all rows, filling ``report``; the kept examples in row order.
 
     Formatting is Python-bound (GIL) and HF fast tokenizers are not safe to share across threads, so
     the map runs in this thread or in up to ``processes`` worker processes (``workers.py``); the result
-    is the same either way.
+    is the same either way. With ``duplicates`` (``dataset_exact_deduplication``), an example equal to
+    one seen before is dropped as ``duplicate`` (``dedup.py``).
     """
     kept = []
     with mapped_rows(rows, processes) as records:
         for record in records:
+            if duplicates is not None and not isinstance(record, Dropped) and not duplicates.first(record[0]):
+                record = Dropped(DUPLICATE, "the same example as an earlier row", dedup_summary(record[0]))
             example = account(record, report, excess_length_strategy, measure)
             if example is not None:
                 kept.append(example)
@@ -374,12 +382,20 @@ def _load_examples(
         eval_rows = rows[:n_val]
 
     processes = int(settings.dataset_processes)
+    dedup = settings.dataset_exact_deduplication
+    train_duplicates = ExactDuplicates() if dedup else None
     report = DataReport("train")
-    train = process_rows(rows[n_val:], report, strategy, measure, processes)
+    train = process_rows(rows[n_val:], report, strategy, measure, processes, train_duplicates)
     report.check(max_bad)
     eval_report, evals = None, []
     if len(eval_rows):
+        eval_duplicates = None
+        if train_duplicates is not None:
+            # As axolotl: a val_set_size split never shares a row with training (axolotl deduplicates
+            # before it splits); test_datasets are checked against training for preference data only.
+            across = not settings.test_datasets or kind in ("preference", "kto")
+            eval_duplicates = ExactDuplicates(train_duplicates.seen if across else None)
         eval_report = DataReport("eval")
-        evals = process_rows(eval_rows, eval_report, strategy, measure, processes)
+        evals = process_rows(eval_rows, eval_report, strategy, measure, processes, eval_duplicates)
         eval_report.check(max_bad)
     return train, evals, report, eval_report

@@ -9,6 +9,9 @@ from typing import Any
 from jaxpref.errors import DataError
 
 _EXAMPLE_CHARS = 300
+# Drop reasons that are not bad rows: counted and shown like the others, but not in ``bad_fraction``
+# (a dataset that repeats rows is not broken; ``dataset_exact_deduplication`` removes the repeats).
+NOT_BAD = frozenset({"duplicate"})
 
 
 def _short(row: Any) -> str:
@@ -63,8 +66,13 @@ class DataReport:
         return sum(self.dropped.values())
 
     @property
+    def bad_rows(self) -> int:
+        """Dropped rows that were unusable (every reason but those of :data:`NOT_BAD`)."""
+        return sum(n for reason, n in self.dropped.items() if reason not in NOT_BAD)
+
+    @property
     def bad_fraction(self) -> float:
-        return self.rows_dropped / self.rows_in if self.rows_in else 0.0
+        return self.bad_rows / self.rows_in if self.rows_in else 0.0
 
     def summary(self) -> str:
         """A few human-readable lines (the CLI and ``jaxpref.preprocess`` print them)."""
@@ -86,7 +94,7 @@ class DataReport:
             raise DataError(f"The {self.name} set is empty: the datasets have no rows")
         if self.rows_out == 0 or self.bad_fraction > max_bad_row_fraction:
             raise DataError(
-                f"{self.rows_dropped} of {self.rows_in} {self.name} rows ({self.bad_fraction:.0%}) are "
+                f"{self.bad_rows} of {self.rows_in} {self.name} rows ({self.bad_fraction:.0%}) are "
                 f"unusable, more than max_bad_row_fraction={max_bad_row_fraction}. Check the dataset `type` "
                 f"and field names against the rows, and sequence_len.\n{self.summary()}"
             )

@@ -25,6 +25,7 @@ class DataSettings:
     dataset_prepared_path: str | None
     dataset_processes: int
     max_bad_row_fraction: float
+    dataset_exact_deduplication: bool
     # batching and order
     micro_batch_size: int  # rows per micro-batch per process
     eval_batch_size: int
@@ -44,6 +45,7 @@ class DataSettings:
     base_model: str | None
     chat_template: str | None
     chat_template_jinja: str | None
+    eot_tokens: tuple[str, ...] | None  # None: the default end-of-turn tokens (chat_templates.py)
     special_tokens: Any
 
     @property
@@ -63,4 +65,6 @@ class DataSettings:
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
         values["datasets"] = tuple(values["datasets"] or ())
         values["test_datasets"] = tuple(values["test_datasets"] or ())
+        if values["eot_tokens"] is not None:
+            values["eot_tokens"] = tuple(values["eot_tokens"])
         return cls(**values)

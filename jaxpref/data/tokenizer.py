@@ -79,7 +79,7 @@ def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str,
 def load_tokenizer(settings: DataSettings) -> PreTrainedTokenizerBase:
     """Load the tokenizer named by ``settings.tokenizer_config`` (or ``settings.base_model``).
 
-    Applies ``settings.chat_template`` (``chatml`` | ``llama3`` | ``qwen3`` | ``tokenizer_default`` |
+    Applies ``settings.chat_template`` (a shipped template name, ``tokenizer_default`` or
     ``jinja`` with ``settings.chat_template_jinja``), then ``settings.special_tokens``; a missing pad token falls
     back to the eos token (with a warning). Raises :class:`ConfigError` when the tokenizer cannot be
     loaded or when a dataset of ``settings.datasets``/``settings.test_datasets`` needs a chat template and there

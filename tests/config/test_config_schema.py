@@ -393,3 +393,23 @@ def test_objective_and_the_objective_keys_are_one_answer():
     assert "objective: sft and rl: dpo ask for different objectives" in problem(objective="sft", rl="dpo")
     assert "objective: dpo and kd_trainer: true" in problem(objective="dpo", kd_trainer=True)
     assert make(objective="my_pkg.objectives:build", rl="dpo").rl == "dpo"
+
+
+def test_eot_tokens_train_on_eot_and_the_new_template_names_are_keys():
+    cfg = make(eot_tokens="<|end|>", chat_template="phi_3", datasets=[{"path": "d", "train_on_eot": "last"}])
+    assert cfg.eot_tokens == ["<|end|>"] and cfg.datasets[0].train_on_eot == "last"
+    assert not any("eot_tokens" in w for w in cfg.warnings)  # no longer "ignored"
+    assert make().eot_tokens is None and make().datasets[0].train_on_eot is None  # default: train_on_eos
+    for name in ("gemma", "qwen_25", "mistral_v3_tekken", "phi_3", "phi_35"):
+        assert make(chat_template=name).chat_template == name
+    assert "train_on_eot" in problem(datasets=[{"path": "d", "train_on_eot": "first"}])
+
+
+def test_exact_deduplication_is_a_key_and_refuses_streaming():
+    cfg = make(dataset_exact_deduplication=True)
+    assert cfg.dataset_exact_deduplication and not any("deduplication" in w for w in cfg.warnings)
+    assert make().dataset_exact_deduplication is False
+    msg = problem(dataset_exact_deduplication=True, max_steps=10, datasets=[{"path": "d", "streaming": True}])
+    assert "dataset_exact_deduplication: not available for streaming datasets (datasets[0] stream)" in msg
+    # axolotl's top-level `streaming: true` sets it on every entry: the same error.
+    assert "not available for streaming" in problem(dataset_exact_deduplication=True, max_steps=10, streaming=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
 
 from jaxpref.data.chat_templates import shipped_template
 from jaxpref.data.formats import BadRow, get_format
 from jaxpref.data.settings import DataSettings
-from jaxpref.errors import DataError
+from jaxpref.errors import ConfigError, DataError
 from tests.data.helpers import (
     BOT,
+    DEMO_MODEL,
     END_HEADER,
     EOT,
     EOT_TEXT,
@@ -242,3 +244,97 @@ def test_unknown_type_lists_known_types():
     assert "datasets[1]" in msg and "'sharegpt'" in msg
     for name in ("alpaca", "chat_template", "completion"):
         assert name in msg
+
+
+# eot_tokens / train_on_eot, worked through with the shipped demo tokenizer (eos <|im_end|>; <|endoftext|> and
+# <|im_start|> are single tokens). TURN_END is a chatml variant whose turns end in <|endoftext|>, not in eos.
+# Every expected mask below was also produced by axolotl's own ChatTemplateStrategy (axolotl main 067b021c,
+# prompt_strategies/chat_template.py, run on the same tokenizer, template and conversation): token for token.
+TURN_END = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+EOT_CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
+A1, A2 = ["H", "e", "ll", "o", "!"], ["S", "e", "e", "Ġy", "ou", "."]
+
+
+def demo_trained_tokens(template: str | None, eot_tokens: list[str] | None = None, **ds_kw) -> list[str]:
+    """The trainable tokens (as strings) of EOT_CONV with the demo tokenizer and ``template``."""
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    if template is not None:
+        tok.chat_template = template
+    cfg = config() if eot_tokens is None else config(eot_tokens=eot_tokens)
+    f = get_format("chat_template").build(ds_config(type="chat_template", **ds_kw), DataSettings.from_config(cfg), tok)
+    ex = f({"messages": EOT_CONV})
+    return tok.convert_ids_to_tokens(ex["input_ids"][ex["trainable"]].tolist())
+
+
+@pytest.mark.parametrize(
+    "eot_tokens, ds_kw, trained",
+    [
+        # Unset: <|endoftext|> is neither eos nor a known turn end, so no turn end trains (axolotl: the same,
+        # with its warning that eos is not in the template).
+        (None, {}, A1 + A2),
+        # The template's turn end named: trained after each trained turn (train_on_eot defaults to train_on_eos).
+        (["<|endoftext|>"], {}, [*A1, "<|endoftext|>", *A2, "<|endoftext|>"]),
+        (["<|endoftext|>"], {"train_on_eot": "last"}, [*A1, *A2, "<|endoftext|>"]),
+        # all: after every turn, system and user included (their content stays untrained).
+        (
+            ["<|endoftext|>"],
+            {"train_on_eot": "all"},
+            ["<|endoftext|>"] * 2 + A1 + ["<|endoftext|>"] * 2 + A2 + ["<|endoftext|>"],
+        ),
+        # train_on_eos is for the eos token (<|im_end|>, not in this template): nothing to train.
+        (["<|endoftext|>"], {"train_on_eot": "none", "train_on_eos": "all"}, A1 + A2),
+        (
+            ["<|endoftext|>"],
+            {"roles_to_train": ["user"]},
+            ["H", "i", "Ġt", "h", "er", "e", "<|endoftext|>", "B", "y", "e", "<|endoftext|>"],
+        ),
+    ],
+)
+def test_eot_tokens_turn_end_other_than_eos(eot_tokens, ds_kw, trained):
+    assert demo_trained_tokens(TURN_END, eot_tokens, **ds_kw) == trained
+
+
+@pytest.mark.parametrize(
+    "eot_tokens, ds_kw, trained",
+    [
+        (None, {}, [*A1, "<|im_end|>", *A2, "<|im_end|>"]),
+        (["<|im_end|>"], {"train_on_eos": "last"}, [*A1, *A2, "<|im_end|>"]),
+        # Any token within 3 of the content's end is that turn's end: the next turn's <|im_start|> (2 tokens
+        # after) trains, and the last assistant turn has none; the eos <|im_end|> trains per train_on_eos.
+        (["<|im_start|>"], {}, [*A1, "<|im_end|>", "<|im_start|>", *A2, "<|im_end|>"]),
+        (["<|im_start|>"], {"train_on_eot": "none"}, [*A1, "<|im_end|>", *A2, "<|im_end|>"]),
+        # <|endoftext|> is not in the chatml template: left out (a warning), as axolotl does.
+        (
+            ["<|endoftext|>", "<|im_start|>"],
+            {"train_on_eot": "last"},
+            [*A1, "<|im_end|>", "<|im_start|>", *A2, "<|im_end|>"],
+        ),
+    ],
+)
+def test_eot_tokens_with_chatml(eot_tokens, ds_kw, trained):
+    assert demo_trained_tokens(None, eot_tokens, **ds_kw) == trained  # the demo tokenizer's template: chatml
+
+
+def test_eot_tokens_errors():
+    # Not one token of the tokenizer: axolotl raises too (it cannot mark a turn end).
+    with pytest.raises(ConfigError, match=r"eot_tokens: '<\|end\|>' is 6 tokens.*additional_special_tokens"):
+        demo_trained_tokens("{{ '<|end|>' }}{% for m in messages %}{{ m['content'] }}{% endfor %}", ["<|end|>"])
+    # The eos token listed, and train_on_eos / train_on_eot disagreeing about it.
+    with pytest.raises(
+        ConfigError, match="lists the eos token '<\\|im_end\\|>'.*train_on_eos \\(turn\\).*train_on_eot \\(all\\)"
+    ):
+        demo_trained_tokens(None, ["<|im_end|>"], train_on_eot="all")
+    assert demo_trained_tokens(None, ["<|im_end|>"], train_on_eot="last", train_on_eos="last") == [
+        *A1,
+        *A2,
+        "<|im_end|>",
+    ]

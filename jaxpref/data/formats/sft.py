@@ -150,11 +150,18 @@ class ChatTemplateFormat:
 
     Dataset keys: ``field_messages`` (default ``messages``), ``message_property_mappings``
     (``{role: <field>, content: <field>}``), ``roles`` (aliases, ``{user: [human], ...}``),
-    ``roles_to_train`` (default ``[assistant]``), ``train_on_eos`` (``turn`` default: the end-of-turn
-    token after each trained turn; ``last``: only after the last trained turn; ``all``: after every
-    turn; ``none``), ``field_system`` (a row-level system prompt, default ``system``). Global
-    ``train_on_inputs: true`` trains the content of every turn. Template tokens (role headers,
-    separators, BOS) are never trainable.
+    ``roles_to_train`` (default ``[assistant]``), ``train_on_eos`` (``turn`` default: the eos token
+    after each trained turn; ``last``: only after the last trained turn; ``all``: after every turn;
+    ``none``), ``train_on_eot`` (the same for the end-of-turn tokens; default: ``train_on_eos``),
+    ``field_system`` (a row-level system prompt, default ``system``). Global ``train_on_inputs: true``
+    trains the content of every turn; global ``eot_tokens`` names the end-of-turn tokens
+    (``chat_templates.end_of_turn_ids``). Template tokens (role headers, separators, BOS) are never
+    trainable.
+
+    End-of-turn and eos tokens follow axolotl's chat_template strategy: after each turn's content
+    (trained turns, or every turn when either option is ``all``) the first end-of-turn token and,
+    separately, the first eos token at most 3 tokens after the content are that turn's; each is trained
+    per its option, ``last`` training the last one found in the conversation.
     """
 
     def __init__(self, ds_cfg: Any, settings: DataSettings, tokenizer: PreTrainedTokenizerBase):
@@ -174,12 +181,27 @@ class ChatTemplateFormat:
         self.role_map = {s: t for t, sources in roles.items() for s in sources} if roles else DEFAULT_ROLES
         self.roles_to_train = {self.role_map.get(r, r) for r in opt(ds_cfg, "roles_to_train", ["assistant"])}
         self.train_on_eos = opt(ds_cfg, "train_on_eos", "turn")
-        if self.train_on_eos not in TRAIN_ON_EOS:
-            raise ConfigError(f"train_on_eos: {self.train_on_eos!r} is not one of {', '.join(TRAIN_ON_EOS)}")
+        self.train_on_eot = opt(ds_cfg, "train_on_eot", self.train_on_eos)
+        for key, value in (("train_on_eos", self.train_on_eos), ("train_on_eot", self.train_on_eot)):
+            if value not in TRAIN_ON_EOS:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(TRAIN_ON_EOS)}")
         self.train_on_inputs = bool(settings.train_on_inputs)
         self.field_system = opt(ds_cfg, "field_system", "system")
         self.drop_system_message = bool(opt(ds_cfg, "drop_system_message", False))
-        self.eot_ids = end_of_turn_ids(tokenizer)
+        eot_tokens = settings.eot_tokens
+        self.eot_ids = end_of_turn_ids(tokenizer, eot_tokens, self.template)
+        self.eos_id = tokenizer.eos_token_id
+        if (
+            eot_tokens is not None
+            and self.eos_id is not None
+            and self.eos_id in self.eot_ids
+            and self.train_on_eos != self.train_on_eot
+        ):
+            raise ConfigError(
+                f"eot_tokens lists the eos token {tokenizer.eos_token!r}, and train_on_eos ({self.train_on_eos}) and "
+                f"train_on_eot ({self.train_on_eot}) disagree about training it (axolotl refuses this too). Set both "
+                "to the same value, or leave the eos token out of eot_tokens."
+            )
 
     def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The row's conversation as template messages (roles mapped); :class:`BadRow` if unusable."""
@@ -237,9 +259,11 @@ class ChatTemplateFormat:
         ids = enc["input_ids"]
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         trainable = np.zeros(len(ids), dtype=bool)
-        last_eot = -1
+        # (token ids, option, last found) for the end-of-turn tokens, then the eos token (axolotl's order).
+        ends = [[self.eot_ids, self.train_on_eot, -1], [{self.eos_id}, self.train_on_eos, -1]]
+        every_turn = "all" in (self.train_on_eot, self.train_on_eos)
         for i in range(len(messages)):
-            if not trained[i] and self.train_on_eos != "all":
+            if not trained[i] and not every_turn:
                 continue
             start, end = self.content_span(messages, i, text)
             tokens = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
@@ -247,14 +271,17 @@ class ChatTemplateFormat:
                 continue
             if trained[i]:
                 trainable[tokens] = True
-            # The turn's end-of-turn token follows its content, allowing a few template tokens between
-            # (axolotl allows 3).
+            # The turn's end tokens follow its content, allowing a few template tokens between (axolotl
+            # allows 3).
             after = int(tokens[-1]) + 1
-            eot = next((j for j in range(after, min(after + 4, len(ids))) if ids[j] in self.eot_ids), -1)
-            if eot >= 0:
-                last_eot = eot
-                if self.train_on_eos == "all" or (self.train_on_eos == "turn" and trained[i]):
-                    trainable[eot] = True
-        if self.train_on_eos == "last" and last_eot >= 0:
-            trainable[last_eot] = True
+            for spec in ends:
+                found, option = spec[0], spec[1]
+                j = next((j for j in range(after, min(after + 4, len(ids))) if ids[j] in found), -1)
+                if j >= 0:
+                    spec[2] = j
+                    if option == "all" or (option == "turn" and trained[i]):
+                        trainable[j] = True
+        for _, option, last in ends:
+            if option == "last" and last >= 0:
+                trainable[last] = True
         return _example(ids, trainable)
