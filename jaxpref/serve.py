@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def command() -> None:
-        cfg = load_teacher_config(args.config, args.overrides)
+        cfg = load_teacher_config(args.config, args.overrides, require_datasets=False)
         settings = dataclasses.replace(
             DEFAULTS,
             host=args.host,

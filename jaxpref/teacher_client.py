@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
 from jaxpref.data.formats.kd import TeacherRows
 from jaxpref.errors import UserError
@@ -160,8 +161,8 @@ class TeacherClient:
                         f"{response.status}: {(await response.text())[:500]}"
                     )
                 try:
-                    return await response.json(content_type=None)
-                except ValueError as e:
+                    return orjson.loads(await response.read())
+                except orjson.JSONDecodeError as e:
                     url = self.settings.url
                     raise TeacherServerError(f"the teacher server at {url} answered with no JSON: {e}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:

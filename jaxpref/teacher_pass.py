@@ -73,7 +73,7 @@ def check_config(cfg: Any) -> None:
 # ----------------------------------------------------------------------------------------- config
 
 
-def load_teacher_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
+def load_teacher_config(path: str | Path, overrides: Sequence[str] = (), *, require_datasets: bool = True) -> Any:
     """The config of a teacher pass: the normal schema, with keys training needs but this pass does
     not filled in: ``learning_rate`` (0) and ``base_model`` (``kd_teacher_model``; the pass reads only
     the tokenizer from it, and ``tokenizer_config`` comes first)."""
@@ -91,7 +91,7 @@ def load_teacher_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
             teacher = _yaml_value(path, "kd_teacher_model")
         if teacher:
             extra.append(f"base_model={teacher}")
-    return load_config(path, [*extra, *overrides])
+    return load_config(path, [*extra, *overrides], require_datasets=require_datasets)
 
 
 def _top_level_keys(path: str | Path) -> set[str]:

@@ -29,8 +29,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
-import json
 import logging
 import time
 import uuid
@@ -39,9 +37,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import orjson
 from aiohttp import web
 
-from jaxpref.teacher_wire import sglang_input_logprobs, vllm_prompt_logprobs
+from jaxpref.teacher_wire import TokenFragments, sglang_input_logprobs, vllm_prompt_logprobs
 
 logger = logging.getLogger("jaxpref")
 
@@ -206,13 +205,14 @@ class TeacherAPI:
     def __init__(self, batcher: Batcher, tokenizer: Any, vocab_size: int, settings: ServeSettings):
         self.batcher, self.tokenizer, self.vocab, self.settings = batcher, tokenizer, vocab_size, settings
         self.max_k = min(settings.max_top_k, vocab_size)
-        self.text = functools.lru_cache(maxsize=1 << 18)(self._token_text)  # a token's decoded text
+        # each token's decoded text, once (ids past the tokenizer's length, in a padded embedding: "")
+        known = 0 if tokenizer is None else min(len(tokenizer), vocab_size)
+        self.texts = tokenizer.batch_decode([[t] for t in range(known)]) if known else []
+        self.texts += [""] * (vocab_size - known)
+        self.frags = TokenFragments(vocab_size, self.texts if tokenizer is not None else None)
 
-    def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
-
-    def decoded(self) -> Any:
-        return _Decoded(self.text)
+    def text(self, token: int) -> str:
+        return self.texts[token]
 
     def _rows(self, prompt: Any, key: str) -> list[np.ndarray]:
         """Token-id rows from a prompt field: ids, a list of ids, a string or a list of strings."""
@@ -282,7 +282,7 @@ class TeacherAPI:
                 "stop_reason": None,
                 "prompt_logprobs": None
                 if k_prompt is None
-                else vllm_prompt_logprobs(tokens, ids, lps, nxt_lp, rank, k_prompt, self.decoded()),
+                else orjson.Fragment(vllm_prompt_logprobs(tokens, ids, lps, nxt_lp, rank, k_prompt, self.frags)),
             }
             choices.append(choice)
             total += len(tokens)
@@ -356,7 +356,7 @@ class TeacherAPI:
                 "cached_tokens": 0,
             }
             if logprob:
-                decoded = self.decoded() if with_text else None
+                decoded = self.texts if with_text else None
                 token_lps, top = sglang_input_logprobs(tokens, ids, lps, nxt_lp, k, decoded)
                 meta["input_token_logprobs"] = token_lps[start:]
                 meta["input_top_logprobs"] = top[start:] if k else [None] * len(token_lps[start:])
@@ -368,16 +368,6 @@ class TeacherAPI:
                 ] if k else [None] * len(generated)
             out.append({"text": self._decode(generated), "output_ids": generated, "meta_info": meta})
         return out
-
-
-class _Decoded:
-    """``decoded[token]`` through the API's cached decode."""
-
-    def __init__(self, text: Callable[[int], str]):
-        self._text = text
-
-    def __getitem__(self, token: int) -> str:
-        return self._text(int(token))
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -395,8 +385,8 @@ def make_app(api: TeacherAPI) -> web.Application:
     def endpoint(handler: Callable[[dict[str, Any]], Any]) -> Callable:
         async def handle(request: web.Request) -> web.Response:
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError as e:
                 return _error(f"the request body is not JSON: {e}", 400)
             if not isinstance(body, dict):
                 return _error("the request body must be a JSON object", 400)
@@ -407,7 +397,7 @@ def make_app(api: TeacherAPI) -> web.Application:
             except Exception as e:  # a failed request must not take the server down
                 logger.exception("request failed")
                 return _error(f"{type(e).__name__}: {e}", 500)
-            return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
         return handle
 

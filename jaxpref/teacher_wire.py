@@ -22,6 +22,7 @@ server that applies it (vLLM's ``processed_logprobs`` mode) answers the same.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,6 +136,20 @@ def parse_answer(server: str, answer: Any, lengths: Sequence[int]) -> list[Teach
 # ------------------------------------------------------------------------------------------ server side
 
 
+class TokenFragments:
+    """Per token id, the constant parts of a vLLM ``prompt_logprobs`` entry as JSON text:
+    ``key[t]`` = ``"t":{"logprob":`` and ``tail[t]`` = ``,"decoded_token":"<text>"}``.
+
+    ``texts``: the decoded text of each id (None: ``decoded_token`` is null).
+    """
+
+    def __init__(self, vocab_size: int, texts: Sequence[str] | None = None):
+        self.key = [f'"{t}":{{"logprob":' for t in range(vocab_size)]
+        null = ',"decoded_token":null}'
+        self.tail = [null] * vocab_size if texts is None else [',"decoded_token":' + json.dumps(x) + "}" for x in texts]
+        self.rank = [f',"rank":{r}' for r in range(vocab_size + 1)]
+
+
 def vllm_prompt_logprobs(
     tokens: np.ndarray,
     top_ids: np.ndarray,
@@ -142,25 +157,28 @@ def vllm_prompt_logprobs(
     next_logprob: np.ndarray,
     next_rank: np.ndarray,
     k: int,
-    decoded: Sequence[str] | None,
-) -> list[dict[str, dict[str, Any]] | None]:
-    """vLLM's ``prompt_logprobs`` of one row from prediction-aligned scores.
+    frags: TokenFragments,
+) -> str:
+    """vLLM's ``prompt_logprobs`` of one row, as JSON text, from prediction-aligned scores.
 
     ``tokens`` [L]; ``top_ids``/``top_logprobs`` [L, K >= k] (row t: the prediction after token t);
     ``next_logprob``/``next_rank`` [L] of token t + 1. Entry i >= 1 holds token i first (as vLLM puts
-    the prompt token first), then the rest of the top-k by rank.
+    the prompt token first), then the rest of the top-k by rank: ``{"<id>": {"logprob", "rank",
+    "decoded_token"}}``. Written as text (no dict per entry): a k = 20 answer has 21 entries per token.
     """
-    out: list[dict[str, dict[str, Any]] | None] = [None]
-    ids, lps = top_ids[:, :k].tolist(), np.maximum(top_logprobs[:, :k], LOGPROB_FLOOR).tolist()
+    key, tail, rank_text = frags.key, frags.tail, frags.rank
+    ids = top_ids[:, :k].tolist()
+    lps = np.maximum(top_logprobs[:, :k], LOGPROB_FLOOR).tolist()
     nxt_lp, nxt_rank = np.maximum(next_logprob, LOGPROB_FLOOR).tolist(), next_rank.tolist()
-    text = (lambda t: decoded[t]) if decoded is not None else (lambda t: None)
-    for i in range(1, len(tokens)):
-        token = int(tokens[i])
-        entry = {str(token): {"logprob": nxt_lp[i - 1], "rank": nxt_rank[i - 1], "decoded_token": text(token)}}
-        for r, (t, lp) in enumerate(zip(ids[i - 1], lps[i - 1]), start=1):
-            entry.setdefault(str(t), {"logprob": lp, "rank": r, "decoded_token": text(t)})
-        out.append(entry)
-    return out
+    toks = tokens.tolist()
+    parts = ["[null"]
+    for i in range(1, len(toks)):
+        tok = toks[i]
+        entries = [key[tok] + repr(nxt_lp[i - 1]) + rank_text[nxt_rank[i - 1]] + tail[tok]]
+        top = enumerate(zip(ids[i - 1], lps[i - 1]), 1)
+        entries += [key[t] + repr(v) + rank_text[r] + tail[t] for r, (t, v) in top if t != tok]
+        parts.append("{" + ",".join(entries) + "}")
+    return ",".join(parts) + "]"
 
 
 def sglang_input_logprobs(

@@ -6,12 +6,13 @@ Both run the same teacher over the same rows of token ids and return the top-k (
 * in-process: ``jaxpref.teacher_pass.TeacherRunner`` (what ``python -m jaxpref.teacher`` runs), rows in
   length-sorted batches of ``--batch_rows``, padded to a multiple of 64, ids and log-probs fetched to
   the host;
-* server: the aiohttp server (``jaxpref.teacher_server``: dynamic batching, bucketed passes, the
-  prompt token's log-prob and rank, vLLM's JSON answer) on 127.0.0.1 and jaxpref's client
-  (``jaxpref.teacher_client``, one request per ``--batch_rows`` rows, ``c`` requests in flight, answers
-  parsed into teacher rows) in the same process, as a KD run on the same host would use it.
+* server: ``python -m jaxpref.serve`` in its own process on 127.0.0.1 (dynamic batching, bucketed
+  passes, the prompt token's log-prob and rank, vLLM's JSON answer) and, in the benchmark's process,
+  jaxpref's client (``jaxpref.teacher_client``: one request per ``--batch_rows`` rows, ``c`` requests in
+  flight, answers parsed into teacher rows), as a KD run on the same host would use it.
 
-Tokens/s = prompt tokens scored / wall seconds of the second pass over the rows (the first compiles).
+Tokens/s = prompt tokens scored / wall seconds of the second pass over the rows (the first compiles);
+CPU seconds are the client's plus the server's.
 Each (model, mode) runs in its own fresh process, one after the other.
 
   python scripts/bench_teacher_server.py --out teacher_server_table.md
@@ -22,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,36 +44,63 @@ def rows(n: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(3, vocab, size=int(rng.integers(64, 385))).astype(np.int32) for _ in range(n)]
 
 
-def load(name: str):
+def model_dir(name: str, work: Path) -> Path:
+    """The teacher's checkpoint directory (the random one written once into ``work``)."""
+    spec, _ = MODELS[name]
+    if isinstance(spec, str):
+        return REPO / spec
+    out = work / name
+    if not (out / "config.json").exists():
+        from jaxpref import models
+
+        layers, hidden, vocab = spec
+        cfg = models.ModelConfig.from_hf_dict({
+            "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 128,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "initializer_range": 0.02,
+        })  # fmt: skip
+        models.save_pretrained(models.from_config(cfg, seed=0), out)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(teacher: Path, batch_rows: int, work: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m jaxpref.serve`` on 127.0.0.1 in its own process (the demo teacher's tokenizer)."""
+    config = work / "serve.yaml"
+    config.write_text(f"kd_teacher_model: {teacher}\ntokenizer_config: {REPO / 'demo/teacher'}\nsequence_len: 512\n")
+    log = work / "server.log"
+    cmd = [sys.executable, "-m", "jaxpref.serve", "--config", str(config), "--port", "0", "--max_top_k", str(K),
+           "--max_batch_tokens", str(batch_rows * 512), "--max_model_len", "512"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+    for _ in range(1200):
+        found = re.search(r"on (http://[0-9.:]+) ", log.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"the server did not start:\n{log.read_text()}")
+
+
+def worker(name: str, mode: str, batch_rows: int, work: Path) -> dict:
     from jaxpref import models
 
-    spec, n = MODELS[name]
-    if isinstance(spec, str):
-        from transformers import AutoTokenizer
-
-        model = models.from_pretrained(REPO / spec)
-        return model, AutoTokenizer.from_pretrained(REPO / spec), n
-    layers, hidden, vocab = spec
-    cfg = models.ModelConfig.from_hf_dict({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 4 * hidden,
-        "num_hidden_layers": layers, "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 128,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "initializer_range": 0.02,
-    })  # fmt: skip
-    return models.from_config(cfg, seed=0), None, n
-
-
-def worker(name: str, mode: str, batch_rows: int) -> dict:
-    from jaxpref import sharding as shd
-
-    model, tokenizer, n = load(name)
-    data = rows(n, model.config.vocab_size)
-    tokens = sum(len(r) for r in data)
-    mesh = shd.make_mesh(None)
+    teacher = model_dir(name, work)
+    vocab = models.load_model_config(teacher).vocab_size
+    data = rows(MODELS[name][1], vocab)
+    n, tokens = len(data), sum(len(r) for r in data)
+    server = None
     if mode == "inprocess":
+        from jaxpref import sharding as shd
         from jaxpref.teacher_pass import TeacherRunner
 
-        runner = TeacherRunner(model, mesh, K, 1.0, batch_rows)
+        runner = TeacherRunner(models.from_pretrained(teacher), shd.make_mesh(None), K, 1.0, batch_rows)
         order = sorted(range(n), key=lambda i: -len(data[i]))
 
         def one_pass() -> None:
@@ -85,24 +115,27 @@ def worker(name: str, mode: str, batch_rows: int) -> dict:
 
     else:
         from jaxpref.teacher_client import ServerSettings, TeacherClient
-        from jaxpref.teacher_server import BackgroundServer, Batcher, Scorer, ServeSettings, TeacherAPI
 
+        server, url = start_server(teacher, batch_rows, work)
         concurrency = int(mode.split("-")[1])
-        settings = ServeSettings(max_top_k=K, max_model_len=512, max_batch_tokens=batch_rows * 512)
-        scorer = Scorer(model, mesh, K, settings.max_batch_tokens, settings.max_model_len)
-        server = BackgroundServer(TeacherAPI(Batcher(scorer), tokenizer, model.config.vocab_size, settings))
-        client = TeacherClient(ServerSettings(base_url=server.url, server="vllm", top_k=K, concurrency=concurrency))
+        client = TeacherClient(ServerSettings(base_url=url, server="vllm", top_k=K, concurrency=concurrency))
 
         def one_pass() -> None:
             futures = [client.submit(data[s : s + batch_rows]) for s in range(0, n, batch_rows)]
             for f in futures:
                 f.result()
 
-    one_pass()  # compiles every shape
-    start, cpu = time.perf_counter(), time.process_time()
-    one_pass()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"model": name, "mode": mode, "rows": n, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu,
+    try:
+        one_pass()  # compiles every shape
+        server_cpu = cpu_seconds(server.pid) if server else 0.0
+        start, cpu = time.perf_counter(), time.process_time()
+        one_pass()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        server_cpu = cpu_seconds(server.pid) - server_cpu if server else 0.0
+    finally:
+        if server:
+            server.kill()
+    return {"model": name, "mode": mode, "rows": n, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu + server_cpu,
             "tokens_per_s": tokens / wall}  # fmt: skip
 
 
@@ -112,17 +145,20 @@ def main() -> None:
     p.add_argument("--batch_rows", type=int, default=8, help="rows per in-process batch and per request")
     p.add_argument("--out", help="also write the markdown table here")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "jaxpref_bench_teacher_server"))
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch_rows)))
+        print(json.dumps(worker(*args.worker, args.batch_rows, Path(args.work))))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_kd_step import machine
 
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.models.split(","):
         for mode in MODES:
-            cmd = [sys.executable, __file__, "--worker", name, mode, "--batch_rows", str(args.batch_rows)]
+            cmd = [sys.executable, __file__, "--worker", name, mode, "--batch_rows", str(args.batch_rows),
+                   "--work", args.work]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             if out.returncode:
                 sys.exit(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
