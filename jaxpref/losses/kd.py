@@ -29,8 +29,10 @@ Conventions (shared with SPEC.md "KD semantics"; inputs are prediction-aligned, 
 * **Scale.** ``value = T^2 * sum_{t,k} div / N`` with ``N = num_items`` (trainable tokens of the whole
   optimizer step) or, by default, the number of positions with at least one valid entry. jaxpref
   multiplies the *loss* by T^2, so the gradient is the gradient of exactly the logged value (axolotl's
-  Liger path scales only the logged value; its plain path also divides by valid (t, k) entries rather
-  than positions — jaxpref uses positions, as SPEC.md decides).
+  current trainer, its Liger path, scales only the logged value, so its gradient is 1 / T^2 of
+  jaxpref's at the same ``kd_alpha``; its plain ``forward_kl.loss`` has no T^2 at all and, without
+  ``num_items_in_batch``, divides by valid (t, k) entries rather than positions — jaxpref uses
+  positions, as SPEC.md decides; docs/kd_vs_axolotl.md).
 
 Metrics (float32 scalars, each a sum over positions divided by the same N, so they add up across
 micro-batches when ``num_items`` is the step total):
