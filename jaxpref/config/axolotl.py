@@ -32,7 +32,7 @@ def _by_reason(groups: dict[str, str]) -> dict[str, str]:
 IGNORED_KEYS: dict[str, str] = _by_reason(
     {
         "a CUDA attention switch; jaxpref picks attention per backend, see docs/design.md": """
-            flash_attention sdp_attention xformers_attention s2_attention flex_attention
+            flash_attention sdp_attention xformers_attention flex_attention
             flex_attn_compile_kwargs sage_attention eager_attention attn_implementation flash_optimum
             gemma4_hybrid_attn_impl large_head_attention flash_attn_d512 sdpa_varlen heads_k_stride
             ring_attn_func""",
@@ -62,10 +62,9 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             sample_packing_group_size sample_packing_bin_size sample_packing_sequentially
             sample_packing_mp_start_method sample_packing_eff_est eval_sample_packing pad_to_multiple_of
             multipack_real_batches pretrain_multipack_buffer_size pretrain_multipack_attn
-            pretraining_sample_concatenation streaming_multipack_buffer_size min_sample_len group_by_length
-            curriculum_sampling""",
+            pretraining_sample_concatenation streaming_multipack_buffer_size group_by_length""",
         "an axolotl dataset-preparation option, not implemented": """
-            dataset_shard_num dataset_shard_idx skip_prepare_dataset num_dataset_shards_to_save
+            skip_prepare_dataset num_dataset_shards_to_save
             push_dataset_to_hub hf_use_auth_token dataset_keep_in_memory
             shuffle_before_merging_datasets is_preprocess preprocess_iterable total_num_tokens
             total_supervised_tokens eval_sequence_len max_prompt_len""",
@@ -85,7 +84,7 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
         "jaxpref always writes safetensors": "save_safetensors",
         "jaxpref evaluates on eval_steps/evals_per_epoch and checkpoints on save_steps/saves_per_epoch": """
             eval_strategy evaluation_strategy save_strategy save_first_step save_only_model
-            load_best_model_at_end metric_for_best_model greater_is_better early_stopping_patience""",
+            metric_for_best_model greater_is_better""",
         "generation and benchmark evals during training are not implemented": """
             do_causal_lm_eval eval_causal_lm_metrics do_bench_eval bench_dataset bench_split eval_table_size
             eval_max_new_tokens generate_samples num_generation_samples""",
@@ -93,39 +92,46 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
             loss_watchdog_threshold loss_watchdog_patience gc_steps torch_empty_cache_steps gc_collect_steps
             full_determinism""",
         "jaxpref runs its own JAX model code (Llama family), never a checkpoint's Python code": """
-            trust_remote_code cls_model_config model_type model_kwargs trainer_cls is_falcon_derived_model
+            trust_remote_code cls_model_config model_type is_falcon_derived_model
             is_llama_derived_model is_mistral_derived_model is_qwen_derived_model axolotl_config_path""",
         "jaxpref loads the tokenizer with transformers AutoTokenizer defaults": """
             tokenizer_use_fast tokenizer_legacy tokenizer_use_mistral_common tokenizer_type processor_type
-            tokenizer_save_jinja_files chat_template_kwargs default_system_message processor_kwargs""",
-        "adding tokens and resizing embeddings is not implemented": """
-            tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings
-            shrink_embeddings embeddings_skip_upcast fix_untrained_tokens""",
-        "hub revisions are not supported; download the revision and point base_model at it": ("model_revision"),
-        "quantized loading/merging is not implemented; weights are loaded at param_dtype": """
-            load_in_8bit bnb_config_kwargs qlora_sharded_model_loading model_quantization_config
-            model_quantization_config_kwargs quantize_moe_experts quantization export""",
+            tokenizer_save_jinja_files processor_kwargs""",
+        "axolotl substitutes it for 'You are a helpful assistant.' in its chatml template, which (like jaxpref's) "
+        "has no default system message, so it has no effect; put a system turn in the data instead": (
+            "default_system_message"
+        ),
+        "axolotl resizes the embeddings only when the tokenizer outgrows them (added tokens, which jaxpref "
+        "rejects: tokens, added_tokens_overrides), so this has no effect": """
+            resize_token_embeddings_to_32x mean_resizing_embeddings""",
+        "an embedding dtype option; compute_dtype and param_dtype set the precision": "embeddings_skip_upcast",
+        "a bitsandbytes/quantization option with no effect without load_in_4bit, load_in_8bit or "
+        "model_quantization_config (rejected), or a post-training export setting": """
+            bnb_config_kwargs qlora_sharded_model_loading model_quantization_config_kwargs quantize_moe_experts
+            quantization export""",
         "names the layer list LISA samples from (axolotl's default model.layers); LISA itself (lisa_n_layers, "
         "lisa_step_interval) is rejected": "lisa_layers_attribute",
         "merging LoRA is a separate step after training (export), not a training option": """
             merge_lora merge_method""",
-        "a PEFT option jaxpref's LoRA does not implement (plain LoRA, B initialised to zero)": """
-            lora_fan_in_fan_out peft_layers_pattern peft_layer_replication peft_init_lora_weights
-            peft_trainable_token_indices peft_ensure_weight_tying peft_autocast_adapter_dtype""",
-        "an optimizer extra jaxpref does not implement; the optimizer uses learning_rate for all weights": """
-            optim_args optim_target_modules torchdistx_path embedding_lr embedding_lr_scale lr_groups
-            loraplus_lr_ratio loraplus_lr_embedding adam_beta3 adam_epsilon2 lr_quadratic_warmup
-            lr_div_factor cosine_constant_lr_ratio""",
-        "batch size is micro_batch_size x gradient_accumulation_steps x data-parallel devices": """
-            batch_size auto_find_batch_size""",
-        "a training-method extra jaxpref does not implement": """
-            neftune_noise_alpha noisy_embedding_alpha use_eaft eaft_alpha eaft_k use_dft
-            max_packed_sequence_len use_pose scaling_softmax
-            scaling_softmax_factor scaling_softmax_bias freeze_mm_modules image_size image_resize_algorithm
-            role_boundaries num_labels""",
-        "an RL/DPO extra jaxpref does not implement (TRL/vLLM generation settings)": """
-            vllm ebft dpo_use_logits_to_keep dpo_generate_during_eval
-            dpo_norm_loss rpo_alpha dynamic_checkpoint""",
+        "a PEFT option with no effect on jaxpref's models (PEFT's fan_in_fan_out is for GPT-2's Conv1D; the "
+        "layer pattern needs peft_layers_to_transform, rejected), or an adapter dtype/tying detail": """
+            lora_fan_in_fan_out peft_layers_pattern peft_ensure_weight_tying peft_autocast_adapter_dtype""",
+        "read only by optimizers jaxpref rejects by name (CAME's third beta and second epsilon, GaLore/APOLLO's "
+        "target modules), by no axolotl trainer (lr_div_factor), or at load time (torchdistx)": """
+            optim_target_modules torchdistx_path adam_beta3 adam_epsilon2 lr_div_factor""",
+        "LoRA+'s learning rate for embedding adapters; no effect without loraplus_lr_ratio (rejected), as in "
+        "axolotl, whose default is 1e-6": "loraplus_lr_embedding",
+        "the batch of an optimizer step is micro_batch_size x gradient_accumulation_steps x data-parallel "
+        "devices; HF's halving of the batch after an out-of-memory error is not implemented": "auto_find_batch_size",
+        "a parameter of a rejected feature; no effect without it (as in axolotl): eaft_* need use_eaft, "
+        "scaling_softmax_* need scaling_softmax, dataset_shard_idx needs dataset_shard_num": """
+            eaft_alpha eaft_k scaling_softmax_factor scaling_softmax_bias dataset_shard_idx""",
+        "a multimodal or sequence-classification option; jaxpref's models are text-only causal LMs (a reward "
+        "model's head has one output, as TRL's RewardTrainer requires)": """
+            freeze_mm_modules image_size image_resize_algorithm role_boundaries num_labels""",
+        "an RL extra that does not change DPO/IPO/ORPO/KTO/SimPO training (vLLM/EBFT generation settings, "
+        "logits slicing, generation during eval, checkpoint triggers)": """
+            vllm ebft dpo_use_logits_to_keep dpo_generate_during_eval dynamic_checkpoint""",
         "a generation length; the teacher server only scores the rows of the dataset": "kd_online_max_new_tokens",
         "an MoE or model-specific CUDA kernel option (axolotl's kernels, DenseMixer plugins); jaxpref's models "
         "(Llama family) have no experts": """
@@ -148,17 +154,17 @@ IGNORED_PREFIXES: dict[str, str] = {
     "generation_": "generation during training is not implemented",
     "dion_": "an optimizer jaxpref does not implement",
     "qgalore_": "an optimizer jaxpref does not implement",
-    "jagged_restart_": "ReLoRA-style restarts are not implemented",
-    "relora_": "ReLoRA is not implemented",
-    "pose_": "PoSE context extension is not implemented",
+    "jagged_restart_": "a parameter of jagged LR restarts; no effect without jagged_restart_steps (rejected)",
+    "relora_": "a ReLoRA parameter; no effect without relora (rejected)",
+    "pose_": "a PoSE parameter; no effect without use_pose (rejected)",
     "swanlab_": "not implemented; jaxpref logs to TensorBoard, metrics.jsonl and W&B",
     "lm_eval_": "benchmark evals with lm-eval-harness are not run by jaxpref; run them on the exported model",
     "expert_parallel_": "MoE expert parallelism; jaxpref's models (Llama family) have no experts",
     "nemo_gym_": "NeMo Gym environment rewards for online RL (GRPO), which jaxpref does not implement",
 }
 
-# Rejected with an error when set to anything but false/empty: ignoring them would silently train a
-# different model than the one asked for.
+# Rejected with an error when set to anything but false/empty (or a value of UNSUPPORTED_DEFAULTS): ignoring
+# them would silently train a different model than the one asked for (other weights, data, loss or schedule).
 UNSUPPORTED_KEYS: dict[str, str] = {
     "load_in_4bit": "4-bit (QLoRA) loading is not supported yet; use adapter: lora on unquantized weights",
     "gptq": "GPTQ-quantized models are not supported yet",
@@ -200,7 +206,104 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "nvfp4_merge_aware": "NVFP4 fake-quantized LoRA training is not supported; jaxpref trains at param_dtype",
     "nvfp4_merge_aware_start_step": "NVFP4 fake-quantized LoRA training is not supported; jaxpref trains at "
     "param_dtype",
+    # Keys that change the trained model (weights, data, loss, schedule) and were warnings before.
+    "load_in_8bit": "axolotl loads the base weights in 8 bits (bitsandbytes) and trains LoRA on them; quantized "
+    "loading is not supported; remove it to train on the unquantized weights (param_dtype: bfloat16 halves memory)",
+    "model_quantization_config": "axolotl quantizes the weights at load (Mxfp4Config/FineGrainedFP8Config); "
+    "quantized weights are not supported; remove it to train at param_dtype",
+    "neftune_noise_alpha": "NEFTune: axolotl (TRL/transformers) adds uniform noise of scale alpha/sqrt(length x "
+    "hidden) to the input embeddings during training; not supported; remove it to train without noise",
+    "noisy_embedding_alpha": "axolotl's old name for neftune_noise_alpha (NEFTune: noise added to the input "
+    "embeddings during training); not supported; remove it to train without noise",
+    "use_dft": "DFT (dynamic fine-tuning: each token's cross-entropy scaled by its predicted probability) is not "
+    "supported; remove it for the plain cross-entropy",
+    "use_eaft": "axolotl replaces the cross-entropy with EAFT (entropy-aware focal training: each token's loss "
+    "weighted by the entropy of the model's top eaft_k predictions, to the power eaft_alpha); not supported; "
+    "remove use_eaft (and eaft_*) for the plain cross-entropy",
+    "scaling_softmax": "axolotl patches attention to scalable softmax (SSMax: logits scaled by a learned "
+    "scaling_softmax_factor x log(length) + scaling_softmax_bias), which adds trained parameters; not supported; "
+    "remove the scaling_softmax* keys for standard attention",
+    "s2_attention": "shifted-sparse attention (LongLoRA's S2-Attn) trains with a different attention pattern; "
+    "not supported (axolotl no longer supports it either); remove it",
+    "use_pose": "axolotl trains with PoSE (position ids skipped to simulate pose_max_context_len); not supported; "
+    "remove use_pose (and pose_*) to train with contiguous positions",
+    "max_packed_sequence_len": "axolotl's removed packing length (axolotl now rejects it too); use sample_packing: "
+    "true, which packs to sequence_len",
+    "embedding_lr": "axolotl trains the embedding weights with this learning rate instead of learning_rate; "
+    "per-group learning rates are not supported; remove it (every weight trains at learning_rate)",
+    "embedding_lr_scale": "axolotl trains the embedding weights at learning_rate x this scale; per-group learning "
+    "rates are not supported; remove it (every weight trains at learning_rate)",
+    "lr_groups": "axolotl trains the listed modules with their own learning rates; per-group learning rates are "
+    "not supported; remove it (every weight trains at learning_rate)",
+    "loraplus_lr_ratio": "LoRA+: axolotl (PEFT's create_loraplus_optimizer) trains LoRA's B matrices at "
+    "learning_rate x this ratio (and embedding adapters at loraplus_lr_embedding); not supported; remove it "
+    "(A and B train at learning_rate)",
+    "optim_args": "axolotl passes these as extra arguments to the optimizer; not supported; remove them and use "
+    "jaxpref's optimizer keys (adam_beta1, adam_beta2, adam_epsilon, weight_decay)",
+    "lr_quadratic_warmup": "axolotl's cosine schedule then warms up quadratically; not supported (warmup is "
+    "linear); remove it",
+    "cosine_constant_lr_ratio": "axolotl's cosine schedule (with cosine_min_lr_ratio) then holds the minimum "
+    "learning rate from this fraction of the steps on; not supported; remove it for cosine decay to "
+    "cosine_min_lr_ratio at the last step",
+    "jagged_restart_steps": "axolotl restarts the learning rate every jagged_restart_steps steps (with "
+    "jagged_restart_warmup_steps of warmup and jagged_restart_anneal_steps of annealing); not supported; remove "
+    "the jagged_restart_* keys for one schedule over the run",
+    "peft_init_lora_weights": "axolotl passes it to PEFT's init_lora_weights (gaussian, pissa, olora, eva, ...: "
+    "other initial adapter weights); not supported; remove it for PEFT's default (true: A Kaiming-uniform, B zero)",
+    "peft_layer_replication": "PEFT's layer_replication builds a deeper model by repeating layer ranges; not "
+    "supported; remove it",
+    "peft_trainable_token_indices": "PEFT's trainable tokens train these embedding rows next to LoRA; not "
+    "supported; remove it (or train the whole embedding with lora_modules_to_save: [embed_tokens])",
+    "rpo_alpha": "RPO adds rpo_alpha x the NLL of the chosen completion to the DPO loss (axolotl passed it to TRL, "
+    "which has since dropped it; axolotl now rejects it); write it as dpo_loss_type: [sigmoid, sft] with "
+    "dpo_loss_weights: [1.0, <rpo_alpha>] (TRL's form of RPO)",
+    "dpo_norm_loss": "axolotl's length-normalised DPO (log-probs averaged over the completion tokens; axolotl now "
+    "rejects it); use dpo_loss_type: sigmoid_norm, TRL's length-normalised sigmoid loss",
+    "fix_untrained_tokens": "axolotl overwrites the embedding rows of tokens the base model never trained (or of "
+    "the listed ids) with the mean embedding before training; not supported; remove it",
+    "tokens": "axolotl adds these tokens to the tokenizer and new rows to the embeddings; adding tokens is not "
+    "supported; remove it (use tokens the tokenizer already has, e.g. via special_tokens)",
+    "added_tokens_overrides": "axolotl renames these reserved tokens of the tokenizer, which changes how the data "
+    "is tokenized; not supported; remove it",
+    "shrink_embeddings": "axolotl cuts the embedding and LM head down to len(tokenizer) rows, which changes the "
+    "softmax over the vocabulary; not supported; remove it to train with the checkpoint's vocabulary",
+    "model_revision": "axolotl downloads this revision of base_model; hub revisions are not supported (ignoring "
+    "it would train other weights); download the revision and point base_model at its directory",
+    "model_kwargs": "axolotl passes these to from_pretrained, where keys of config.json override the model's "
+    "config; not supported; put config changes in config.json and remove it",
+    "trainer_cls": "a custom torch Trainer class replaces axolotl's training loop; not supported (torch code "
+    "cannot run in jaxpref); remove it (jaxpref's own extension point is objective: package.module:builder)",
+    "chat_template_kwargs": "axolotl passes these as variables to the chat template (e.g. enable_thinking), which "
+    "changes the rendered training text; not supported; remove them, or write a chat_template_jinja that "
+    "renders what you want without them",
+    "curriculum_sampling": "axolotl then trains on the rows in dataset order (no shuffling); not supported (jaxpref "
+    "always shuffles with seed); remove it",
+    "dataset_shard_num": "axolotl trains on one shard (dataset_shard_idx) of dataset_shard_num; not supported; "
+    "remove both keys, or cut the dataset yourself",
+    "min_sample_len": "axolotl drops rows shorter than this many tokens (default 2); not supported; remove it or "
+    "filter the dataset yourself",
+    "early_stopping_patience": "axolotl stops training once the eval loss has not improved for this many "
+    "evaluations; early stopping is not supported; remove it (and pick a checkpoint by its eval metrics)",
+    "load_best_model_at_end": "axolotl ends with the checkpoint of the best eval metric instead of the last "
+    "step's weights; not supported (jaxpref's output is the last step); remove it and pick a checkpoint by its "
+    "eval metrics",
 }
+
+# Values of UNSUPPORTED_KEYS that are axolotl's defaults (no effect), accepted like false/empty.
+UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "peft_init_lora_weights": (True,),  # PEFT's default init
+    "model_revision": ("main",),
+    "min_sample_len": (1, 2),  # axolotl keeps rows of >= 2 tokens (min_sample_len or 2)
+}
+
+
+def unsupported_value(key: str, value: Any) -> bool:
+    """Whether ``value`` of an UNSUPPORTED_KEYS key asks for the unsupported feature (not false/empty and not
+    axolotl's default)."""
+    if not value:
+        return False
+    defaults = UNSUPPORTED_DEFAULTS.get(key, ())
+    return not any(value == d and type(value) is type(d) for d in defaults)
 
 # Axolotl keys with a JAX meaning, mapped onto jaxpref fields (see ``_MAPPERS`` below).
 MAPPED_KEYS: dict[str, str] = {
@@ -214,6 +317,9 @@ MAPPED_KEYS: dict[str, str] = {
     "kd_top_k_before_softmax": "-> kd_normalize_topk (also readable as cfg.kd_top_k_before_softmax)",
     "dataset_num_proc": "-> dataset_processes",
     "reinit_weights": "-> random_init_weights",
+    "batch_size": "per-device rows per optimizer step: without gradient_accumulation_steps, sets it to batch_size // "
+    "micro_batch_size (axolotl's normalize_config); with it, batch_size is not used (a warning if it differs from "
+    "micro_batch_size x gradient_accumulation_steps)",
     "use_wandb": "false -> wandb_mode: disabled; true -> no effect (W&B is on when wandb_project is set)",
     "lr_scheduler_kwargs": "min_lr_rate -> cosine_min_lr_ratio; other keys are ignored with a warning",
     "streaming": "true -> streaming: true on every datasets/test_datasets entry that does not set it",
@@ -374,7 +480,7 @@ def translate(data: dict[str, Any], own_fields: Collection[str], dataset_fields:
             _MAPPERS[key](data, key, errors)
         elif key in UNSUPPORTED_KEYS:
             value = data.pop(key)
-            if value:
+            if unsupported_value(key, value):
                 errors.append(f"{key}: {UNSUPPORTED_KEYS[key]}")
         elif (reason := ignored_reason(key)) is not None:
             _pop_and_warn(data, key, f"ignored: {key} ({reason})")
@@ -442,6 +548,38 @@ def _keep_for_precision(data: dict[str, Any], key: str, errors: list[str]) -> No
 
 def _drop(data: dict[str, Any], key: str, errors: list[str]) -> None:
     data.pop(key)
+
+
+def _batch_size(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    """axolotl derives ``gradient_accumulation_steps = batch_size // micro_batch_size`` when the former is not set
+    (utils/config: normalize_config; batch_size is per device, multiplied by the world size afterwards)."""
+    batch = data.pop(key)
+    if not batch:
+        return
+    micro = data.get("micro_batch_size", 1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or isinstance(micro, bool) or not isinstance(micro, int):
+        errors.append(f"batch_size: expected an integer (rows per optimizer step per device), got {batch!r}")
+        return
+    accumulation = data.get("gradient_accumulation_steps")
+    if accumulation is None:
+        if micro < 1 or batch < micro:
+            errors.append(
+                f"batch_size: {batch} with micro_batch_size {micro}: axolotl sets gradient_accumulation_steps to "
+                f"batch_size // micro_batch_size = {batch // micro if micro >= 1 else 0}; make batch_size a "
+                "multiple of micro_batch_size, or set gradient_accumulation_steps"
+            )
+            return
+        if batch % micro:
+            warn(
+                f"batch_size: {batch} is not a multiple of micro_batch_size {micro}; gradient_accumulation_steps = "
+                f"{batch // micro} (as axolotl), {micro * (batch // micro)} rows per step per device"
+            )
+        data["gradient_accumulation_steps"] = batch // micro
+    elif isinstance(accumulation, int) and batch != micro * accumulation:
+        warn(
+            f"ignored: batch_size ({batch}; gradient_accumulation_steps is set, so a step is micro_batch_size x "
+            f"gradient_accumulation_steps = {micro * accumulation} rows per device, as in axolotl)"
+        )
 
 
 def _use_wandb(data: dict[str, Any], key: str, errors: list[str]) -> None:
@@ -545,6 +683,7 @@ _MAPPERS: dict[str, Mapper] = {
     "kd_top_k_before_softmax": _rename("kd_normalize_topk"),
     "dataset_num_proc": _rename("dataset_processes"),
     "reinit_weights": _rename("random_init_weights"),
+    "batch_size": _batch_size,
     "use_wandb": _use_wandb,
     "lr_scheduler_kwargs": _lr_scheduler_kwargs,
     "streaming": _streaming,

@@ -254,6 +254,13 @@ def _axolotl_section() -> str:
         "",
         "### Rejected when set (not supported yet)",
         "",
+        "These change what trains (weights, data, loss or schedule), so ignoring them would train something else.",
+        "Each is an error when set to anything but false/empty (what dumped configs carry, e.g.",
+        "`neftune_noise_alpha: null`, `fix_untrained_tokens: false`) or axolotl's default, also accepted: "
+        + ", ".join(f"`{k}: {_yaml(v)}`" for k, vals in axolotl.UNSUPPORTED_DEFAULTS.items() for v in vals)
+        + ". A parameter of a rejected feature alone (`eaft_*`, `scaling_softmax_*`, `pose_*`,",
+        "`jagged_restart_*`, `loraplus_lr_embedding`) does nothing in axolotl and is ignored with a warning.",
+        "",
         "| axolotl key | why |",
         "|---|---|",
         *(f"| `{k}` | {_cell(v)} |" for k, v in axolotl.UNSUPPORTED_KEYS.items()),

@@ -132,11 +132,19 @@ def test_ignored_keys_set_to_false_do_not_warn():
     assert validate_config({**MINIMAL, **dict.fromkeys(ignored, False)}).warnings == ()
 
 
+# A value that turns the feature on, for the keys where true is axolotl's default (no effect).
+ENABLING_VALUE = {"peft_init_lora_weights": "gaussian", "model_revision": "v1.0", "min_sample_len": 16}
+
+
 def test_unsupported_keys_are_errors_only_when_enabled():
     for key in ax.UNSUPPORTED_KEYS:
         assert validate_config({**MINIMAL, key: False}).warnings == ()
+        assert validate_config({**MINIMAL, key: None}).warnings == ()
         with pytest.raises(ConfigError, match=key):
-            validate_config({**MINIMAL, key: True})
+            validate_config({**MINIMAL, key: ENABLING_VALUE.get(key, True)})
+    for key, defaults in ax.UNSUPPORTED_DEFAULTS.items():
+        for value in defaults:
+            assert validate_config({**MINIMAL, key: value}).warnings == (), (key, value)
 
 
 def test_mapped_keys():
@@ -170,7 +178,7 @@ NEW_IGNORED = {
     "nemo_gym_enabled": "NeMo Gym",
     "liger_rms_norm_gated": "Liger Triton kernel",
     "processor_kwargs": "AutoTokenizer defaults",
-    "role_boundaries": "training-method extra",
+    "role_boundaries": "multimodal",
 }
 NEW_REJECTED = {
     "use_onebitllms": "1.58-bit",
@@ -285,3 +293,88 @@ def test_seed_examples_are_copies_of_the_shared_ones():
         pytest.skip("no ../shared checkout next to the repository")
     for path in shared.glob("*.yaml"):
         assert (SEED_DIR / path.name).read_text() == path.read_text(), path.name
+
+
+# Keys that change the trained model (weights, data, loss or schedule) and were warnings before issue #16's
+# second pass: each is an error naming what axolotl does with it (a fragment checked here), and its
+# false/empty value (what dumped configs carry) or axolotl's default loads without a warning.
+NOW_REJECTED = {
+    "neftune_noise_alpha": ("NEFTune", 5),
+    "noisy_embedding_alpha": ("neftune_noise_alpha", 5),
+    "use_dft": ("predicted probability", True),
+    "use_eaft": ("entropy-aware focal training", True),
+    "scaling_softmax": ("scalable softmax", True),
+    "s2_attention": ("shifted-sparse attention", True),
+    "use_pose": ("PoSE", True),
+    "max_packed_sequence_len": ("use sample_packing: true", 2048),
+    "embedding_lr": ("embedding weights with this learning rate", 1e-5),
+    "embedding_lr_scale": ("learning_rate x this scale", 0.1),
+    "lr_groups": ("own learning rates", [{"name": "o", "modules": ["o_proj"], "lr": 1e-5}]),
+    "loraplus_lr_ratio": ("LoRA+", 16),
+    "optim_args": ("extra arguments to the optimizer", {"amsgrad": True}),
+    "lr_quadratic_warmup": ("quadratically", True),
+    "cosine_constant_lr_ratio": ("holds the minimum learning rate", 0.8),
+    "jagged_restart_steps": ("restarts the learning rate", 100),
+    "peft_init_lora_weights": ("init_lora_weights", "pissa"),
+    "peft_layer_replication": ("repeating layer ranges", [[0, 4], [2, 6]]),
+    "peft_trainable_token_indices": ("embedding rows", [5, 6]),
+    "load_in_8bit": ("8 bits", True),
+    "model_quantization_config": ("quantizes the weights", "Mxfp4Config"),
+    "rpo_alpha": ("dpo_loss_type: [sigmoid, sft] with dpo_loss_weights: [1.0, <rpo_alpha>]", 1.0),
+    "dpo_norm_loss": ("dpo_loss_type: sigmoid_norm", True),
+    "fix_untrained_tokens": ("mean embedding", True),
+    "tokens": ("adds these tokens", ["<tool>"]),
+    "added_tokens_overrides": ("renames these reserved tokens", {128011: "<tool>"}),
+    "shrink_embeddings": ("len(tokenizer)", True),
+    "model_revision": ("download the revision", "v1.0"),
+    "model_kwargs": ("from_pretrained", {"rope_theta": 1e6}),
+    "trainer_cls": ("objective: package.module:builder", "my.module.Trainer"),
+    "chat_template_kwargs": ("rendered training text", {"enable_thinking": False}),
+    "curriculum_sampling": ("dataset order", True),
+    "dataset_shard_num": ("one shard", 4),
+    "min_sample_len": ("drops rows shorter", 16),
+    "early_stopping_patience": ("stops training", 3),
+    "load_best_model_at_end": ("best eval metric", True),
+}
+
+
+@pytest.mark.parametrize("key", sorted(NOW_REJECTED))
+def test_keys_that_change_training_are_errors_with_their_reason(key):
+    assert key in AXOLOTL_KEYS and key in ax.UNSUPPORTED_KEYS and ax.ignored_reason(key) is None
+    fragment, value = NOW_REJECTED[key]
+    msg = str(pytest.raises(ConfigError, make, **{key: value}).value)
+    assert f"{key}: " in msg and fragment in msg and ("not supported" in msg or "rejects" in msg), msg
+    assert "unknown key" not in msg
+    for unset in (None, False, *ax.UNSUPPORTED_DEFAULTS.get(key, ())):
+        assert make(**{key: unset}).warnings == (), (key, unset)
+
+
+def test_dumped_defaults_of_training_keys_load():
+    # what a dumped axolotl config carries for these keys (their defaults), and their feature's parameters alone
+    cfg = make(
+        neftune_noise_alpha=None, embedding_lr_scale=None, embedding_lr=None, fix_untrained_tokens=False,
+        load_in_8bit=False, rpo_alpha=None, dpo_norm_loss=False, peft_init_lora_weights=True, tokens=[],
+        added_tokens_overrides={}, lr_quadratic_warmup=False, curriculum_sampling=None, min_sample_len=2,
+        load_best_model_at_end=False, early_stopping_patience=None, model_revision="main", use_eaft=False,
+    )
+    assert cfg.warnings == ()
+    # a rejected feature's parameters alone do nothing in axolotl: one warning each, not an error
+    for key, value in (("loraplus_lr_embedding", 1e-6), ("eaft_alpha", 1.0), ("scaling_softmax_factor", 0.43),
+                       ("pose_num_chunks", 2), ("jagged_restart_warmup_steps", 10), ("dataset_shard_idx", 1)):
+        (warning,) = make(**{key: value}).warnings
+        assert warning.startswith(f"ignored: {key} (") and "no effect without" in warning, warning
+
+
+def test_batch_size_sets_gradient_accumulation_as_axolotl():
+    # axolotl: gradient_accumulation_steps = batch_size // micro_batch_size when not set (per device)
+    cfg = make(batch_size=32, micro_batch_size=4)
+    assert cfg.gradient_accumulation_steps == 8 and cfg.warnings == ()
+    assert make(batch_size=8).gradient_accumulation_steps == 8  # micro_batch_size default 1
+    cfg = make(batch_size=32, micro_batch_size=4, gradient_accumulation_steps=2)
+    assert cfg.gradient_accumulation_steps == 2
+    (warning,) = cfg.warnings
+    assert warning.startswith("ignored: batch_size (32; gradient_accumulation_steps is set")
+    assert make(batch_size=8, micro_batch_size=4, gradient_accumulation_steps=2).warnings == ()
+    assert make(batch_size=None).gradient_accumulation_steps == 1
+    with pytest.raises(ConfigError, match="batch_size: 2 with micro_batch_size 4"):
+        make(batch_size=2, micro_batch_size=4)
