@@ -379,8 +379,6 @@ IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
 MAPPED_DATASET_KEYS: dict[str, str] = {
     "message_field_role": "-> message_property_mappings.role (axolotl's deprecated name)",
     "message_field_content": "-> message_property_mappings.content (axolotl's deprecated name)",
-    "train_on_eot": "accepted when equal to train_on_eos (axolotl's default for it); otherwise an error (a "
-    "separate end-of-turn setting is not supported yet)",
 }
 
 # axolotl/transformers optimizer names -> jaxpref's optax optimizer.
@@ -501,15 +499,7 @@ def translate_dataset(
     found (``where`` names the entry in them)."""
     errors: list[str] = []
     for key in [k for k in entry if k not in dataset_fields]:
-        if key == "train_on_eot":
-            value, eos = entry.pop(key), entry.get("train_on_eos", "turn")
-            if value is not None and value != eos:
-                errors.append(
-                    f"{where or list_name + '[]'}.train_on_eot: {value!r} differs from train_on_eos ({eos!r}); "
-                    "jaxpref trains end-of-turn tokens by train_on_eos alone (a separate EOT setting is not "
-                    "supported yet); remove train_on_eot or make it equal to train_on_eos"
-                )
-        elif key in MAPPED_DATASET_KEYS:
+        if key in MAPPED_DATASET_KEYS:
             prop = "role" if key == "message_field_role" else "content"
             mappings = entry.setdefault("message_property_mappings", {})
             value = entry.pop(key)
