@@ -17,7 +17,8 @@ token, greedily (``max_tokens`` / ``max_new_tokens`` >= 1), enough for clients t
 
 Concurrent requests are batched: :class:`Batcher` gathers the rows of every request waiting (after
 ``batch_wait_ms``) and :class:`Scorer` runs them as jitted forward passes over a few bucketed shapes
-(rows by length, [B, T] with T a power of two from 64 and B * T <= ``max_batch_tokens``), with the
+(rows by length, [B, T] with T a multiple of 64 (``bucket``), B a power of two and B * T <=
+``max_batch_tokens``), with the
 top-k on the device (``teacher_topk.topk_and_token_logprobs``): the host sees [B, T, k], never
 [B, T, vocab]. Bad requests get HTTP 400 (404 for an unknown model) with a message; the server
 stays up.
@@ -68,11 +69,13 @@ class RequestError(Exception):
 
 
 def bucket(n: int, cap: int) -> int:
-    """The smallest power of two >= max(n, 64), at most ``cap`` rounded up to a multiple of 64."""
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
-    return min(size, -(-cap // MIN_BUCKET) * MIN_BUCKET)
+    """The padded length of an ``n``-token row: a multiple of 64 from 64 up, in steps of 1/8 of the next
+    power of two from 512 (at most 12.5% padding there), capped at ``cap`` rounded up to 64."""
+    power = MIN_BUCKET
+    while power < n:
+        power *= 2
+    step = max(MIN_BUCKET, power // 8)
+    return min(-(-max(n, 1) // step) * step, -(-cap // MIN_BUCKET) * MIN_BUCKET)
 
 
 class Scorer:
@@ -103,13 +106,17 @@ class Scorer:
         self._forward = jax.jit(forward)
 
     def plan(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
-        """(row indices, B, T) of each forward pass: longest rows first, B * T <= max_batch_tokens."""
+        """(row indices, B, T) of each forward pass: longest rows first, B * T <= max_batch_tokens, and a
+        new pass where a row would be padded to more than twice its length."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         out, i = [], 0
         while i < len(order):
             t = bucket(lengths[order[i]], self.max_model_len)
             rows = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
             chunk = order[i : i + rows]
+            short = [j for j, r in enumerate(chunk) if 2 * lengths[r] < t]
+            if short and short[0] > 0:
+                chunk = chunk[: short[0]]
             b = min(1 << (len(chunk) - 1).bit_length(), rows)  # a power of two of rows, padded with empty ones
             out.append((chunk, -(-b // self.divisor) * self.divisor, t))
             i += len(chunk)

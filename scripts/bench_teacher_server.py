@@ -1,5 +1,8 @@
 """Benchmark: teacher throughput of ``jaxpref.serve`` at concurrency 1, 8 and 64 vs the in-process pass.
 
+``server-c``: the vLLM API (``/v1/completions``, ``prompt_logprobs``) with c requests in flight;
+``sglang-8``: the same server through SGLang's API (``/generate``: lists, no token texts), 8 in flight.
+
 Both run the same teacher over the same rows of token ids and return the top-k (k = 20, vLLM's default
 ``max_logprobs``) at every position:
 
@@ -36,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 K = 20
 # name: (model directory or (layers, hidden, vocab) for a random Llama, rows)
 MODELS = {"demo-teacher": ("demo/teacher", 256), "4L-d512-v32k": ((4, 512, 32000), 64)}
-MODES = ("inprocess", "server-1", "server-8", "server-64")
+MODES = ("inprocess", "server-1", "server-8", "server-64", "sglang-8")  # server-c: vLLM's API, sglang-c: SGLang's
 
 
 def rows(n: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
@@ -117,8 +120,9 @@ def worker(name: str, mode: str, batch_rows: int, work: Path) -> dict:
         from jaxpref.teacher_client import ServerSettings, TeacherClient
 
         server, url = start_server(teacher, batch_rows, work)
-        concurrency = int(mode.split("-")[1])
-        client = TeacherClient(ServerSettings(base_url=url, server="vllm", top_k=K, concurrency=concurrency))
+        api, concurrency = mode.split("-")
+        kind = "sglang" if api == "sglang" else "vllm"
+        client = TeacherClient(ServerSettings(base_url=url, server=kind, top_k=K, concurrency=int(concurrency)))
 
         def one_pass() -> None:
             futures = [client.submit(data[s : s + batch_rows]) for s in range(0, n, batch_rows)]

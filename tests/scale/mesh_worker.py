@@ -164,6 +164,7 @@ def case(name: str):
             kd_zscore_base_temp=None,
             kd_teacher_model=None,
             kd_teacher_top_k=K,
+            kd_temperature_min=None,
             fused_kernel=None,
         )
         batches = [kd_micro_batch(rng, 8), kd_micro_batch(rng, 8)]  # 2 micro-batches: accumulation
@@ -171,7 +172,9 @@ def case(name: str):
 
     cfg = SimpleNamespace(
         rl_beta=0.1,
-        dpo_loss_type="sigmoid",
+        dpo_loss_type=["sigmoid"],
+        dpo_loss_weights=None,
+        dpo_use_weighting=False,
         dpo_label_smoothing=0.0,
         adapter="lora",
         rl_adapter_ref_model=True,

@@ -33,7 +33,8 @@ TINY = dict(
 def kd_cfg(**kw):
     base = dict(
         kd_alpha=1.0, kd_ce_alpha=0.0, kd_temperature=1.0, kd_beta=0.0, kd_normalize_topk=False,
-        kd_zscore_base_temp=None, kd_teacher_model=None, kd_teacher_top_k=K, fused_kernel=None,
+        kd_zscore_base_temp=None, kd_teacher_model=None, kd_teacher_top_k=K, kd_temperature_min=None,
+        fused_kernel=None,
     )
     return SimpleNamespace(**{**base, **kw})
 
