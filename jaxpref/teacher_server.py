@@ -16,9 +16,9 @@ the request's ``temperature`` (as vLLM's default ``raw_logprobs`` mode), and it 
 token, greedily (``max_tokens`` / ``max_new_tokens`` >= 1), enough for clients that ask for one.
 
 Concurrent requests are batched: :class:`Batcher` gathers the rows of every request waiting (after
-``batch_wait_ms``) and :class:`Scorer` runs them as jitted forward passes over a few bucketed shapes
-(rows by length, [B, T] with T a multiple of 64 (``bucket``), B a power of two and B * T <=
-``max_batch_tokens``), with the
+``batch_wait_ms``) and :class:`Scorer` packs them (as segments, like the training pipeline) into
+jitted forward passes of a few bucketed shapes ([B, T]: T a multiple of 64 (``bucket``), B in 1, 2, 3,
+4, 6, 8, 12, ... (``batch_bucket``), B * T <= ``max_batch_tokens``), with the
 top-k on the device (``teacher_topk.topk_and_token_logprobs``): the host sees [B, T, k], never
 [B, T, vocab]. Bad requests get HTTP 400 (404 for an unknown model) with a message; the server
 stays up.
@@ -78,11 +78,23 @@ def bucket(n: int, cap: int) -> int:
     return min(-(-max(n, 1) // step) * step, -(-cap // MIN_BUCKET) * MIN_BUCKET)
 
 
+def batch_bucket(n: int) -> int:
+    """The padded row count of a pass of ``n`` sequences: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most a
+    third of the rows empty, and few shapes to compile)."""
+    power = 1
+    while True:
+        for size in (power, power * 3 // 2):
+            if size >= n:
+                return size
+        power *= 2
+
+
 class Scorer:
     """The teacher on a mesh; ``__call__(rows)`` scores rows of token ids in bucketed forward passes.
 
     Row r's answer is prediction-aligned: entry t is the distribution after token t (top-k ids and
-    log-probs) and the log-prob and rank of token t + 1 (entry L - 1: of token 0, unused).
+    log-probs) and the log-prob and rank of token t + 1 (entry L - 1: of token id 0, unused). Rows are packed
+    as segments of [B, T] sequences (positions restart per row), so short rows share a sequence.
     """
 
     def __init__(self, model: Any, mesh: Any, k: int, max_batch_tokens: int, max_model_len: int):
@@ -105,40 +117,52 @@ class Scorer:
 
         self._forward = jax.jit(forward)
 
-    def plan(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
-        """(row indices, B, T) of each forward pass: longest rows first, B * T <= max_batch_tokens, and a
-        new pass where a row would be padded to more than twice its length."""
+    def plan(self, lengths: Sequence[int]) -> tuple[int, list[list[list[int]]]]:
+        """(T, passes): rows packed into sequences of T = the longest row's bucket (first fit, longest rows
+        first; a sequence holds rows one after another as segments), sequences grouped into passes of
+        B * T <= max_batch_tokens. A pass is a list of sequences, a sequence a list of row indices."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        out, i = [], 0
-        while i < len(order):
-            t = bucket(lengths[order[i]], self.max_model_len)
-            rows = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
-            chunk = order[i : i + rows]
-            short = [j for j, r in enumerate(chunk) if 2 * lengths[r] < t]
-            if short and short[0] > 0:
-                chunk = chunk[: short[0]]
-            b = min(1 << (len(chunk) - 1).bit_length(), rows)  # a power of two of rows, padded with empty ones
-            out.append((chunk, -(-b // self.divisor) * self.divisor, t))
-            i += len(chunk)
-        return out
+        t = bucket(lengths[order[0]], self.max_model_len)
+        sequences: list[list[int]] = []
+        free: list[int] = []
+        for i in order:
+            at = next((j for j, room in enumerate(free) if room >= lengths[i]), None)
+            if at is None:
+                sequences.append([i])
+                free.append(t - lengths[i])
+            else:
+                sequences[at].append(i)
+                free[at] -= lengths[i]
+        rows = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
+        return t, [sequences[i : i + rows] for i in range(0, len(sequences), rows)]
 
     def __call__(self, rows: Sequence[np.ndarray]) -> list[Scores]:
-        results: list[Scores | None] = [None] * len(rows)
-        for chunk, b, t in self.plan([len(r) for r in rows]):
-            ids = np.zeros((b, t), np.int32)
-            segment_ids = np.zeros((b, t), np.int32)
-            for j, r in enumerate(chunk):
-                ids[j, : len(rows[r])] = rows[r]
-                segment_ids[j, : len(rows[r])] = 1
-            nxt = np.roll(ids, -1, axis=1)
-            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-            args = [jax.device_put(np.ascontiguousarray(a), self.sharding) for a in (ids, positions, segment_ids, nxt)]
+        t, passes = self.plan([len(r) for r in rows])
+        rows_cap = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
+        dispatched = []
+        for sequences in passes:  # all passes dispatched first: the host packs the next while one runs
+            b = -(-min(batch_bucket(len(sequences)), rows_cap) // self.divisor) * self.divisor
+            ids, segment_ids, positions, nxt = (np.zeros((b, t), np.int32) for _ in range(4))
+            spans = []
+            for j, sequence in enumerate(sequences):
+                offset = 0
+                for segment, r in enumerate(sequence, start=1):
+                    n = len(rows[r])
+                    ids[j, offset : offset + n] = rows[r]
+                    nxt[j, offset : offset + n - 1] = rows[r][1:]
+                    segment_ids[j, offset : offset + n] = segment
+                    positions[j, offset : offset + n] = np.arange(n)
+                    spans.append((r, j, offset, n))
+                    offset += n
+            args = [jax.device_put(a, self.sharding) for a in (ids, positions, segment_ids, nxt)]
             self.shapes.add((b, t))
             with jax.set_mesh(self.mesh):
-                out = jax.device_get(self._forward(self.state, *args))
-            for j, r in enumerate(chunk):
-                n = len(rows[r])
-                results[r] = (out[0][j, :n], out[1][j, :n], out[2][j, :n], out[3][j, :n])
+                dispatched.append((spans, self._forward(self.state, *args)))
+        results: list[Scores | None] = [None] * len(rows)
+        for spans, out in dispatched:
+            out = jax.device_get(out)
+            for r, j, offset, n in spans:
+                results[r] = tuple(a[j, offset : offset + n] for a in out)  # type: ignore[assignment]
         return results  # type: ignore[return-value]
 
 
@@ -363,10 +387,11 @@ class TeacherAPI:
                 "cached_tokens": 0,
             }
             if logprob:
-                decoded = self.texts if with_text else None
-                token_lps, top = sglang_input_logprobs(tokens, ids, lps, nxt_lp, k, decoded)
-                meta["input_token_logprobs"] = token_lps[start:]
-                meta["input_top_logprobs"] = top[start:] if k else [None] * len(token_lps[start:])
+                token_lps, top = sglang_input_logprobs(
+                    tokens, ids, lps, nxt_lp, k, self.frags, with_text=with_text, start=start
+                )
+                meta["input_token_logprobs"] = orjson.Fragment(token_lps)
+                meta["input_top_logprobs"] = orjson.Fragment(top) if k else [None] * max(len(tokens) - start, 0)
                 text = (lambda t: self.text(t)) if with_text else (lambda t: None)
                 meta["output_token_logprobs"] = [[max(float(lps[-1, 0]), -9999.0), g, text(g)] for g in generated]
                 meta["output_top_logprobs"] = [

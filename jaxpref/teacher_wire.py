@@ -137,8 +137,9 @@ def parse_answer(server: str, answer: Any, lengths: Sequence[int]) -> list[Teach
 
 
 class TokenFragments:
-    """Per token id, the constant parts of a vLLM ``prompt_logprobs`` entry as JSON text:
-    ``key[t]`` = ``"t":{"logprob":`` and ``tail[t]`` = ``,"decoded_token":"<text>"}``.
+    """Per token id, the constant parts of an answer's entries as JSON text: vLLM's ``prompt_logprobs``
+    ``key[t]`` = ``"t":{"logprob":`` and ``tail[t]`` = ``,"decoded_token":"<text>"}``; SGLang's
+    ``sg_null[t]`` = ``,t,null]`` and ``sg_text[t]`` = ``,t,"<text>"]``.
 
     ``texts``: the decoded text of each id (None: ``decoded_token`` is null).
     """
@@ -148,6 +149,9 @@ class TokenFragments:
         null = ',"decoded_token":null}'
         self.tail = [null] * vocab_size if texts is None else [',"decoded_token":' + json.dumps(x) + "}" for x in texts]
         self.rank = [f',"rank":{r}' for r in range(vocab_size + 1)]
+        # SGLang's [logprob, id, text] entries after the log-prob, with the text and with null
+        self.sg_null = [f",{t},null]" for t in range(vocab_size)]
+        self.sg_text = self.sg_null if texts is None else [f",{t},{json.dumps(x)}]" for t, x in enumerate(texts)]
 
 
 def vllm_prompt_logprobs(
@@ -187,17 +191,23 @@ def sglang_input_logprobs(
     top_logprobs: np.ndarray,
     next_logprob: np.ndarray,
     k: int,
-    decoded: Sequence[str] | None,
-) -> tuple[list[list[Any]], list[list[list[Any]] | None]]:
-    """SGLang's ``(input_token_logprobs, input_top_logprobs)`` of one row (shapes as
-    :func:`vllm_prompt_logprobs`; ``decoded`` None: texts are null, as without ``return_text_in_logprobs``)."""
-    text = (lambda t: decoded[t]) if decoded is not None else (lambda t: None)
-    ids, lps = top_ids[:, :k].tolist(), np.maximum(top_logprobs[:, :k], LOGPROB_FLOOR).tolist()
+    frags: TokenFragments,
+    *,
+    with_text: bool = False,
+    start: int = 0,
+) -> tuple[str, str]:
+    """SGLang's ``input_token_logprobs`` and ``input_top_logprobs`` of one row from position ``start`` on,
+    as JSON text (shapes as :func:`vllm_prompt_logprobs`): ``[[logprob | null, id, text | null], ...]``
+    and ``[null, [[logprob, id, text | null] x k], ...]`` (texts null unless ``with_text``, as SGLang
+    without ``return_text_in_logprobs``)."""
+    tail = frags.sg_text if with_text else frags.sg_null
+    ids = top_ids[:, :k].tolist()
+    lps = np.maximum(top_logprobs[:, :k], LOGPROB_FLOOR).tolist()
     nxt = np.maximum(next_logprob, LOGPROB_FLOOR).tolist()
-    token_lps: list[list[Any]] = [[None, int(tokens[0]), text(int(tokens[0]))]]
-    top: list[list[list[Any]] | None] = [None]
-    for i in range(1, len(tokens)):
-        token = int(tokens[i])
-        token_lps.append([nxt[i - 1], token, text(token)])
-        top.append([[lp, t, text(t)] for t, lp in zip(ids[i - 1], lps[i - 1])])
-    return token_lps, top
+    toks = tokens.tolist()
+    token_lps = ["[null" + tail[toks[0]]] + ["[" + repr(nxt[i - 1]) + tail[toks[i]] for i in range(1, len(toks))]
+    top = ["null"] + [
+        "[" + ",".join(["[" + repr(v) + tail[t] for t, v in zip(ids[i - 1], lps[i - 1])]) + "]"
+        for i in range(1, len(toks))
+    ]
+    return "[" + ",".join(token_lps[start:]) + "]", "[" + ",".join(top[start:]) + "]"

@@ -243,3 +243,31 @@ def test_a_server_that_comes_back_is_retried_until_it_answers(server):
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     asyncio.run_coroutine_threadsafe(api.batcher.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_server_applies_kd_teacher_adapter(tmp_path, teacher_dir, chat_rows):
+    """kd_teacher_adapter: the served log-probs are those of the teacher with the PEFT adapter (merged)."""
+    import jax
+    from flax import nnx
+
+    from jaxpref import lora
+
+    model = models.from_pretrained(teacher_dir)
+    lora.apply_lora(model, lora.LoraConfig(r=2, alpha=8.0, dropout=0.0, target_modules=("q_proj", "down_proj")),
+                    rngs=nnx.Rngs(0))  # fmt: skip
+    for var in jax.tree.leaves(nnx.state(model, nnx.LoRAParam), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var.value = jax.random.normal(jax.random.key(var.value.size), var.value.shape) * 0.3  # B != 0: it matters
+    lora.export_peft_adapter(model, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    models.save_pretrained(lora.merge_lora(model), merged)
+    cfg = load_teacher_config(
+        teacher_config(tmp_path, teacher_dir, chat_rows, kd_teacher_adapter=str(tmp_path / "adapter"))
+    )
+    with BackgroundServer(build_api(cfg, ServeSettings(max_top_k=MAX_K, max_model_len=MAX_LEN))) as srv:
+        _, answer = post(srv.url, {"prompt": PROMPTS[0], "prompt_logprobs": 3})
+    with_adapter, base = brute_force(merged, PROMPTS[0]), brute_force(teacher_dir, PROMPTS[0])
+    got = answer["choices"][0]["prompt_logprobs"]
+    for i in range(1, len(PROMPTS[0])):
+        for t, v in got[i].items():
+            np.testing.assert_allclose(v["logprob"], with_adapter[i - 1, int(t)], atol=2e-5)
+    assert np.abs(with_adapter - base).max() > 1e-2
