@@ -110,10 +110,12 @@ def abstract_trainer(cfg: Any, mesh: Any) -> tuple[Any, dict[str, jax.ShapeDtype
     companions = nnx.eval_shape(
         lambda: build_companions(cfg, objective.companions, len(tokenizer), mesh, weights=False)
     )
-    tx, _ = make_optimizer(cfg, int(cfg.max_steps or 2**31 - 1))
+    total_steps = int(cfg.max_steps or 2**31 - 1)
+    tx, _ = make_optimizer(cfg, total_steps)
     trainer = Trainer(
         model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
         seed=cfg.seed, companions=companions,
+        step_inputs=objective.schedules(total_steps) if objective.schedules else None,
     )  # fmt: skip
     return trainer, batch
 

@@ -32,6 +32,10 @@ CASES = {
     "kd_online_teacher": ("sft.yaml", ["datasets.0.split=train[:16]", "sequence_len=128", "kd_trainer=true",
                                        f"kd_teacher_model={REPO / 'demo' / 'teacher'}", "kd_teacher_top_k=8",
                                        "kd_ce_alpha=0.5"]),
+    # targets from a teacher server (never asked: the lowering only needs their shapes), a scheduled T
+    "kd_teacher_server": ("sft.yaml", ["datasets.0.split=train[:16]", "sequence_len=128", "kd_trainer=true",
+                                       "kd_online_server_base_url=http://127.0.0.1:9", "kd_online_topk=8",
+                                       "kd_temperature=2.0", "kd_temperature_min=1.0", "kd_ce_alpha=0.5"]),
     "dpo_lora_adapter_off_reference": ("dpo_lora.yaml", ["datasets.0.split=train[:8]",
                                                          "rl_adapter_ref_model=false"]),
     "kto": ("kto.yaml", ["datasets.0.split=train[:8]", "gradient_checkpointing=true"]),

@@ -181,12 +181,16 @@ def test_pipeline_targets_are_the_teachers_topk_at_each_trainable_position(
 
 
 @pytest.mark.slow
-def test_online_teacher_equals_stored_teacher_dataset(tmp_path, kd_output, teacher_dir):
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_online_teacher_equals_stored_teacher_dataset(tmp_path, kd_output, teacher_dir, scheduled):
     """The KD objective with kd_teacher_model (online, top-k at kd_temperature) and the objective
     reading the stored dataset (T_gen = 1.5 rescaled to kd_temperature = 2) give the same loss and
-    gradient on the same batch: same K, same alignment."""
+    gradient on the same batch: same K, same alignment. With kd_temperature_min (at T = 1.7 this step)
+    both keep their targets at T = 1 and rescale them in the step."""
     info = json.loads((kd_output / "teacher_info.json").read_text())
     options = dict(kd_temperature=2.0, kd_teacher_top_k=K, kd_beta=0.3, kd_ce_alpha=0.4, micro_batch_size=2)
+    if scheduled:
+        options["kd_temperature_min"] = 1.0
     offline_cfg = load_config(kd_config(tmp_path, teacher_dir, info, **options))
     online_cfg = offline_cfg.model_copy(update={"kd_teacher_model": str(teacher_dir)})
     offline, online = build_objective(offline_cfg, "kd"), build_objective(online_cfg, "kd")
@@ -208,8 +212,11 @@ def test_online_teacher_equals_stored_teacher_dataset(tmp_path, kd_output, teach
 
     offline_fn, online_fn = loss_and_grad(offline), loss_and_grad(online)
     for _, batch in zip(range(1), data.train_iterator(1)):
+        if scheduled:
+            batch = {**batch, "kd_temperature": np.float32(1.7)}
         off_loss, off_grad = offline_fn(student, batch, {})
-        on_loss, on_grad = online_fn(student, {k: batch[k] for k in online.batch_keys}, companions)
+        on_batch = {k: batch[k] for k in (*online.batch_keys, *(["kd_temperature"] if scheduled else []))}
+        on_loss, on_grad = online_fn(student, on_batch, companions)
         assert float(off_loss) > 0.1
         np.testing.assert_allclose(float(on_loss), float(off_loss), rtol=2e-5)
         for a, b in zip(jax_leaves(on_grad), jax_leaves(off_grad)):
