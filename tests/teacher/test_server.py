@@ -271,3 +271,35 @@ def test_the_server_applies_kd_teacher_adapter(tmp_path, teacher_dir, chat_rows)
         for t, v in got[i].items():
             np.testing.assert_allclose(v["logprob"], with_adapter[i - 1, int(t)], atol=2e-5)
     assert np.abs(with_adapter - base).max() > 1e-2
+
+
+def test_axolotls_online_collator_requests_are_answered_as_it_parses_them(server):
+    """The bodies axolotl's OnlineTeacherCollator sends (integrations/kd/collator_online_teacher.py), with
+    its extra fields, and the checks its parser makes on the answers."""
+    k = 4
+    vllm_body = {
+        "prompt": PROMPTS, "echo": True, "logprobs": True, "prompt_logprobs": k, "top_logprobs": k,
+        "max_new_tokens": 0, "skip_special_tokens": False, "temperature": 2.0, "sampling_params": {"max_tokens": 0},
+    }  # fmt: skip
+    status, answer = post(server.url, vllm_body)
+    assert status == 200 and len(answer["choices"]) == len(PROMPTS)
+    for tokens, choice in zip(PROMPTS, answer["choices"]):
+        positions = choice["prompt_logprobs"]
+        assert len(positions) == len(tokens) and positions[0] is None
+        assert all(isinstance(p, dict) and all(isinstance(v, dict) for v in p.values()) for p in positions[1:])
+        assert all(len(p) >= k for p in positions[1:])
+    sglang_body = {
+        "input_ids": PROMPTS, "return_logprob": True, "top_logprobs_num": k, "logprob_start_len": 0,
+        "return_text_in_logprobs": True, "echo": True,
+        "sampling_params": {"max_new_tokens": 0, "temperature": 2.0, "skip_special_tokens": False},
+    }  # fmt: skip
+    status, answer = post(server.url, sglang_body, "/generate")
+    assert status == 200 and isinstance(answer, list) and len(answer) == len(PROMPTS)
+    for tokens, item in zip(PROMPTS, answer):
+        top = item["meta_info"]["input_top_logprobs"]
+        assert len(top) == len(tokens) and top[0] is None
+        assert all(len(p) == k and all(len(e) == 3 and isinstance(e[2], str) for e in p) for p in top[1:])
+    # the request's temperature does not change prompt log-probs (docs/kd_server.md)
+    _, cold = post(server.url, {**vllm_body, "temperature": 0.5})
+    _, warm = post(server.url, {**vllm_body, "temperature": 2.0})
+    assert cold["choices"][0]["prompt_logprobs"] == warm["choices"][0]["prompt_logprobs"]
