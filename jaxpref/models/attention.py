@@ -105,6 +105,27 @@ def attention(
         return _dot_product_attention(q, k, v, segment_ids, "xla")
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
+    """One query per row against a KV cache (generation); softmax in float32.
+
+    Args:
+      q: [B, 1, N, D] queries (RoPE applied).
+      k, v: [B, S, K, D] cached keys and values, N a multiple of K.
+      slots: int [B] the last cache slot row b may see (its query's own slot); later slots are masked.
+    Returns:
+      [B, 1, N, D] in q's dtype.
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    visible = jnp.arange(k.shape[1])[None, :] <= slots[:, None]
+    s = jnp.where(visible[:, None, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, d).astype(q.dtype)
+
+
 def _dot_product_attention(q, k, v, segment_ids, implementation: str) -> jax.Array:
     if segment_ids is None:
         mask, is_causal = None, True

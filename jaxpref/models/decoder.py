@@ -130,14 +130,95 @@ class CausalLM(nnx.Module):
         batch, length = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        cfg = self.config
-        # With LoRA the table trains only as its modules_to_save copy (used with the adapters on).
-        frozen_table = self.lora_config is not None and (not use_adapters or self.embed_tokens.embedding_copy is None)
-        x = self.embed_tokens(input_ids, use_adapters=use_adapters, frozen=frozen_table)
-        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x = self._embed(input_ids, use_adapters)
+        cos, sin = self._rope(positions)
         layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
         x = self._run_layers(x, cos, sin, segment_ids, layer_keys, use_adapters)
         return self.norm(x)
+
+    def _embed(self, input_ids: jax.Array, use_adapters: bool) -> jax.Array:
+        # With LoRA the table trains only as its modules_to_save copy (used with the adapters on).
+        frozen_table = self.lora_config is not None and (not use_adapters or self.embed_tokens.embedding_copy is None)
+        return self.embed_tokens(input_ids, use_adapters=use_adapters, frozen=frozen_table)
+
+    def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        return rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    # --- generation: a KV cache [layers, B, S, kv_heads, head_dim] for k and v, compute dtype ---
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+        """Zero (k, v) caches, each [layers, batch, max_len, kv_heads, head_dim] in the compute dtype."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def prefill(
+        self,
+        input_ids: jax.Array,
+        lengths: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        *,
+        use_adapters: bool = True,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Run right-padded prompts and fill cache slots 0..T-1.
+
+        Args:
+          input_ids: int [B, T] prompts, row b's tokens at 0..lengths[b]-1, anything after (padding:
+            its keys land in slots that decoding overwrites before they become visible).
+          lengths: int [B] prompt lengths (at least 1).
+          cache: (k, v) from ``init_cache`` with max_len >= T.
+        Returns:
+          (final hidden state [B, H] at each row's last prompt token (after the norm), cache).
+        """
+        batch, length = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        x = self._embed(input_ids, use_adapters)
+        cos, sin = self._rope(positions)
+        x, cache = self._run_layers_cached(x, cos, sin, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return self.norm(last), cache
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        *,
+        use_adapters: bool = True,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One generation step: token [B] of row b at position (= cache slot) positions[b], attending to
+        slots 0..positions[b]. Returns (final hidden state [B, H], cache with the new keys/values)."""
+        positions = positions.astype(jnp.int32)
+        x = self._embed(tokens[:, None], use_adapters)
+        cos, sin = self._rope(positions[:, None])
+        x, cache = self._run_layers_cached(x, cos, sin, cache, positions, use_adapters)
+        return self.norm(x[:, 0]), cache
+
+    def _run_layers_cached(self, x, cos, sin, cache, slots, use_adapters: bool):
+        # The full cache rides in the scan carry; each layer reads its slice and writes back only the
+        # new tokens' keys/values (prefill: slots 0..T-1; decode: one slot per row), in place.
+        graphdef, state = nnx.split(self.layers)
+        state, restore = _frozen_as_bits(state, self.lora_config is not None)
+        prefill = x.shape[1] > 1
+        rows = jnp.arange(x.shape[0])
+
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            layer_state, i = xs
+            block = nnx.merge(graphdef, restore(layer_state))
+            x, k, v = block.cached(x, cos, sin, k_all[i], v_all[i], slots, use_adapters=use_adapters)
+            if prefill:
+                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, 0, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, 0, 0, 0))
+            else:
+                k_all = k_all.at[i, rows, slots].set(k[:, 0].astype(k_all.dtype))
+                v_all = v_all.at[i, rows, slots].set(v[:, 0].astype(v_all.dtype))
+            return (x, k_all, v_all), None
+
+        layer_ids = jnp.arange(self.config.num_hidden_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, *cache), (state, layer_ids))
+        return x, (k_all, v_all)
 
     def _layer_dropout_keys(
         self, use_adapters: bool, deterministic: bool, dropout_key: jax.Array | None

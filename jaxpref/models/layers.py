@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpref import platform
-from jaxpref.models.attention import attention
+from jaxpref.models.attention import attention, decode_attention
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.rope import apply_rope
 
@@ -189,15 +189,58 @@ class Attention(nnx.Module):
         dropout_keys: jax.Array | None,
     ) -> jax.Array:
         """x [B, T, H], cos/sin [B, T, D] -> [B, T, H]."""
+        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=dropout_keys)
+        out = attention(q, k, v, segment_ids=segment_ids, impl=self.attention_impl)
+        return self.o_proj(out, dropout_key=_key(dropout_keys, 3), use_adapters=use_adapters)
+
+    def _qkv(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed and rotated)."""
         kw = dict(use_adapters=use_adapters)
         q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
         k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
         v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, segment_ids=segment_ids, impl=self.attention_impl)
-        return self.o_proj(out, dropout_key=_key(dropout_keys, 3), **kw)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def cached(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        slots: jax.Array,
+        *,
+        use_adapters: bool,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention for generation with this layer's KV cache (no dropout).
+
+        Two modes, by the static length T of ``x`` [B, T, H]:
+
+        * prefill (T > 1): the T tokens are positions 0..T-1 of each row (right-padded prompts),
+          attend causally among themselves (``attention``, the training kernel) and go to cache
+          slots 0..T-1. Padding tokens after a row's prompt never influence its real tokens.
+        * decode (T == 1): row b's token sits at position and cache slot ``slots[b]`` and attends
+          to cache slots 0..slots[b] (its own new key included): a plain einsum with GQA grouping.
+
+        Args:
+          k_cache, v_cache: [B, S, K, D] this layer's cache before the step (compute dtype).
+          slots: int [B] the decode token's slot (ignored in prefill).
+        Returns:
+          (out [B, T, H], k, v): the new keys and values [B, T, K, D] for the caller to store.
+        """
+        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=None)
+        if x.shape[1] > 1:
+            out = attention(q, k, v, impl=self.attention_impl)
+        else:
+            rows = jnp.arange(x.shape[0])
+            keys = k_cache.at[rows, slots].set(k[:, 0])
+            values = v_cache.at[rows, slots].set(v[:, 0])
+            out = decode_attention(q, keys, values, slots)
+        return self.o_proj(out, use_adapters=use_adapters), k, v
 
 
 class MLP(nnx.Module):
@@ -255,3 +298,21 @@ class Block(nnx.Module):
             self.input_layernorm(x), cos, sin, segment_ids, use_adapters=use_adapters, dropout_keys=keys
         )
         return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=keys)
+
+    def cached(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        slots: jax.Array,
+        *,
+        use_adapters: bool,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block for generation (see ``Attention.cached``): (x [B, T, H], new keys, new values)."""
+        attn, k, v = self.self_attn.cached(
+            self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, use_adapters=use_adapters
+        )
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None), k, v
