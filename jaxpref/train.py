@@ -184,6 +184,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         log=run_log.log,
         progress=run_log.advance,
         learning_rate=lambda s: float(schedule(s)),
+        generation=generation_hook(cfg, data_settings, tokenizer, trainer) if data.has_eval else None,
     )
     try:
         result = fit(trainer, data_iter, settings, hooks)
@@ -209,6 +210,17 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     distributed.barrier("run-done", timeout_s=3600)  # leave together: JAX's shutdown barrier is short
     run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
     return {**result, "output_dir": str(out_dir), "steps": trainer.step}
+
+
+def generation_hook(cfg: Any, data_settings: Any, tokenizer: Any, trainer: Any) -> Any:
+    """``eval_generation``: a function of the step that completes and scores eval rows with the current model."""
+    if cfg.eval_generation is None:
+        return None
+    from jaxpref.data.pipeline import eval_source_rows
+    from jaxpref.eval_generation import GenerationEval
+
+    evaluate = GenerationEval(cfg.eval_generation, eval_source_rows(data_settings), tokenizer, seed=cfg.seed)
+    return lambda step: evaluate(trainer.model(), step)
 
 
 def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:

@@ -358,6 +358,7 @@ class LoopHooks:
     log: Callable[[int, str, dict[str, float]], None] | None = None
     progress: Callable[[int, dict[str, float]], None] | None = None
     learning_rate: Callable[[int], float] | None = None
+    generation: Callable[[int], dict[str, float]] | None = None  # evaluation by generation at this step
 
 
 def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSettings, hooks: LoopHooks) -> dict[str, Any]:
@@ -400,6 +401,8 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
             step % settings.eval_every == 0 or step == settings.total_steps
         ):
             last_eval = trainer.evaluate(hooks.eval_batches())
+            if hooks.generation:
+                last_eval.update(hooks.generation(step))
             if hooks.log and last_eval:
                 hooks.log(step, "eval", last_eval)
         if hooks.save and settings.save_every and step % settings.save_every == 0:

@@ -1,4 +1,5 @@
-"""Nested config sections: ``mesh``, ``distributed``, ``fused_kernel``, ``special_tokens`` and one dataset entry."""
+"""Nested config sections: ``mesh``, ``distributed``, ``fused_kernel``, ``special_tokens``,
+``eval_generation`` and one dataset entry."""
 
 from __future__ import annotations
 
@@ -69,6 +70,36 @@ class FusedKernelConfig(Section):
     )
     block_n: int | None = Field(None, ge=1, description="Rows per block; None = the per-backend table.")
     block_v: int | None = Field(None, ge=1, description="Vocabulary entries per block; None = the table.")
+
+
+class EvalGenerationConfig(Section):
+    """Evaluation by generation: at each evaluation, complete eval rows with the model and score them."""
+
+    samples: int = Field(32, ge=1, description="Eval rows generated for (the first N of the eval set, fixed).")
+    max_new_tokens: int = Field(64, ge=1, description="New tokens per completion.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (default); > 0: sampled with the run's seed.")
+    metric: str = Field(
+        "exact_match",
+        description="exact_match (completion == reference after stripping whitespace), or package.module:function "
+        "called as function(completion, reference, row) -> float.",
+    )
+    field_messages: str = Field(
+        "messages",
+        description="Conversation rows: the conversation's field; the prompt is every turn but a final assistant "
+        "turn, which is the reference.",
+    )
+    prompt_field: str | None = Field(
+        None, description="Flat rows: the prompt's field (sent as one user turn); needs reference_field."
+    )
+    reference_field: str | None = Field(None, description="Flat rows: the reference answer's field.")
+
+    @model_validator(mode="after")
+    def _fields(self) -> EvalGenerationConfig:
+        if (self.prompt_field is None) != (self.reference_field is None):
+            raise ValueError("prompt_field and reference_field go together (flat rows); set both or neither")
+        if self.metric != "exact_match" and ":" not in self.metric:
+            raise ValueError(f"metric: {self.metric!r}; use exact_match or package.module:function")
+        return self
 
 
 class DistributedConfig(Section):

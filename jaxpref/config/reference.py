@@ -22,6 +22,7 @@ from jaxpref.config.axolotl_keys import AXOLOTL_VERSION
 from jaxpref.config.nested import (
     DatasetConfig,
     DistributedConfig,
+    EvalGenerationConfig,
     FusedKernelConfig,
     MeshConfig,
     SpecialTokensConfig,
@@ -135,6 +136,7 @@ def config_reference_markdown() -> str:
     parts.append(_table("## `distributed`", DistributedConfig))
     parts.append(_table("## `fused_kernel`", FusedKernelConfig))
     parts.append(_table("## `special_tokens`", SpecialTokensConfig))
+    parts.append(_table("## `eval_generation`", EvalGenerationConfig))
     parts.append(_table("## `datasets` / `test_datasets` entries", DatasetConfig))
     parts.append(_axolotl_section())
     return "\n".join(parts)

@@ -238,6 +238,12 @@ class JaxprefConfig(*SECTIONS):
             )
         p.extend(self._preference_problems())
         p.extend(self._kd_problems())
+        if self.eval_generation is not None:
+            if not (self.val_set_size or self.test_datasets):
+                warn("eval_generation has no effect without an eval set (val_set_size or test_datasets)")
+            streamed = [ds for ds in [*(self.datasets or []), *(self.test_datasets or [])] if ds.streaming]
+            if streamed:
+                p.append("eval_generation: reads the eval rows in memory; it does not work with streaming datasets")
         return p
 
     def _kd_problems(self) -> list[str]:

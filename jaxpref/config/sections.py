@@ -17,6 +17,7 @@ from jaxpref.config.nested import (
     ChatTemplateName,
     DatasetConfig,
     DistributedConfig,
+    EvalGenerationConfig,
     FusedKernelConfig,
     MeshConfig,
     Section,
@@ -228,6 +229,11 @@ class RunSection(Section):
         None,
         description="Objective override: a registered name (sft, kd, dpo, ...) or package.module:builder; "
         "default: from rl / reward_model / kd_trainer, else sft.",
+    )
+    eval_generation: EvalGenerationConfig | None = Field(
+        None,
+        description="Evaluation by generation (see eval_generation below): at each evaluation, complete a fixed "
+        "sample of eval rows with the model and log the metric as eval generation_<metric>.",
     )
     use_tensorboard: bool = Field(True, description="Write TensorBoard event files to output_dir.")
     wandb_project: str | None = Field(None, description="W&B project; W&B logging is on when set (and installed).")

@@ -188,6 +188,22 @@ def formatted_rows(
     return grain.MapDataset.concatenate(parts)
 
 
+def eval_source_rows(settings: DataSettings) -> list[dict[str, Any]]:
+    """The raw rows of the eval set, before formatting, in the order the pipeline splits them: the
+    ``test_datasets`` rows, or the first ``val_set_size`` rows of the shuffled ``datasets`` ([] without
+    an eval set). Rows the pipeline drops as bad are included; the caller skips what it cannot use."""
+    key = "test_datasets" if settings.test_datasets else "datasets"
+    if key == "datasets" and not settings.val_set_size:
+        return []
+    entries = load_entries(list(getattr(settings, key)), key=key)
+    parts = [grain.MapDataset.range(len(ds)).map(ds.__getitem__) for ds in entries]
+    rows = grain.MapDataset.concatenate(parts)
+    if key == "test_datasets":
+        return [rows[i] for i in range(len(rows))]
+    rows = rows.shuffle(seed=int(settings.seed))  # the permutation of _load_examples: same length, same seed
+    return [rows[i] for i in range(_val_count(float(settings.val_set_size), len(rows)))]
+
+
 def _val_count(val_set_size: float, n: int) -> int:
     if not val_set_size:
         return 0
