@@ -162,26 +162,23 @@ def build_kd_data() -> None:
 
 
 def greedy_accuracy(model_dir: Path, rows: list[dict], max_new_tokens: int = 12) -> dict[str, dict]:
-    """Exact-match accuracy of greedy answers per task, with transformers (torch) as the decoder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Exact-match accuracy of greedy answers per task, decoded by jaxpref's own sampler
+    (``jaxpref.generation``: greedy equals transformers' ``generate``, tests/generation/test_sampler.py)."""
+    from transformers import AutoTokenizer
+
+    from jaxpref import models
+    from jaxpref.generation import SamplingSettings, generate
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32).eval()
+    prompts = [row["messages"][:-1] for row in rows]
+    ids = [tok.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"] for p in prompts]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, stop_token_ids=(tok.eos_token_id,))
+    result = generate(models.from_pretrained(str(model_dir)), ids, settings, batch_size=64)
     stats: dict[str, dict] = {}
     examples: dict[str, list] = {}
-    for row in rows:
-        prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
-        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        got = tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+    for prompt, row, tokens in zip(prompts, rows, result.tokens):
+        answer = row["messages"][-1]["content"]
+        got = tok.decode(tokens, skip_special_tokens=True).strip()
         task = task_of(prompt[-1]["content"])
         s = stats.setdefault(task, {"n": 0, "correct": 0})
         s["n"] += 1
