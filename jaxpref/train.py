@@ -149,7 +149,12 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch, total_steps) or steps_per_epoch,
         skip_nonfinite=cfg.skip_nonfinite_steps,
     )
-    data_iter = data.train_iterator(cfg.num_epochs if not cfg.max_steps else None)
+    epochs = cfg.num_epochs if not cfg.max_steps else None
+    on_policy = on_policy_hook(cfg, tokenizer, trainer, data)
+    if on_policy is not None and on_policy.targets is not None and cfg.kd_on_policy_ratio >= 1:
+        data_iter = data.data.train_iterator(epochs)  # every step is rebuilt: no server targets for the data's rows
+    else:
+        data_iter = data.train_iterator(epochs)
     ckpt = Checkpointer(ckpt_root, max_to_keep=cfg.save_total_limit)
     if resume_step is None and ckpt_root == out_dir / CHECKPOINTS and cfg.resume_from_checkpoint == "auto":
         resume_step = ckpt.latest_step()
@@ -185,6 +190,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         progress=run_log.advance,
         learning_rate=lambda s: float(schedule(s)),
         generation=generation_hook(cfg, data_settings, tokenizer, trainer) if data.has_eval else None,
+        prepare_step=on_policy,
     )
     try:
         result = fit(trainer, data_iter, settings, hooks)
@@ -207,6 +213,11 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         run_log.close()
         if hasattr(data, "close"):
             data.close()
+    if on_policy is not None and on_policy.steps:
+        run_log.message(
+            f"on-policy: {on_policy.steps} step(s) sampled from the student, {on_policy.total_sampling_s:.1f} s "
+            "sampling in all"
+        )
     distributed.barrier("run-done", timeout_s=3600)  # leave together: JAX's shutdown barrier is short
     run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
     return {**result, "output_dir": str(out_dir), "steps": trainer.step}
@@ -221,6 +232,24 @@ def generation_hook(cfg: Any, data_settings: Any, tokenizer: Any, trainer: Any) 
 
     evaluate = GenerationEval(cfg.eval_generation, eval_source_rows(data_settings), tokenizer, seed=cfg.seed)
     return lambda step: evaluate(trainer.model(), step)
+
+
+def on_policy_hook(cfg: Any, tokenizer: Any, trainer: Any, data: Any) -> Any:
+    """``kd_on_policy_ratio`` > 0: the loop's ``prepare_step`` that rebuilds on-policy steps (``jaxpref.on_policy``)."""
+    if not cfg.kd_on_policy_ratio:
+        return None
+    from jaxpref.generation.prompts import stop_token_ids
+    from jaxpref.on_policy import OnPolicySettings, OnPolicyStep
+
+    settings = OnPolicySettings(
+        ratio=cfg.kd_on_policy_ratio,
+        max_new_tokens=cfg.kd_on_policy_max_new_tokens,
+        temperature=cfg.kd_on_policy_temperature,
+        sequence_len=cfg.sequence_len,
+        stop_token_ids=stop_token_ids(tokenizer),
+    )
+    targets = data.targets if cfg.kd_online_server_base_url else None  # ServedTeacherData's ServedTargets
+    return OnPolicyStep(trainer.model, settings, cfg.seed, targets)
 
 
 def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:

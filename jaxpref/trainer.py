@@ -359,6 +359,9 @@ class LoopHooks:
     progress: Callable[[int, dict[str, float]], None] | None = None
     learning_rate: Callable[[int], float] | None = None
     generation: Callable[[int], dict[str, float]] | None = None  # evaluation by generation at this step
+    # (step, its micro-batches) -> (the micro-batches to train on, metrics of the step); e.g. on-policy KD.
+    # It must return the same metric keys on every step (the logging window averages them).
+    prepare_step: Callable[[int, list[NumpyBatch]], tuple[list[NumpyBatch], dict[str, float]]] | None = None
 
 
 def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSettings, hooks: LoopHooks) -> dict[str, Any]:
@@ -374,7 +377,11 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
             break
         step_before = trainer.step
         lr = hooks.learning_rate(step_before) if hooks.learning_rate else float("nan")
+        extra: dict[str, float] = {}
+        if hooks.prepare_step:
+            micro, extra = hooks.prepare_step(step_before, micro)
         stats = trainer.train_step(micro)
+        stats.update(extra)
         if not stats.pop("finite"):
             msg = (
                 f"non-finite loss or gradient at step {trainer.step} (loss={stats['loss']}, "
@@ -420,4 +427,6 @@ def _summarize_window(window: list[dict[str, float]], elapsed: float) -> dict[st
     out.pop("num_items", None)
     out["step_time"] = elapsed / len(window)
     out["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+    if "sampling_seconds" in out:  # on-policy KD: the share of step time spent sampling
+        out["sampling_share"] = out["sampling_seconds"] / out["step_time"] if out["step_time"] > 0 else 0.0
     return out

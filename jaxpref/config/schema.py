@@ -268,6 +268,15 @@ class JaxprefConfig(*SECTIONS):
             warn("kd_online_topk has no effect without kd_online_server_base_url")
         if self.kd_temperature_min is not None and not self.kd_trainer:
             warn("kd_temperature_min has no effect without kd_trainer")
+        if self.kd_on_policy_ratio > 0:
+            if not self.kd_trainer:
+                p.append("kd_on_policy_ratio: on-policy distillation is a KD setting; set kd_trainer: true")
+            elif not (self.kd_teacher_model or self.kd_online_server_base_url):
+                p.append(
+                    f"kd_on_policy_ratio={self.kd_on_policy_ratio}: on-policy steps train on the student's own "
+                    "completions, which stored KD targets cannot score; set kd_teacher_model (a teacher run in the "
+                    "train step) or kd_online_server_base_url (a teacher server), or kd_on_policy_ratio: 0"
+                )
         return p
 
     def _preference_problems(self) -> list[str]:

@@ -376,6 +376,21 @@ class KDSection(Section):
         description="Teacher server: retries of a failed request (0.5 s, 1 s, 2 s ... backoff, capped at 30 s) "
         "before the run stops with an error; the last checkpoint stays, and the run resumes from it.",
     )
+    kd_on_policy_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="On-policy distillation (GKD; TRL GKDConfig's lmbda, default 0.5 there, 0 = off here): this "
+        "fraction of the optimizer steps trains on the student's own completions of the batch's prompts, "
+        "scored by the teacher (step s is on-policy when floor((s+1)*ratio) > floor(s*ratio)). Needs "
+        "kd_teacher_model or kd_online_server_base_url.",
+    )
+    kd_on_policy_max_new_tokens: int = Field(
+        128, ge=1, description="On-policy steps: completion tokens sampled per prompt, at most (TRL GKD default)."
+    )
+    kd_on_policy_temperature: float = Field(
+        0.9, ge=0, description="On-policy steps: sampling temperature, 0 = greedy (TRL GKD default 0.9)."
+    )
 
 
 class TeacherSection(Section):

@@ -204,3 +204,21 @@ def test_a_server_killed_mid_run_stops_the_run_with_a_clear_error_and_the_rerun_
     assert result["steps"] == last + 2
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "train"][-2:] == [last + 1, last + 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_on_policy_steps_get_their_targets_from_the_server(tmp_path, teacher_dir, rows, server, ratio):
+    """kd_on_policy_ratio with a teacher server: the rebuilt micro-batches are scored by the server
+    (at 1.0 the data's own rows are never sent)."""
+    from jaxpref.train import run
+
+    path = served(tmp_path, teacher_dir, rows, server.url, output_dir=str(tmp_path / "out"), max_steps=2,
+                  logging_steps=1, use_tensorboard=False, val_set_size=0, kd_on_policy_ratio=ratio,
+                  kd_on_policy_max_new_tokens=16)
+    result = run(load_config(path), show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["split"] == "train"]
+    assert result["steps"] == 2 and [r["on_policy"] for r in train] == ([0.0, 1.0] if ratio < 1 else [1.0, 1.0])
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    assert train[-1]["sampling_seconds"] > 0 and train[-1]["completion_tokens"] > 0

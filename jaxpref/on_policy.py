@@ -1,0 +1,183 @@
+"""On-policy distillation (GKD, TRL's ``GKDTrainer`` ``lmbda``): some steps train on the student's own samples.
+
+With ``kd_on_policy_ratio`` r > 0, optimizer step s is on-policy when
+``floor((s + 1) * r) > floor(s * r)``: exactly floor(N * r) of the first N steps, a function of the step
+number alone (a resumed run picks the same steps). On such a step the loop hands the step's
+micro-batches to :func:`on_policy_batches` before the train step:
+
+* every packed segment of every micro-batch gives one prompt: the segment's tokens before its first
+  trained token (token t + 1 is trained where ``loss_mask[t]``);
+* the current student (adapters on) samples a completion of each prompt with ``jaxpref.generation``
+  (``kd_on_policy_temperature``, ``kd_on_policy_max_new_tokens``, the tokenizer's stop tokens), cut to
+  ``sequence_len`` with its prompt;
+* each micro-batch is rebuilt from its prompts + completions, one sequence per row (right-padded;
+  rows hold several sequences, first fit in order, only when there are more sequences than rows; a
+  sequence that fits nowhere is dropped and counted), T = the longest row rounded up to a multiple of
+  64, at most ``sequence_len``, the same for all micro-batches of the step. The completion tokens (the
+  stop token that ended one included) are trained, the prompt is not.
+
+The teacher then scores the new sequences: ``kd_teacher_model`` inside the train step as always, a
+teacher server through ``ServedTargets`` (asked synchronously here). Stored targets cannot score new
+sequences, hence the config check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpref.batch_keys import KD_TARGETS
+from jaxpref.data.packing import bucket_length
+from jaxpref.generation.sampler import SamplingSettings, generate
+from jaxpref.served_targets import segments
+
+NumpyBatch = dict[str, np.ndarray]
+KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
+
+
+def is_on_policy(step: int, ratio: float) -> bool:
+    """Whether optimizer step ``step`` (0-based) samples on-policy: floor((s + 1) r) > floor(s r)."""
+    return ratio > 0 and math.floor((step + 1) * ratio) > math.floor(step * ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySettings:
+    ratio: float
+    max_new_tokens: int
+    temperature: float
+    sequence_len: int
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop_token_ids=self.stop_token_ids
+        )
+
+
+def prompts_of(batch: NumpyBatch) -> list[list[int]]:
+    """The prompt of every packed segment with a trained token (in ``segments`` order)."""
+    out = []
+    for b, span in segments(batch):
+        trained = np.flatnonzero(batch["loss_mask"][b, span])
+        if trained.size:
+            out.append(batch["input_ids"][b, span][: int(trained[0]) + 1].tolist())
+    return out
+
+
+def _place(lengths: Sequence[int], rows: int, capacity: int) -> list[int | None]:
+    """Row of each sequence: one per row when they are no more than the rows, else first fit in order
+    (None: fits nowhere)."""
+    if len(lengths) <= rows:
+        return list(range(len(lengths)))
+    free = [capacity] * rows
+    out: list[int | None] = []
+    for n in lengths:
+        row = next((r for r in range(rows) if free[r] >= n), None)
+        if row is not None:
+            free[row] -= n
+        out.append(row)
+    return out
+
+
+def build_batch(
+    template: NumpyBatch, sequences: Sequence[tuple[list[int], list[int]]], length: int | None, sequence_len: int
+) -> tuple[NumpyBatch, int]:
+    """(micro-batch of (prompt, completion) sequences, sequences dropped), with ``template``'s rows and
+    dtypes; T = ``length`` or the longest row's bucket."""
+    rows = template["input_ids"].shape[0]
+    lengths = [len(p) + len(c) for p, c in sequences]
+    place = _place(lengths, rows, sequence_len)
+    used = [0] * rows
+    for row, n in zip(place, lengths):
+        if row is not None:
+            used[row] += n
+    t_len = length or bucket_length(max(used, default=1), sequence_len)
+    batch = {k: np.zeros((rows, t_len), template[k].dtype) for k in KEYS}
+    fill = [0] * rows
+    segment = [0] * rows
+    for row, (prompt, completion) in zip(place, sequences):
+        if row is None:
+            continue
+        ids = np.asarray(prompt + completion)
+        start, n = fill[row], len(ids)
+        span = slice(start, start + n)
+        segment[row] += 1
+        batch["input_ids"][row, span] = ids
+        batch["labels"][row, start : start + n - 1] = ids[1:]
+        batch["loss_mask"][row, start + len(prompt) - 1 : start + n - 1] = True
+        batch["segment_ids"][row, span] = segment[row]
+        batch["positions"][row, span] = np.arange(n)
+        fill[row] += n
+    return batch, sum(r is None for r in place)
+
+
+def on_policy_batches(
+    model: Any, micro_batches: Sequence[NumpyBatch], settings: OnPolicySettings, key: jax.Array
+) -> tuple[list[NumpyBatch], dict[str, float]]:
+    """The step's micro-batches rebuilt from the student's completions of their prompts (module doc),
+    and stats (``on_policy_dropped``: sequences that did not fit, ``completion_tokens``)."""
+    prompts = [prompts_of(b) for b in micro_batches]
+    flat = [p for ps in prompts for p in ps]
+    rows = micro_batches[0]["input_ids"].shape[0]
+    result = generate(model, flat, settings.sampling, key=key, use_adapters=True, batch_size=rows)
+    completions = iter(result.tokens)
+    sequences = [[(p, next(completions)[: settings.sequence_len - len(p)]) for p in ps] for ps in prompts]
+    longest = max((len(p) + len(c) for seqs in sequences for p, c in seqs), default=1)
+    built = [build_batch(b, seqs, None, settings.sequence_len) for b, seqs in zip(micro_batches, sequences)]
+    t_len = max(b["input_ids"].shape[1] for b, _ in built)
+    if any(b["input_ids"].shape[1] != t_len for b, _ in built):  # one T for the step (they are stacked)
+        built = [build_batch(b, seqs, t_len, settings.sequence_len) for b, seqs in zip(micro_batches, sequences)]
+    stats = {
+        "on_policy_dropped": float(sum(d for _, d in built)),
+        "completion_tokens": float(sum(len(c) for seqs in sequences for _, c in seqs)),
+        "longest_sequence": float(longest),
+    }
+    return [b for b, _ in built], stats
+
+
+OFF_POLICY = {"on_policy": 0.0, "sampling_seconds": 0.0, "on_policy_dropped": 0.0, "completion_tokens": 0.0}
+
+
+class OnPolicyStep:
+    """The loop's ``prepare_step`` hook: on the selected steps, the micro-batches rebuilt on-policy.
+
+    ``model()`` gives the current student; ``targets`` (a teacher server's ``ServedTargets``) adds KD
+    targets to the rebuilt micro-batches, None when the teacher runs in the train step. The sampling key
+    of step s is ``fold_in(key(seed), s)``. Every step reports the same metrics (``OFF_POLICY``: 0
+    off-policy): ``on_policy`` (1/0), ``sampling_seconds``, ``on_policy_dropped``, ``completion_tokens``;
+    so the logging window's means are the on-policy share and the mean sampling time per step (the loop
+    adds ``sampling_share`` of the step time); ``total_sampling_s`` sums the sampling time.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[], Any],
+        settings: OnPolicySettings,
+        seed: int,
+        targets: Callable[[NumpyBatch], NumpyBatch] | None = None,
+    ):
+        self.model, self.settings, self.targets = model, settings, targets
+        self.key = jax.random.key(seed)
+        self.total_sampling_s = 0.0
+        self.steps = 0
+
+    def __call__(self, step: int, micro: list[NumpyBatch]) -> tuple[list[NumpyBatch], dict[str, float]]:
+        if not is_on_policy(step, self.settings.ratio):
+            return micro, dict(OFF_POLICY)
+        start = time.perf_counter()
+        plain = [{k: v for k, v in b.items() if k not in KD_TARGETS} for b in micro]
+        new, stats = on_policy_batches(self.model(), plain, self.settings, jax.random.fold_in(self.key, step))
+        seconds = time.perf_counter() - start
+        self.total_sampling_s += seconds
+        self.steps += 1
+        if self.targets is not None:
+            new = [self.targets(b) for b in new]
+        del stats["longest_sequence"]
+        return new, {"on_policy": 1.0, "sampling_seconds": seconds, **stats}
