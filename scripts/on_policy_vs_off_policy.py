@@ -6,6 +6,7 @@ kd_on_policy_ratio; each run ends with an evaluation: held-out kd_loss (KL to th
 greedy exact match on the first N held-out prompts (eval_generation). Each run is a fresh process.
 
     python scripts/on_policy_vs_off_policy.py [--steps 100] [--ratios 0 0.5 1] [--seed 0] [--samples 100]
+        [--student DIR --learning_rate 1e-3]     # from a trained (e.g. SFT-warmed) student
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def config(out: Path, ratio: float, args: argparse.Namespace) -> Path:
         entry["data_files"] = [str(REPO / f) for f in entry["data_files"]] if isinstance(
             entry["data_files"], list) else str(REPO / entry["data_files"])
     cfg["datasets"][0]["split"] = f"train[:{args.rows}]"
+    if args.student:  # a trained student (e.g. an SFT warm start, as GKD assumes) instead of random init
+        cfg["random_init_weights"] = False
     cfg.update(
-        base_model=str(REPO / "demo" / "tiny-llama"),
+        base_model=str(args.student or REPO / "demo" / "tiny-llama"),
         kd_teacher_model=str(REPO / "demo" / "teacher"),
         kd_teacher_top_k=16,
         sequence_len=128,
@@ -48,6 +51,8 @@ def config(out: Path, ratio: float, args: argparse.Namespace) -> Path:
         kd_on_policy_max_new_tokens=args.max_new_tokens,
         eval_generation={"samples": args.samples, "max_new_tokens": 24},
     )
+    if args.learning_rate:
+        cfg["learning_rate"] = args.learning_rate
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -61,6 +66,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=500)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--student", help="start from this model directory (default: demo/tiny-llama, random init)")
+    p.add_argument("--learning_rate", type=float, help="instead of kd.yaml's 3e-3 (lower for a trained student)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="on_policy_"))
     rows = []
