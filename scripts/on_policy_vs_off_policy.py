@@ -53,6 +53,7 @@ def config(out: Path, ratio: float, args: argparse.Namespace) -> Path:
     )
     if args.learning_rate:
         cfg["learning_rate"] = args.learning_rate
+    cfg.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set or ())})
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=500)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="more config keys for every run (kd_beta=0.5)")
     p.add_argument("--student", help="start from this model directory (default: demo/tiny-llama, random init)")
     p.add_argument("--learning_rate", type=float, help="instead of kd.yaml's 3e-3 (lower for a trained student)")
     args = p.parse_args()
