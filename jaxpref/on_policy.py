@@ -86,20 +86,21 @@ def _place(lengths: Sequence[int], rows: int, capacity: int) -> list[int | None]
     return out
 
 
-def build_batch(
-    template: NumpyBatch, sequences: Sequence[tuple[list[int], list[int]]], length: int | None, sequence_len: int
-) -> tuple[NumpyBatch, int]:
-    """(micro-batch of (prompt, completion) sequences, sequences dropped), with ``template``'s rows and
-    dtypes; T = ``length`` or the longest row's bucket."""
-    rows = template["input_ids"].shape[0]
-    lengths = [len(p) + len(c) for p, c in sequences]
-    place = _place(lengths, rows, sequence_len)
+def _longest_row(place: Sequence[int | None], lengths: Sequence[int], rows: int) -> int:
     used = [0] * rows
     for row, n in zip(place, lengths):
         if row is not None:
             used[row] += n
-    t_len = length or bucket_length(max(used, default=1), sequence_len)
-    batch = {k: np.zeros((rows, t_len), template[k].dtype) for k in KEYS}
+    return max(used, default=1)
+
+
+def build_batch(
+    template: NumpyBatch, sequences: Sequence[tuple[list[int], list[int]]], place: Sequence[int | None], length: int
+) -> NumpyBatch:
+    """The micro-batch of (prompt, completion) ``sequences`` in rows ``place`` (:func:`_place`), T =
+    ``length``, with ``template``'s rows and dtypes."""
+    rows = template["input_ids"].shape[0]
+    batch = {k: np.zeros((rows, length), template[k].dtype) for k in KEYS}
     fill = [0] * rows
     segment = [0] * rows
     for row, (prompt, completion) in zip(place, sequences):
@@ -115,7 +116,7 @@ def build_batch(
         batch["segment_ids"][row, span] = segment[row]
         batch["positions"][row, span] = np.arange(n)
         fill[row] += n
-    return batch, sum(r is None for r in place)
+    return batch
 
 
 def on_policy_batches(
@@ -129,17 +130,16 @@ def on_policy_batches(
     result = generate(model, flat, settings.sampling, key=key, use_adapters=True, batch_size=rows)
     completions = iter(result.tokens)
     sequences = [[(p, next(completions)[: settings.sequence_len - len(p)]) for p in ps] for ps in prompts]
-    longest = max((len(p) + len(c) for seqs in sequences for p, c in seqs), default=1)
-    built = [build_batch(b, seqs, None, settings.sequence_len) for b, seqs in zip(micro_batches, sequences)]
-    t_len = max(b["input_ids"].shape[1] for b, _ in built)
-    if any(b["input_ids"].shape[1] != t_len for b, _ in built):  # one T for the step (they are stacked)
-        built = [build_batch(b, seqs, t_len, settings.sequence_len) for b, seqs in zip(micro_batches, sequences)]
+    lengths = [[len(p) + len(c) for p, c in seqs] for seqs in sequences]
+    places = [_place(ns, rows, settings.sequence_len) for ns in lengths]
+    longest = max(_longest_row(place, ns, rows) for place, ns in zip(places, lengths))
+    t_len = bucket_length(longest, settings.sequence_len)  # one T for the step: its micro-batches are stacked
+    built = [build_batch(b, seqs, place, t_len) for b, seqs, place in zip(micro_batches, sequences, places)]
     stats = {
-        "on_policy_dropped": float(sum(d for _, d in built)),
+        "on_policy_dropped": float(sum(r is None for place in places for r in place)),
         "completion_tokens": float(sum(len(c) for seqs in sequences for _, c in seqs)),
-        "longest_sequence": float(longest),
     }
-    return [b for b, _ in built], stats
+    return built, stats
 
 
 OFF_POLICY = {"on_policy": 0.0, "sampling_seconds": 0.0, "on_policy_dropped": 0.0, "completion_tokens": 0.0}
@@ -179,5 +179,4 @@ class OnPolicyStep:
         self.steps += 1
         if self.targets is not None:
             new = [self.targets(b) for b in new]
-        del stats["longest_sequence"]
         return new, {"on_policy": 1.0, "sampling_seconds": seconds, **stats}

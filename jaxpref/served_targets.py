@@ -154,8 +154,11 @@ class ServedTeacherData:
     def __getattr__(self, name: str) -> Any:  # report, eval_report, micro_batches_per_epoch, has_eval, ...
         return getattr(self.data, name)
 
-    def train_iterator(self, num_epochs: float | None = 1) -> PrefetchIterator:
-        return PrefetchIterator(self.data.train_iterator(num_epochs), self.targets, self.settings.concurrency)
+    def train_iterator(self, num_epochs: float | None = 1, *, with_targets: bool = True) -> Any:
+        """The micro-batches with targets asked ahead; ``with_targets=False``: the plain ones (when every
+        step is rebuilt on-policy, the data's own rows are never trained on)."""
+        inner = self.data.train_iterator(num_epochs)
+        return PrefetchIterator(inner, self.targets, self.settings.concurrency) if with_targets else inner
 
     def eval_batches(self) -> list[NumpyBatch]:
         """The eval micro-batches with targets (asked once, all in flight together, then kept)."""

@@ -133,12 +133,16 @@ class Scorer:
             else:
                 sequences[at].append(i)
                 free[at] -= lengths[i]
-        rows = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
+        rows = self.rows_per_pass(t)
         return t, [sequences[i : i + rows] for i in range(0, len(sequences), rows)]
+
+    def rows_per_pass(self, t: int) -> int:
+        """The most [T]-sequences in one pass: B * T <= max_batch_tokens, a multiple of the batch devices."""
+        return max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
 
     def __call__(self, rows: Sequence[np.ndarray]) -> list[Scores]:
         t, passes = self.plan([len(r) for r in rows])
-        rows_cap = max(self.divisor, (self.max_batch_tokens // t) // self.divisor * self.divisor)
+        rows_cap = self.rows_per_pass(t)
         dispatched = []
         for sequences in passes:  # all passes dispatched first: the host packs the next while one runs
             b = -(-min(batch_bucket(len(sequences)), rows_cap) // self.divisor) * self.divisor
@@ -317,7 +321,7 @@ class TeacherAPI:
             }
             choices.append(choice)
             total += len(tokens)
-        n_new = sum(1 for _ in rows) if new else 0
+        n_new = len(rows) if new else 0
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",

@@ -152,7 +152,7 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     epochs = cfg.num_epochs if not cfg.max_steps else None
     on_policy = on_policy_hook(cfg, tokenizer, trainer, data)
     if on_policy is not None and on_policy.targets is not None and cfg.kd_on_policy_ratio >= 1:
-        data_iter = data.data.train_iterator(epochs)  # every step is rebuilt: no server targets for the data's rows
+        data_iter = data.train_iterator(epochs, with_targets=False)  # every step is rebuilt on-policy
     else:
         data_iter = data.train_iterator(epochs)
     ckpt = Checkpointer(ckpt_root, max_to_keep=cfg.save_total_limit)

@@ -202,23 +202,14 @@ class CausalLM(nnx.Module):
         # place measured 25% slower per decode step on CPU: scripts/bench_generate.py's 4 x 512 Llama.)
         graphdef, state = nnx.split(self.layers)
         state, restore = _frozen_as_bits(state, self.lora_config is not None)
-        prefill = x.shape[1] > 1
-        rows = jnp.arange(x.shape[0])
 
         def body(x, xs):
             layer_state, k_layer, v_layer = xs
             block = nnx.merge(graphdef, restore(layer_state))
-            x, k, v = block.cached(x, cos, sin, k_layer, v_layer, slots, use_adapters=use_adapters)
-            if prefill:
-                k_layer = jax.lax.dynamic_update_slice(k_layer, k.astype(k_layer.dtype), (0, 0, 0, 0))
-                v_layer = jax.lax.dynamic_update_slice(v_layer, v.astype(v_layer.dtype), (0, 0, 0, 0))
-            else:
-                k_layer = k_layer.at[rows, slots].set(k[:, 0].astype(k_layer.dtype))
-                v_layer = v_layer.at[rows, slots].set(v[:, 0].astype(v_layer.dtype))
+            x, k_layer, v_layer = block.cached(x, cos, sin, k_layer, v_layer, slots, use_adapters=use_adapters)
             return x, (k_layer, v_layer)
 
-        x, (k_all, v_all) = jax.lax.scan(body, x, (state, *cache))
-        return x, (k_all, v_all)
+        return jax.lax.scan(body, x, (state, *cache))
 
     def _layer_dropout_keys(
         self, use_adapters: bool, deterministic: bool, dropout_key: jax.Array | None

@@ -230,17 +230,20 @@ class Attention(nnx.Module):
           k_cache, v_cache: [B, S, K, D] this layer's cache before the step (compute dtype).
           slots: int [B] the decode token's slot (ignored in prefill).
         Returns:
-          (out [B, T, H], k, v): the new keys and values [B, T, K, D] for the caller to store.
+          (out [B, T, H], k_cache, v_cache): the cache with this step's keys and values written.
         """
         q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=None)
+        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
         if x.shape[1] > 1:
             out = attention(q, k, v, impl=self.attention_impl)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
         else:
             rows = jnp.arange(x.shape[0])
-            keys = k_cache.at[rows, slots].set(k[:, 0])
-            values = v_cache.at[rows, slots].set(v[:, 0])
-            out = decode_attention(q, keys, values, slots)
-        return self.o_proj(out, use_adapters=use_adapters), k, v
+            k_cache = k_cache.at[rows, slots].set(k[:, 0])
+            v_cache = v_cache.at[rows, slots].set(v[:, 0])
+            out = decode_attention(q, k_cache, v_cache, slots)
+        return self.o_proj(out, use_adapters=use_adapters), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -310,9 +313,10 @@ class Block(nnx.Module):
         *,
         use_adapters: bool,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The block for generation (see ``Attention.cached``): (x [B, T, H], new keys, new values)."""
-        attn, k, v = self.self_attn.cached(
+        """The block for generation (see ``Attention.cached``): (x [B, T, H], updated k and v cache)."""
+        attn, k_cache, v_cache = self.self_attn.cached(
             self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, use_adapters=use_adapters
         )
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None), k, v
+        mlp = self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None)
+        return x + mlp, k_cache, v_cache
