@@ -21,3 +21,9 @@ REF_PAIR = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference l
 KTO_KL_PREFIX = "kl_"
 KTO = SEQUENCE + tuple(KTO_KL_PREFIX + k for k in SEQUENCE) + ("desirable", "example_mask")
 REF_KTO = ("ref_logps", "ref_kl_logps")  # precomputed reference log-probs [B]
+
+# GRPO: one prompt + sampled completion per row (SEQUENCE; ``loss_mask`` marks the positions predicting
+# completion tokens, ``segment_ids`` 0 on padding rows), the row's advantage [B] float32 (0 on padding rows),
+# and the sampling policy's log-prob of each label [B, T] float32 (prediction-aligned, at the sampling
+# temperature; zeros, and not read, unless the step reuses completions: ``trl.num_iterations`` > 1).
+GRPO = SEQUENCE + ("advantages", "old_logps")

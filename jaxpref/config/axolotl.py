@@ -305,6 +305,7 @@ def unsupported_value(key: str, value: Any) -> bool:
     defaults = UNSUPPORTED_DEFAULTS.get(key, ())
     return not any(value == d and type(value) is type(d) for d in defaults)
 
+
 # Axolotl keys with a JAX meaning, mapped onto jaxpref fields (see ``_MAPPERS`` below).
 MAPPED_KEYS: dict[str, str] = {
     "bf16": "true/auto/full -> compute_dtype: bfloat16; false -> float32 (compute_dtype, if given, wins)",
@@ -328,9 +329,6 @@ MAPPED_KEYS: dict[str, str] = {
     "without keys (Spectrum, Grokfast, MoRA, Diffusion, LLMCompressor, Hatchery) is an error",
     "peft": "loftq_config: an error when enabled (loftq_bits, default 4, not 0), as LoftQ init is not supported "
     "yet; other keys are ignored with a warning",
-    "trl": "beta -> rl_beta (axolotl's first choice for TRL's beta; an rl_beta that differs is an error); every "
-    "other key (GRPO/EBFT settings, which axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read) is ignored "
-    "with one warning line each",
 }
 
 # axolotl plugins (by class name) that change what trains as soon as they are listed: their keys all have
@@ -352,10 +350,37 @@ PEFT_UNSUPPORTED_KEYS: dict[str, str] = {
 
 # Keys of the ``trl:`` section with a jaxpref field; the rest of axolotl's TRLConfig is ignored with a warning.
 TRL_MAPPED_KEYS: dict[str, str] = {"beta": "rl_beta"}
-TRL_IGNORED_REASON = (
-    "a GRPO/EBFT (online RL) setting; axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read it, and jaxpref "
-    "has no online RL"
+TRL_IGNORED_REASON = "a GRPO/EBFT (online RL) setting; axolotl's DPO/IPO/ORPO/KTO/SimPO trainers do not read it"
+# rl: grpo: trl keys that choose how or where completions are produced, or what is printed, but not what
+# trains; ignored with a warning.
+GRPO_IGNORED_TRL_KEYS: dict[str, str] = _by_reason(
+    {
+        "jaxpref samples with its own JAX sampler on the training devices (no vLLM server or colocated vLLM)": """
+            use_vllm vllm_mode vllm_server_host vllm_server_port vllm_server_timeout vllm_enable_sleep_mode
+            vllm_sync_interval vllm_lora_sync vllm_importance_sampling_correction vllm_importance_sampling_mode
+            vllm_importance_sampling_cap vllm_guided_decoding_regex vllm_device vllm_gpu_memory_utilization
+            vllm_max_model_len""",
+        "a PyTorch kernel choice; jaxpref's log-probs come from its fused LM-head kernel": "use_liger_loss",
+        "a TRL printing/worker setting; jaxpref logs completions with log_completions": """
+            num_completions_to_print reward_num_workers async_prefetch prefetch_depth use_data_producer""",
+        "jaxpref samples one optimizer step's completions at once (micro_batch_size x "
+        "gradient_accumulation_steps rows)": "generation_batch_size",
+    }
 )
+# rl: grpo: trl keys that would change what trains and that jaxpref does not implement: an error when set.
+GRPO_UNSUPPORTED_TRL_KEYS: dict[str, str] = _by_reason(
+    {
+        "syncing the reference model to the policy (TR-DPO style) is not supported": """
+            sync_ref_model ref_model_mixup_alpha ref_model_sync_steps""",
+        "jaxpref's sampler has temperature, top_p and top_k only": """
+            min_p generation_kwargs""",
+        "custom rollouts, replay buffers, rerolls and streaming partial batches are not supported": """
+            rollout_func replay_buffer_size replay_recompute_logps reroll_start_fraction reroll_max_groups
+            skip_zero_advantage_batches streaming_partial_batch streaming_min_groups off_policy_mask_threshold
+            steps_per_generation top_entropy_quantile chat_template_kwargs""",
+    }
+)
+GRPO_DEFAULT_VALUES = {"repetition_penalty": 1.0, "top_entropy_quantile": 1.0, "steps_per_generation": 1}
 
 # Keys of one datasets/test_datasets entry.
 IGNORED_DATASET_KEYS: dict[str, str] = _by_reason(
@@ -473,6 +498,8 @@ def translate(data: dict[str, Any], own_fields: Collection[str], dataset_fields:
     keys are left in place for the schema to reject.
     """
     errors: list[str] = []
+    if "trl" in data:
+        _trl(data, "trl", errors)
     for key in [k for k in data if k not in own_fields]:
         if key in _MAPPERS:
             _MAPPERS[key](data, key, errors)
@@ -638,14 +665,23 @@ def _peft(data: dict[str, Any], key: str, errors: list[str]) -> None:
 
 
 def _trl(data: dict[str, Any], key: str, errors: list[str]) -> None:
-    """axolotl's nested ``trl:`` section: ``beta`` is TRL's beta, which axolotl takes before rl_beta and
-    orpo_alpha (core/builders/rl.py); the other keys configure GRPO/EBFT only."""
-    section = data.pop(key)
+    """axolotl's nested ``trl:`` section. With ``rl: grpo`` it stays as the typed ``trl`` section (its
+    keys are TRL's GRPOConfig's): generation-backend keys are dropped with a warning, keys that would
+    change training and are not implemented are errors, unknown keys are left for the schema. Otherwise
+    ``beta`` is TRL's beta, which axolotl takes before rl_beta and orpo_alpha (core/builders/rl.py), and the
+    other keys configure GRPO/EBFT only (dropped with a warning)."""
+    section = data.get(key)
     if not section:
+        data.pop(key, None)
         return
     if not isinstance(section, dict):
         errors.append(f"trl: expected a mapping (axolotl's TRL section, e.g. trl: {{beta: 0.1}}), got {section!r}")
+        data.pop(key)
         return
+    if "grpo" in (data.get("rl"), data.get("objective")):
+        _trl_grpo(section, errors)
+        return
+    data.pop(key)
     for name, value in section.items():
         if name in TRL_MAPPED_KEYS:
             dst = TRL_MAPPED_KEYS[name]
@@ -666,6 +702,23 @@ def _trl(data: dict[str, Any], key: str, errors: list[str]) -> None:
             warn(f"ignored: trl.{name} (not a key of axolotl's trl section)")
 
 
+def _trl_grpo(section: dict[str, Any], errors: list[str]) -> None:
+    """``rl: grpo``'s ``trl`` section in place: see :func:`_trl`."""
+    for name in list(section):
+        value = section[name]
+        if name in GRPO_DEFAULT_VALUES and value in (None, GRPO_DEFAULT_VALUES[name]):
+            section.pop(name)
+        elif name in GRPO_IGNORED_TRL_KEYS:
+            section.pop(name)
+            if value:
+                warn(f"ignored: trl.{name} ({GRPO_IGNORED_TRL_KEYS[name]})")
+        elif name in GRPO_UNSUPPORTED_TRL_KEYS or name in GRPO_DEFAULT_VALUES:
+            section.pop(name)
+            if value or name in GRPO_DEFAULT_VALUES:
+                reason = GRPO_UNSUPPORTED_TRL_KEYS.get(name, "only its default is supported")
+                errors.append(f"trl.{name}: {value!r}: {reason}; remove it")
+
+
 _MAPPERS: dict[str, Mapper] = {
     **dict.fromkeys(_PRECISION_KEYS, _keep_for_precision),
     "strict": _drop,
@@ -680,7 +733,6 @@ _MAPPERS: dict[str, Mapper] = {
     "auto_resume_from_checkpoints": _auto_resume,
     "plugins": _plugins,
     "peft": _peft,
-    "trl": _trl,
 }
 assert set(_MAPPERS) == set(MAPPED_KEYS)
 

@@ -1,5 +1,5 @@
 """Nested config sections: ``mesh``, ``distributed``, ``fused_kernel``, ``special_tokens``,
-``eval_generation`` and one dataset entry."""
+``eval_generation``, ``trl`` (GRPO) and one dataset entry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from jaxpref.config import axolotl, coerce
+from jaxpref.config.notes import warn
 
 # The templates shipped in jaxpref/templates (jaxpref.data.chat_templates.SHIPPED_TEMPLATES) and the two choices.
 ChatTemplateName = Literal[
@@ -100,6 +101,97 @@ class EvalGenerationConfig(Section):
         if self.metric != "exact_match" and ":" not in self.metric:
             raise ValueError(f"metric: {self.metric!r}; use exact_match or package.module:function")
         return self
+
+
+def _scale_rewards(value: Any) -> Any:
+    """TRL's bool form: true -> "group", false -> "none"."""
+    if isinstance(value, bool):
+        return "group" if value else "none"
+    return value
+
+
+class TrlConfig(Section):
+    """axolotl's ``trl:`` section for ``rl: grpo``: TRL 1.16 ``GRPOConfig``'s names and defaults.
+
+    (For the preference objectives axolotl reads only ``trl.beta`` from it, which loads as ``rl_beta``.)"""
+
+    reward_funcs: StrList = Field(
+        default_factory=list,
+        description="Reward functions as import paths (module.function or package.module:function), called as "
+        "TRL calls them: f(prompts=..., completions=..., completion_ids=..., **the row's other columns) -> one "
+        "float (or None: not scored) per completion.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per reward function (null: 1.0 each), as TRL."
+    )
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
+    max_completion_length: int = Field(512, ge=1, description="New tokens per completion at most.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at it too (TRL).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the k3 KL estimate to the reference model (TRL's default 0: no reference model).",
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the importance ratio (1 - epsilon).")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clipping range (1 + epsilon_high; DAPO's clip-higher); null: epsilon."
+    )
+    delta: float | None = Field(
+        None, gt=1, description="Two-sided clipping: the importance ratio capped at delta (null: off)."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo",
+        description="How per-token losses are averaged: grpo (per sequence, then over sequences), bnpo and dapo "
+        "(over every completion token of the step), dr_grpo (sum / (sequences x max_completion_length)).",
+    )
+    scale_rewards: Annotated[Literal["group", "batch", "none"], BeforeValidator(_scale_rewards)] = Field(
+        "group",
+        description="Advantages divided by the reward std of the group, of the whole batch, or not (TRL; "
+        "true = group, false = none).",
+    )
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="How several reward functions combine before the advantage (TRL)."
+    )
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps per batch of completions (GRPO's mu); > 1 clips against the sampler."
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratios per token, or per sequence (GSPO)."
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Completions cut at max_completion_length do not train (DAPO)."
+    )
+    use_bias_correction_kl: bool = Field(
+        True, description="The KL estimate multiplied by the importance ratio (TRL's default)."
+    )
+    log_completions: bool = Field(
+        False, description="Log the first completion of each step and its rewards in the run's text log."
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> TrlConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs; "
+                "give one weight per function"
+            )
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            warn(
+                f"trl.importance_sampling_level: sequence with loss_type {self.loss_type} sums per-token terms, so "
+                "each sequence weighs by its length; GSPO's objective is loss_type: grpo (TRL warns the same)"
+            )
+        return self
+
+    @property
+    def epsilon_low(self) -> float:
+        return self.epsilon
+
+    @property
+    def epsilon_upper(self) -> float:
+        """The upper clip range: ``epsilon_high``, else ``epsilon``."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 class DistributedConfig(Section):

@@ -143,8 +143,10 @@ class JaxprefConfig(*SECTIONS):
         if zero and self.eval_steps is None and self.evals_per_epoch is None:
             self.evals_per_epoch = 0
             if self.val_set_size or self.test_datasets:
-                what = "the val_set_size rows are still held out of training" if self.val_set_size else (
-                    "test_datasets are still loaded"
+                what = (
+                    "the val_set_size rows are still held out of training"
+                    if self.val_set_size
+                    else ("test_datasets are still loaded")
                 )
                 warn(f"evals_per_epoch: 0 (or eval_steps: 0): no evaluation, as in axolotl; {what}")
 
@@ -237,6 +239,7 @@ class JaxprefConfig(*SECTIONS):
                 "precompute_ref_log_probs: true (partners fixed across the whole dataset)"
             )
         p.extend(self._preference_problems())
+        p.extend(self._grpo_problems())
         p.extend(self._kd_problems())
         if self.eval_generation is not None:
             if not (self.val_set_size or self.test_datasets):
@@ -244,6 +247,32 @@ class JaxprefConfig(*SECTIONS):
             streamed = [ds for ds in [*(self.datasets or []), *(self.test_datasets or [])] if ds.streaming]
             if streamed:
                 p.append("eval_generation: reads the eval rows in memory; it does not work with streaming datasets")
+        return p
+
+    def _grpo_problems(self) -> list[str]:
+        """``rl: grpo``: the trl section with reward functions, whole groups per process and step, and the
+        keys that mean nothing for online RL."""
+        if self.rl != "grpo":
+            return []
+        p: list[str] = []
+        trl = self.trl
+        if trl is None or not trl.reward_funcs:
+            return ["rl: grpo needs trl.reward_funcs: the reward functions as import paths (module.function)"]
+        rows = self.micro_batch_size * self.gradient_accumulation_steps
+        if rows % trl.num_generations:
+            p.append(
+                f"rl: grpo samples micro_batch_size x gradient_accumulation_steps = {rows} completions per process "
+                f"and step, which must be whole groups of trl.num_generations = {trl.num_generations}; change "
+                "one of them"
+            )
+        if "rl_beta" in self.model_fields_set:
+            p.append("rl_beta is DPO's beta; GRPO's KL weight is trl.beta (as in axolotl and TRL)")
+        if self.precompute_ref_log_probs:
+            p.append("precompute_ref_log_probs: GRPO's completions are new every step; remove it")
+        if self.sample_packing:
+            warn("sample_packing has no effect with rl: grpo: each completion is one row, as in TRL")
+        if trl.beta == 0 and self.rl_adapter_ref_model:
+            warn("rl_adapter_ref_model has no effect with trl.beta 0: GRPO then uses no reference model")
         return p
 
     def _kd_problems(self) -> list[str]:

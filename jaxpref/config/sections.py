@@ -23,6 +23,7 @@ from jaxpref.config.nested import (
     Section,
     SpecialTokensConfig,
     StrList,
+    TrlConfig,
 )
 
 DType = Literal["float32", "bfloat16"]
@@ -243,14 +244,22 @@ class RunSection(Section):
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "kto", "simpo")  # the values of ``rl``
-BUILTIN_OBJECTIVES = ("sft", "kd", "reward", *PREFERENCE_OBJECTIVES)
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "kto", "simpo")
+RL_OBJECTIVES = (*PREFERENCE_OBJECTIVES, "grpo")  # the values of ``rl``
+BUILTIN_OBJECTIVES = ("sft", "kd", "reward", *RL_OBJECTIVES)
 
 
 class PreferenceSection(Section):
     """Preference training (defaults are TRL's, which axolotl passes through)."""
 
-    rl: Literal[PREFERENCE_OBJECTIVES] | None = Field(None, description="Preference objective.")
+    rl: Literal[RL_OBJECTIVES] | None = Field(
+        None, description="Preference objective, or grpo (online RL from reward functions; settings in trl)."
+    )
+    trl: TrlConfig | None = Field(
+        None,
+        description="axolotl's TRL section. rl: grpo reads TRL 1.16 GRPOConfig's keys here (see trl below); "
+        "for the preference objectives only beta is read (as rl_beta).",
+    )
     rl_beta: float = Field(
         0.1,
         gt=0,

@@ -55,7 +55,7 @@ def test_wrong_types_name_the_key_and_the_value():
 def test_literals_list_the_allowed_values():
     msg = problem(compute_dtype="float16")
     assert "compute_dtype: must be one of 'float32' or 'bfloat16', got 'float16'" in msg
-    assert "rl: must be one of 'dpo', 'ipo', 'orpo', 'kto' or 'simpo', got 'grpo'" in problem(rl="grpo")
+    assert "rl: must be one of 'dpo', 'ipo', 'orpo', 'kto', 'simpo' or 'grpo', got 'ppo'" in problem(rl="ppo")
     assert "fused_kernel.impl: must be one of" in problem(fused_kernel={"impl": "triton"})
 
 
