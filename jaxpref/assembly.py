@@ -84,11 +84,15 @@ def build_model(cfg: Any, vocab_needed: int, mesh: Any = None, *, weights: bool 
 def build_data(settings: Any, tokenizer: Any, kind: str) -> Any:
     """This process's shard of the training (and eval) data for an objective's data ``kind``."""
     from jaxpref.data import build_lm_data, build_preference_data
+    from jaxpref.data.prompts import build_prompt_data
 
-    builders = {"lm": build_lm_data, "preference": build_preference_data}
+    builders = {"lm": build_lm_data, "preference": build_preference_data, "prompts": build_prompt_data}
     if kind not in builders:
         raise ConfigError(f"objective needs data of kind {kind!r}; jaxpref has {', '.join(builders)}")
-    return builders[kind](settings, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count())
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if kind == "prompts":  # one prompt batch per optimizer step (data/prompts.py)
+        shard.update(prompts_per_step=settings.prompts_per_step, repeats=settings.num_iterations)
+    return builders[kind](settings, tokenizer, **shard)
 
 
 def with_served_targets(cfg: Any, data: Any, tokenizer: Any) -> Any:
@@ -164,8 +168,14 @@ def build_trainer(
         prepare_preference_run(cfg, objective, model, data, mesh, tokenizer)  # score head, reference pass
     tx, schedule = make_optimizer(cfg, total_steps)
     trainer = Trainer(
-        model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), rules=cfg.logical_axis_rules,
-        seed=cfg.seed, companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
+        model,
+        objective,
+        tx,
+        mesh=mesh,
+        trainable=lora.trainable_filter(model),
+        rules=cfg.logical_axis_rules,
+        seed=cfg.seed,
+        companions=build_companions(cfg, objective.companions, len(tokenizer), mesh),
         step_inputs=objective.schedules(total_steps) if objective.schedules else None,
     )
     return trainer, schedule

@@ -52,9 +52,7 @@ def check_output_dir(path: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(
-            f"output_dir: cannot write to {path} ({exc.strerror}); choose a writable directory."
-        ) from exc
+        raise ConfigError(f"output_dir: cannot write to {path} ({exc.strerror}); choose a writable directory.") from exc
 
 
 def _every(explicit: float | None, per_epoch: int | None, steps_per_epoch: int, total: int) -> int | None:
@@ -81,13 +79,14 @@ def eval_cadence(cfg: Any, has_eval: bool, steps_per_epoch: int, total: int) -> 
     return total
 
 
-def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]:
+def plan_steps(cfg: Any, micro_batches_per_epoch: int | None, items_per_step: int | None = None) -> tuple[int, int]:
     """(total optimizer steps, steps per epoch). Epochs are a continuous stream of micro-batches.
 
     ``micro_batches_per_epoch`` None (streaming data: unknown) needs ``max_steps``; the whole run then
-    counts as one epoch for the ``*_per_epoch`` cadences.
+    counts as one epoch for the ``*_per_epoch`` cadences. ``items_per_step``: data items per optimizer step
+    (default ``gradient_accumulation_steps``; 1 for GRPO's prompt batches).
     """
-    accum = cfg.gradient_accumulation_steps
+    accum = items_per_step or cfg.gradient_accumulation_steps
     if micro_batches_per_epoch is None:
         if not cfg.max_steps:
             raise ConfigError("streaming datasets need max_steps: their length, hence the epoch length, is unknown")
@@ -98,8 +97,9 @@ def plan_steps(cfg: Any, micro_batches_per_epoch: int | None) -> tuple[int, int]
     micro_total = int(cfg.num_epochs * micro_batches_per_epoch)
     total, leftover = divmod(micro_total, accum)
     if leftover:
-        logger.info("the last %d micro-batch(es) of the last epoch do not fill an optimizer step and are not used",
-                    leftover)
+        logger.info(
+            "the last %d micro-batch(es) of the last epoch do not fill an optimizer step and are not used", leftover
+        )
     if total < 1:
         raise ConfigError(
             f"the training data gives {micro_batches_per_epoch} micro-batches per epoch, fewer than "
@@ -134,7 +134,9 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         )
     data = with_served_targets(cfg, build_data(data_settings, tokenizer, objective.data), tokenizer)
     logger.info(data.report.summary())
-    total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch)
+    grpo = objective.data == "prompts"  # one prompt batch per step; the rollout makes the micro-batches
+    items_per_step = 1 if grpo else cfg.gradient_accumulation_steps
+    total_steps, steps_per_epoch = plan_steps(cfg, data.micro_batches_per_epoch, items_per_step)
 
     trainer, schedule = build_trainer(cfg, objective, data, tokenizer, mesh, total_steps)
     n_train, n_frozen = trainer.num_params()
@@ -143,15 +145,18 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     eval_every = eval_cadence(cfg, data.has_eval, steps_per_epoch, total_steps)
     settings = LoopSettings(
         total_steps=total_steps,
-        grad_accum=cfg.gradient_accumulation_steps,
+        grad_accum=items_per_step,
         logging_steps=max(1, cfg.logging_steps or 1),
         eval_every=eval_every,
         save_every=_every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch, total_steps) or steps_per_epoch,
         skip_nonfinite=cfg.skip_nonfinite_steps,
     )
     epochs = cfg.num_epochs if not cfg.max_steps else None
-    on_policy = on_policy_hook(cfg, tokenizer, trainer, data)
-    if on_policy is not None and on_policy.targets is not None and cfg.kd_on_policy_ratio >= 1:
+    if grpo:
+        on_policy = grpo_hooks(cfg, tokenizer, trainer, data, total_steps)
+    else:
+        on_policy = on_policy_hook(cfg, tokenizer, trainer, data)
+    if not grpo and on_policy is not None and on_policy.targets is not None and cfg.kd_on_policy_ratio >= 1:
         data_iter = data.train_iterator(epochs, with_targets=False)  # every step is rebuilt on-policy
     else:
         data_iter = data.train_iterator(epochs)
@@ -182,14 +187,18 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         states = allgather_json(data_iter.get_state())
         ckpt.save(step, trainer.params, trainer.opt_state, {"step": step, "data_state": states})
 
-    eval_batches = (lambda: data.eval_batches()) if data.has_eval else None
+    eval_batches = (lambda: data.eval_batches()) if data.has_eval and not grpo else None
+    if grpo:
+        generation = on_policy.evaluation if data.has_eval else None
+    else:
+        generation = generation_hook(cfg, data_settings, tokenizer, trainer) if data.has_eval else None
     hooks = LoopHooks(
         eval_batches=eval_batches,
         save=save,
         log=run_log.log,
         progress=run_log.advance,
         learning_rate=lambda s: float(schedule(s)),
-        generation=generation_hook(cfg, data_settings, tokenizer, trainer) if data.has_eval else None,
+        generation=generation,
         prepare_step=on_policy,
     )
     try:
@@ -215,8 +224,8 @@ def run(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             data.close()
     if on_policy is not None and on_policy.steps:
         run_log.message(
-            f"on-policy: {on_policy.steps} step(s) sampled from the student, {on_policy.total_sampling_s:.1f} s "
-            "sampling in all"
+            f"on-policy: {on_policy.steps} step(s) sampled from the {'policy' if grpo else 'student'}, "
+            f"{on_policy.total_sampling_s:.1f} s sampling in all"
         )
     distributed.barrier("run-done", timeout_s=3600)  # leave together: JAX's shutdown barrier is short
     run_log.message(f"done: {trainer.step} steps; model written to {out_dir}")
@@ -250,6 +259,21 @@ def on_policy_hook(cfg: Any, tokenizer: Any, trainer: Any, data: Any) -> Any:
     )
     targets = data.targets if cfg.kd_online_server_base_url else None  # ServedTeacherData's ServedTargets
     return OnPolicyStep(trainer.model, settings, cfg.seed, targets)
+
+
+def grpo_hooks(cfg: Any, tokenizer: Any, trainer: Any, data: Any, total_steps: int) -> Any:
+    """``rl: grpo``: the loop's ``prepare_step`` (``jaxpref.grpo_rollout.GRPORollout``: sampling, rewards,
+    advantages), with its held-out evaluation by generation as ``.evaluation`` (None without an eval set)."""
+    from jaxpref.generation.prompts import stop_token_ids
+    from jaxpref.grpo_rollout import GRPOEval, GRPORollout, RolloutSettings
+    from jaxpref.reward_calls import RewardFunctions
+
+    settings = RolloutSettings.from_config(cfg, stop_token_ids(tokenizer))
+    rewards = RewardFunctions(cfg.trl.reward_funcs)
+    rollout = GRPORollout(trainer.model, settings, rewards, tokenizer, seed=cfg.seed, total_steps=total_steps)
+    evaluation = GRPOEval(data.eval_batches(), settings, rewards, tokenizer) if data.has_eval else None
+    rollout.evaluation = (lambda step: evaluation(trainer.model(), step)) if evaluation else None
+    return rollout
 
 
 def resolve_resume(cfg: Any, out_dir: Path) -> tuple[Path, int | None]:

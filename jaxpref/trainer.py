@@ -404,10 +404,10 @@ def fit(trainer: Trainer, data_iter: Iterator[NumpyBatch], settings: LoopSetting
             if hooks.progress:
                 hooks.progress(step, {"loss": last_train["loss"], "tok/s": last_train["tokens_per_second"]})
             window, t_window = [], time.perf_counter()
-        if hooks.eval_batches and settings.eval_every and (
+        if (hooks.eval_batches or hooks.generation) and settings.eval_every and (
             step % settings.eval_every == 0 or step == settings.total_steps
         ):
-            last_eval = trainer.evaluate(hooks.eval_batches())
+            last_eval = trainer.evaluate(hooks.eval_batches()) if hooks.eval_batches else {}
             if hooks.generation:
                 last_eval.update(hooks.generation(step))
             if hooks.log and last_eval:

@@ -47,6 +47,7 @@ from jaxpref.data.dedup import REASON as DUPLICATE
 from jaxpref.data.dedup import ExactDuplicates
 from jaxpref.data.dedup import summary as dedup_summary
 from jaxpref.data.formats import BadRow, Example, RowFormatter, get_format
+from jaxpref.data.formats.prompts import PROMPTS, prompt_format
 from jaxpref.data.kd_targets import fit_common_top_k, shift_teacher
 from jaxpref.data.packing import bucket_length, collate
 from jaxpref.data.report import DataReport
@@ -178,7 +179,12 @@ def formatted_rows(
     """
     entries = list(getattr(settings, key))
     # Resolve every type before loading anything: an unknown type fails fast.
-    specs = [get_format(opt(e, "type"), kind=kind, where=f"{key}[{i}]") for i, e in enumerate(entries)]
+    specs = [
+        prompt_format(opt(e, "type"), f"{key}[{i}]")
+        if kind == PROMPTS
+        else get_format(opt(e, "type"), kind=kind, where=f"{key}[{i}]")
+        for i, e in enumerate(entries)
+    ]
     # range + map, not MapDataset.source: a source estimates the byte size of every row it reads (a
     # tree walk over nested lists: 30-50 ms for a 1k-token KD row, more than formatting it).
     parts = [
@@ -317,7 +323,11 @@ class LMData:
                 "micro_batch_size=%d x %d process(es) asks for %d rows per micro-batch, but the training data "
                 "has %d rows (after packing, if on): every micro-batch holds those %d rows and %d padding rows "
                 "(which count for nothing). Lower micro_batch_size or add data.",
-                micro_batch_size, shard_count, self._train.global_batch, len(train), len(train),
+                micro_batch_size,
+                shard_count,
+                self._train.global_batch,
+                len(train),
+                len(train),
                 self._train.global_batch - len(train),
             )
         self._eval = MicroBatches(eval_, batch_size=eval_batch_size, seed=None, **common) if eval_ else None

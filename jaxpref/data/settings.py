@@ -29,6 +29,7 @@ class DataSettings:
     # batching and order
     micro_batch_size: int  # rows per micro-batch per process
     eval_batch_size: int
+    gradient_accumulation_steps: int
     seed: int
     max_steps: int | None  # streaming data needs it
     # which objective's rows
@@ -40,6 +41,9 @@ class DataSettings:
     kd_temperature_min: float | None
     kd_teacher_model: str | None
     kd_online_server_base_url: str | None
+    # rl: grpo (the trl section): completions per prompt, and steps per batch of completions
+    num_generations: int | None
+    num_iterations: int
     # the tokenizer and its chat template
     tokenizer_config: str | None
     base_model: str | None
@@ -59,10 +63,21 @@ class DataSettings:
         """The KD targets come from a teacher during the run (in the step or from a server), not the rows."""
         return bool(self.kd_teacher_model or self.kd_online_server_base_url)
 
+    @property
+    def prompts_per_step(self) -> int:
+        """rl: grpo: prompts per optimizer step and process (their completions fill the step's micro-batches)."""
+        return self.micro_batch_size * self.gradient_accumulation_steps // (self.num_generations or 1)
+
     @classmethod
     def from_config(cls, cfg: Any) -> DataSettings:
         """The settings of a validated ``JaxprefConfig``."""
-        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
+        grpo = cfg.trl if cfg.rl == "grpo" else None
+        from_trl = {
+            "num_generations": grpo.num_generations if grpo else None,
+            "num_iterations": grpo.num_iterations if grpo else 1,
+        }
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in from_trl]
+        values = {**{name: getattr(cfg, name) for name in names}, **from_trl}
         values["datasets"] = tuple(values["datasets"] or ())
         values["test_datasets"] = tuple(values["test_datasets"] or ())
         if values["eot_tokens"] is not None:
