@@ -1,4 +1,4 @@
-"""jaxpref.losses: pure JAX loss functions for distillation and preference training.
+"""jaxpref.losses: pure JAX loss functions for distillation, preference training and GRPO.
 
 Every loss takes arrays, computes in float32 whatever the input dtype, masks with ``where`` and returns
 ``(loss, metrics)`` with ``metrics`` a dict of float32 scalars; everything is jit/grad/vmap-safe.
@@ -7,7 +7,14 @@ its LM-head kernels. See docs/losses.md for one example per loss.
 """
 
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, dpo_loss, f_divergence_scores, wpo_weights
-from .fused import fused_cross_entropy, fused_kd_loss, fused_token_logps, fused_token_logps_and_log_sum_sq_probs
+from .fused import (
+    fused_cross_entropy,
+    fused_kd_loss,
+    fused_token_entropy,
+    fused_token_logps,
+    fused_token_logps_and_log_sum_sq_probs,
+)
+from .grpo import GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, grpo_count, grpo_loss
 from .kd import kd_loss, kd_loss_from_gathered, kd_topk_loss, kd_topk_loss_from_gathered
 from .kto import KTO_LOSS_TYPES, kto_loss
 from .logps import (
@@ -30,6 +37,8 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
+    "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "KTO_LOSS_TYPES",
     "UnknownLossError",
     "cpo_loss",
@@ -39,10 +48,13 @@ __all__ = [
     "f_divergence_scores",
     "fused_cross_entropy",
     "fused_kd_loss",
+    "fused_token_entropy",
     "fused_token_logps",
     "fused_token_logps_and_log_sum_sq_probs",
     "gather_logits",
     "get_loss",
+    "grpo_count",
+    "grpo_loss",
     "kd_loss",
     "kd_loss_from_gathered",
     "kd_topk_loss",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpref.pallas import linear_logsumexp_gather, linear_logsumexp_gather_loss
+from jaxpref.pallas import linear_logsumexp_gather, linear_logsumexp_gather_loss, linear_softmax_entropy
 
 from ._utils import Array, ArrayLike, as_mask, metric, normaliser
 from .kd import kd_loss_from_gathered, kd_trainable_positions
@@ -214,9 +214,47 @@ def fused_token_logps_and_log_sum_sq_probs(
     return logps, sq
 
 
+def fused_token_entropy(
+    hidden: ArrayLike,
+    lm_head_weight: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    temperature: float = 1.0,
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> Array:
+    """Per-token entropy of ``softmax(hidden @ lm_head_weight / temperature)`` without the [..., V] logits.
+
+    ``H = logsumexp(z) - sum_v softmax(z)_v z_v``, ``z = logits / temperature`` (nats), from one blocked
+    forward pass over the vocabulary (``jaxpref.pallas.linear_softmax_entropy``); no gradient (a metric).
+    ``impl="reference"`` uses full logits (tests); any other value the blocked XLA pass, with the
+    ``block_n`` / ``block_v`` overrides applied only when ``impl`` names the XLA kernel (tiles chosen
+    for a Pallas kernel mean nothing to it).
+
+    Args:
+      hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; mask: optional ``[...]`` bool (0 where False).
+      temperature: static Python float.
+
+    Returns:
+      ``[...]`` float32.
+    """
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
+    xla = impl in ("xla", "xla_chunked")
+    ent = linear_softmax_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, temperature=float(temperature),
+        impl="reference" if impl == "reference" else "xla_chunked",
+        block_n=block_n if xla else None, block_v=block_v if xla else None,
+    ).reshape(hidden.shape[:-1])  # fmt: skip
+    if mask is not None:
+        ent = jnp.where(jnp.asarray(mask).astype(bool), ent, 0.0)
+    return ent
+
+
 __all__ = [
     "fused_cross_entropy",
     "fused_kd_loss",
+    "fused_token_entropy",
     "fused_token_logps",
     "fused_token_logps_and_log_sum_sq_probs",
 ]

@@ -1,5 +1,6 @@
 """Training objectives: batch + model -> (loss, metrics), the glue between models and losses."""
 
+from jaxpref.objectives import grpo as _grpo  # noqa: F401  (registers "grpo")
 from jaxpref.objectives import kd as _kd  # noqa: F401  (registers "kd")
 from jaxpref.objectives import kto as _kto  # noqa: F401  (registers "kto")
 from jaxpref.objectives import preference as _preference  # noqa: F401  (registers dpo, ipo, orpo, simpo)

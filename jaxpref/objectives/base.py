@@ -45,7 +45,8 @@ class Objective:
     # Frozen models the loss reads, by name ("teacher", "reference"); the trainer passes them as
     # ``loss(..., companions={name: model})``. Empty: ``loss`` is called without that keyword.
     companions: tuple[str, ...] = ()
-    # Which pipeline feeds it: "lm" (SFT/KD batches) or "preference" (pairs or KTO rows).
+    # Which pipeline feeds it: "lm" (SFT/KD batches), "preference" (pairs or KTO rows) or "prompts"
+    # (GRPO: prompts whose completions are sampled and scored during training).
     data: str = "lm"
     # Values that change over the run (the KD temperature schedule): ``schedules(total_steps)`` gives
     # {batch key: f(step) -> float32 scalar}; the trainer adds them to every micro-batch and logs them.

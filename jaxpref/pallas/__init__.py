@@ -5,7 +5,14 @@ for, and the mesh it is mapped over; itself built on jax and ``jaxpref.errors`` 
 depends on this package, never the reverse.
 """
 
-from .linear_lse import IMPLS, BlockSizes, PallasUnsupportedError, linear_logsumexp_gather, linear_logsumexp_gather_loss
+from .linear_lse import (
+    IMPLS,
+    BlockSizes,
+    PallasUnsupportedError,
+    linear_logsumexp_gather,
+    linear_logsumexp_gather_loss,
+    linear_softmax_entropy,
+)
 
 __all__ = [
     "IMPLS",
@@ -13,4 +20,5 @@ __all__ = [
     "PallasUnsupportedError",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
+    "linear_softmax_entropy",
 ]

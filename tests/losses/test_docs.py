@@ -23,6 +23,8 @@ def test_doc_has_one_example_per_loss():
         "cpo_loss",
         "kto_loss",
         "reward_loss",
+        "grpo_loss",
+        "group_advantages",
         "register_loss",
         "sequence_logps",
     ):

@@ -17,6 +17,7 @@ def test_builtins_registered():
         "simpo": L.simpo_loss,
         "kto": L.kto_loss,
         "reward": L.reward_loss,
+        "grpo": L.grpo_loss,
     }.items():
         assert get_loss(name) is fn
         assert name in list_losses()

@@ -1,6 +1,6 @@
 """Subprocess body of test_mesh.py: one train step on 1 device and on 8 simulated CPU devices.
 
-Run as ``python -m tests.scale.mesh_worker {kd,dpo} OUT.json`` with
+Run as ``python -m tests.scale.mesh_worker {kd,dpo,grpo,optimizers} OUT.json`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed when JAX starts).
 For every mesh shape it builds the model straight into its shards, runs one SGD-with-momentum step
 through :class:`jaxpref.trainer.Trainer` and records the loss, the gradient norm, the updated
@@ -30,7 +30,7 @@ from jaxpref.trainer import Trainer, stack_micro_batches
 SHAPES = ((8, 1, 1), (1, 8, 1), (2, 2, 2))
 # DPO (LoRA + a reference companion) on the mixed mesh only: it shards data, fsdp and tensor at once, and
 # every extra mesh is another compilation of the step (the pure meshes are covered by the KD case).
-SHAPES_BY_CASE = {"kd": SHAPES, "dpo": ((2, 2, 2),)}
+SHAPES_BY_CASE = {"kd": SHAPES, "dpo": ((2, 2, 2),), "grpo": ((2, 2, 2),)}
 V, T, K = 64, 16, 4
 TINY = dict(
     model_type="llama",
@@ -149,6 +149,27 @@ def pair_micro_batch(rng: np.random.Generator, rows: int) -> dict[str, np.ndarra
     return out
 
 
+def grpo_micro_batch(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    """GRPO rows: prompt then sampled completion, advantages, the sampler's log-probs; the last row padding."""
+    lengths = rng.integers(T // 2, T + 1, rows)
+    seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    seg[-1] = 0
+    ids = rng.integers(1, V, (rows, T)).astype(np.int32) * seg
+    prompt = rng.integers(3, 6, rows)
+    nxt = np.pad(seg[:, 1:], ((0, 0), (0, 1)))
+    completion = (np.arange(T)[None] >= prompt[:, None] - 1) & (nxt > 0) & (seg > 0)
+    return {
+        "input_ids": ids,
+        "labels": np.roll(ids, -1, axis=1),
+        "loss_mask": completion,
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy(),
+        "segment_ids": seg,
+        "advantages": np.where(seg.any(1), rng.normal(size=rows), 0.0).astype(np.float32),
+        # near the tiny model's log-probs at init (about -log V), so that importance ratios clip but stay O(1)
+        "old_logps": np.where(completion, -np.log(V) + rng.normal(0.0, 0.3, (rows, T)), 0.0).astype(np.float32),
+    }
+
+
 # ---- cases -----------------------------------------------------------------------------------------
 def case(name: str):
     """(objective, model factory(mesh), companions factory(mesh), micro-batches, trainable filter)."""
@@ -170,6 +191,16 @@ def case(name: str):
         batches = [kd_micro_batch(rng, 8), kd_micro_batch(rng, 8)]  # 2 micro-batches: accumulation
         return build_objective(cfg, "kd"), (lambda mesh: models.from_config(tiny, seed=0, mesh=mesh)), None, batches
 
+    if name == "grpo":
+        # LoRA, the KL to the adapters-off reference, reused completions (importance ratios), the entropy pass
+        trl = SimpleNamespace(
+            temperature=0.8, beta=0.04, epsilon=0.2, epsilon_high=0.28, delta=None, loss_type="dapo",
+            importance_sampling_level="token", num_iterations=2, use_bias_correction_kl=True, max_completion_length=T,
+        )  # fmt: skip
+        cfg = SimpleNamespace(trl=trl, adapter="lora", rl_adapter_ref_model=False, fused_kernel=None)
+        batches = [grpo_micro_batch(rng, 8), grpo_micro_batch(rng, 8)]
+        return build_objective(cfg, "grpo"), lora_policy(tiny), None, batches
+
     cfg = SimpleNamespace(
         rl_beta=0.1,
         dpo_loss_type=["sigmoid"],
@@ -181,6 +212,15 @@ def case(name: str):
         precompute_ref_log_probs=False,
         fused_kernel=None,
     )
+
+    def reference(mesh):  # a frozen copy (rl_adapter_ref_model) with other weights: a non-trivial margin
+        return {"reference": models.from_config(tiny, seed=5, mesh=mesh)}
+
+    return build_objective(cfg, "dpo"), lora_policy(tiny), reference, [pair_micro_batch(rng, 8)]
+
+
+def lora_policy(tiny):
+    """A factory(mesh) of the tiny model with LoRA on q/v/down, its B matrices away from 0."""
 
     def policy(mesh):
         m = models.from_config(tiny, seed=0, mesh=mesh)
@@ -194,10 +234,7 @@ def case(name: str):
             lin.lora_b.set_value(bump(b))
         return m
 
-    def reference(mesh):  # a frozen copy (rl_adapter_ref_model) with other weights: a non-trivial margin
-        return {"reference": models.from_config(tiny, seed=5, mesh=mesh)}
-
-    return build_objective(cfg, "dpo"), policy, reference, [pair_micro_batch(rng, 8)]
+    return policy
 
 
 def run(name: str) -> dict:

@@ -1,9 +1,11 @@
 """One train step on 8 simulated CPU devices equals the 1-device step, and every array sits in the
-shards the default rules give (KD on meshes (8,1,1), (1,8,1), (2,2,2); DPO, and every optimizer name
-with bfloat16 parameters, on (2,2,2); tests/scale/mesh_worker.py).
+shards the default rules give (KD on meshes (8,1,1), (1,8,1), (2,2,2); DPO, GRPO, and every optimizer
+name with bfloat16 parameters, on (2,2,2); tests/scale/mesh_worker.py).
 
 KD: full fine-tuning, stored top-k targets, two accumulated micro-batches. DPO: LoRA adapters on
-q/v/down projections and a frozen reference-model companion. SGD with momentum makes the update
+q/v/down projections and a frozen reference-model companion. GRPO: the same LoRA policy, the KL to
+its adapters-off self, importance ratios against stored sampler log-probs, the entropy pass, two
+micro-batches. SGD with momentum makes the update
 proportional to the gradient, so a wrong normaliser or a missing all-reduce shows in the weights.
 """
 
@@ -38,7 +40,7 @@ def run_worker(case: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["kd", "dpo"])
+@pytest.mark.parametrize("case", ["kd", "dpo", "grpo"])
 def test_one_step_on_8_devices_matches_1_device(case, tmp_path):
     res = run_worker(case, tmp_path)
     one = res["None"]
@@ -53,7 +55,7 @@ def test_one_step_on_8_devices_matches_1_device(case, tmp_path):
         assert r["mismatches"] == [], (shape, r["mismatches"])
         assert r["batch_specs"] == ["(None, ('data', 'fsdp'))"], shape  # [accum, batch over data x fsdp, ...]
     # trainable params (+ frozen base and companion weights for DPO) were all checked
-    assert res[shapes[0]]["n_checked"] == (12 if case == "kd" else 12 + 6 + 12)
+    assert res[shapes[0]]["n_checked"] == {"kd": 12, "dpo": 12 + 6 + 12, "grpo": 12 + 6}[case]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ the per-backend tile table. ``api.linear_logsumexp_gather_loss`` adds a row-sepa
 a one-pass value-and-gradient version (``onepass``, the CPU default). docs/kernels.md describes the design.
 """
 
-from .api import IMPLS, linear_logsumexp_gather, linear_logsumexp_gather_loss
+from .api import IMPLS, linear_logsumexp_gather, linear_logsumexp_gather_loss, linear_softmax_entropy
 from .blocks import BlockSizes, default_block_sizes, resolve_block_sizes
 from .pallas_gpu import PallasUnsupportedError
 
@@ -17,5 +17,6 @@ __all__ = [
     "default_block_sizes",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
+    "linear_softmax_entropy",
     "resolve_block_sizes",
 ]

@@ -18,7 +18,7 @@ from .onepass import RowLoss, linear_logsumexp_gather_loss_onepass
 from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
 from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
 from .reference import linear_logsumexp_gather_reference
-from .xla import linear_logsumexp_gather_xla
+from .xla import linear_logsumexp_gather_xla, linear_softmax_entropy_xla
 
 IMPLS = ("auto", "reference", "xla_chunked", "xla", "xla_onepass", "pallas", "pallas_gpu", "pallas_tpu")
 _PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linear_logsumexp_gather_pallas_tpu}
@@ -153,6 +153,46 @@ def linear_logsumexp_gather_loss(
     )  # fmt: skip
     value = row_loss(lse, gathered, row_inputs).astype(jnp.float32)
     return value, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(gathered)
+
+
+def linear_softmax_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    temperature: float = 1.0,
+    impl: str = "auto",
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> jax.Array:
+    """Entropy of ``softmax((hidden @ weight (+ bias)) / temperature)`` per row, without [N, V]; no gradient.
+
+    ``H_i = logsumexp(z_i) - sum_v softmax(z_i)_v z_iv`` with ``z = logits / temperature`` (nats).
+    A metric (GRPO's ``entropy``): the inputs are under ``stop_gradient``. Every ``impl`` but
+    "reference" (full logits, tests) runs the blocked XLA forward (``linear_softmax_entropy_xla``) with
+    the backend's ``xla_chunked`` tiles: one more forward matmul over the LM head; the Pallas kernels
+    have no entropy output.
+
+    Args:
+      hidden: [N, H]; weight: [H, V]; bias: optional [V].
+      temperature: static positive float.
+      impl, block_n, block_v: "reference", or anything else for the blocked XLA pass; tile overrides.
+
+    Returns:
+      float32 [N].
+    """
+    _check_args(hidden, weight, jnp.zeros((hidden.shape[0], 1), jnp.int32), bias, (temperature,), impl)
+    t = float(temperature)
+    if impl == "reference":
+        z = jnp.dot(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight), preferred_element_type=jnp.float32)
+        if bias is not None:
+            z = z + jax.lax.stop_gradient(bias).astype(jnp.float32)
+        logp = jax.nn.log_softmax(z / t, axis=-1)
+        return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    sizes = resolve_block_sizes(_backend(), "xla_chunked", block_n=block_n, block_v=block_v)
+    return linear_softmax_entropy_xla(
+        hidden, weight, bias=bias, temperature=t, block_n=sizes.block_n, block_v=sizes.block_v
+    )
 
 
 def _over_mesh(kernel, hidden, weight, ids, bias):

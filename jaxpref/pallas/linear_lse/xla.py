@@ -52,6 +52,59 @@ def vocabulary_mean(weight: jax.Array, *, block_v: int = 8192) -> jax.Array:
     return _vocab_loop(weight.shape[1], block_v, body, jnp.zeros(weight.shape[0], _F32)) / weight.shape[1]
 
 
+def linear_softmax_entropy_xla(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    temperature: float = 1.0,
+    block_n: int,
+    block_v: int,
+) -> jax.Array:
+    """Entropy (nats) of ``softmax((hidden @ weight (+ bias)) / temperature)`` per row: float32 [N].
+
+    Forward only (no VJP: a metric), the same blocking as the forward of ``linear_logsumexp_gather_xla``:
+    rows in chunks of ``block_n``, a loop over vocabulary blocks of ``block_v`` with one matmul each,
+    folding every [rows, block_v] block of ``z = logits / temperature`` into an online
+
+        m = max_v z_v,   s = sum_v exp(z_v - m),   u = sum_v exp(z_v - m) (z_v - m)
+
+    (on a new block maximum m': ``s <- s e^(m - m')``, ``u <- e^(m - m') (u + (m - m') s)``), so that
+    ``H = lse(z) - E_p[z] = log s - u / s``. [N, V] never exists.
+    """
+    t = float(temperature)
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    bias = None if bias is None else jax.lax.stop_gradient(bias)
+    n = hidden.shape[0]
+    rows, num = _chunking(n, int(block_n))
+    if num == 1:
+        return _entropy_chunk(hidden, weight, bias, t, int(block_v))
+    h = pad_rows(hidden, rows * num).reshape(num, rows, -1)
+    out = lax.map(lambda x: _entropy_chunk(x, weight, bias, t, int(block_v)), h)
+    return out.reshape(rows * num)[:n]
+
+
+def _entropy_chunk(h: jax.Array, weight: jax.Array, bias: jax.Array | None, t: float, bv: int) -> jax.Array:
+    """One row chunk of :func:`linear_softmax_entropy_xla`: [n] float32."""
+    n = h.shape[0]
+    w_bits = _to_bits(weight)
+
+    def body(carry, v0, width):
+        m, s, u = carry
+        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width)
+        z = z if t == 1.0 else z / t
+        new_m = jnp.maximum(m, jnp.max(z, axis=1))
+        e = jnp.exp(z - new_m[:, None])
+        shift = m - new_m  # <= 0; -inf before the first block, where s = u = 0
+        scale = jnp.exp(shift)
+        carried_u = jnp.where(s > 0, scale * (u + shift * s), 0.0)
+        return new_m, s * scale + jnp.sum(e, axis=1), carried_u + jnp.sum(e * (z - new_m[:, None]), axis=1)
+
+    init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32))
+    _, s, u = _vocab_loop(weight.shape[1], bv, body, init)
+    return jnp.log(s) - u / s
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Blocked loops over the vocabulary.
 
