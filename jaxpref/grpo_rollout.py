@@ -177,6 +177,19 @@ def build_micro_batches(rollout: Rollout, advantages: np.ndarray, settings: Roll
     return out
 
 
+def step_shapes(cfg: Any, longest_prompt: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """[accum, micro_batch, ...] shapes of a step's micro-batches when completions run to
+    ``trl.max_completion_length`` after a ``longest_prompt``-token prompt (the longest T a step can have)."""
+    accum, rows = cfg.gradient_accumulation_steps, cfg.micro_batch_size
+    length = bucket_length(longest_prompt + cfg.trl.max_completion_length, cfg.sequence_len)
+    ints, floats, bools = np.int32, np.float32, np.bool_
+    dtypes = {"input_ids": ints, "labels": ints, "loss_mask": bools, "positions": ints, "segment_ids": ints,
+              "old_logps": floats}  # fmt: skip
+    out = {k: jax.ShapeDtypeStruct((accum, rows, length), d) for k, d in dtypes.items()}
+    out["advantages"] = jax.ShapeDtypeStruct((accum, rows), floats)
+    return out
+
+
 def completion_metrics(rollout: Rollout) -> dict[str, float]:
     """TRL's ``completions/*`` metrics of a rollout."""
     lengths = np.asarray([len(c) for c in rollout.completion_ids], np.float32)
@@ -271,27 +284,41 @@ class GRPORollout:
 
 
 class GRPOEval:
-    """Held-out score by generation for ``rl: grpo``: one greedy completion per eval prompt, scored by the
-    reward functions: ``reward`` (the weighted sum, mean over prompts) and ``rewards/<function>/mean``
-    (logged as eval metrics)."""
+    """Held-out scores by generation for ``rl: grpo``, at each evaluation of the run:
+
+    * as TRL's ``GRPOTrainer`` evaluates: ``trl.num_generations`` completions of every eval prompt sampled
+      as in training (temperature, top_p, top_k), scored by the reward functions: ``reward`` (the weighted
+      sum) and ``rewards/<function>/mean``, means over all completions. The sampling key is the same at
+      every evaluation, so evaluations differ by the policy only;
+    * one greedy completion per prompt: ``greedy/reward`` and ``greedy/rewards/<function>/mean``.
+    """
 
     def __init__(
-        self, batches: Sequence[NumpyBatch], settings: RolloutSettings, rewards: RewardFunctions, tokenizer: Any
-    ):
+        self, batches: Sequence[NumpyBatch], settings: RolloutSettings, rewards: RewardFunctions, tokenizer: Any,
+        *, seed: int = 0,
+    ):  # fmt: skip
         self.batches, self.rewards, self.tokenizer = list(batches), rewards, tokenizer
-        self.settings = dataclasses.replace(settings, num_generations=1, temperature=0.0, top_k=0, top_p=1.0)
+        self.sampled = settings
+        self.greedy = dataclasses.replace(settings, num_generations=1, temperature=0.0, top_k=0, top_p=1.0)
+        self.key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)  # not a training step's key
+        self.weights = np.asarray(settings.reward_weights, np.float32)
+
+    def _scores(self, model: Any, settings: RolloutSettings, step: int) -> np.ndarray:
+        """Rewards [completions, F] of every eval prompt's completions under ``settings``."""
+        scores = []
+        for i, batch in enumerate(self.batches):
+            rollout = sample_groups(model, batch, settings, jax.random.fold_in(self.key, i))
+            if rollout.prompt_ids:
+                prompts, completions, columns = reward_inputs(rollout, self.tokenizer)
+                state = TrainerState(global_step=step, max_steps=step)
+                scores.append(self.rewards(prompts, completions, rollout.completion_ids, columns, state))
+        return np.concatenate(scores) if scores else np.zeros((0, len(self.rewards.names)), np.float32)
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
-        scores = []
-        for batch in self.batches:
-            rollout = sample_groups(model, batch, self.settings, jax.random.key(0))
-            if not rollout.prompt_ids:
-                continue
-            prompts, completions, columns = reward_inputs(rollout, self.tokenizer)
-            state = TrainerState(global_step=step, max_steps=step)
-            scores.append(self.rewards(prompts, completions, rollout.completion_ids, columns, state))
-        table = np.concatenate(scores) if scores else np.zeros((0, len(self.rewards.names)), np.float32)
-        weights = np.asarray(self.settings.reward_weights, np.float32)
-        out = {f"rewards/{name}/mean": float(np.nanmean(table[:, j])) for j, name in enumerate(self.rewards.names)}
-        out["reward"] = float(np.nanmean(np.nansum(table * weights, axis=1)))
+        out = {}
+        for prefix, settings in (("", self.sampled), ("greedy/", self.greedy)):
+            table = self._scores(model, settings, step)
+            for j, name in enumerate(self.rewards.names):
+                out[f"{prefix}rewards/{name}/mean"] = float(np.nanmean(table[:, j]))
+            out[f"{prefix}reward"] = float(np.nanmean(np.nansum(table * self.weights, axis=1)))
         return out

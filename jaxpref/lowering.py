@@ -173,6 +173,11 @@ def batch_shapes(cfg: Any, objective: Any, data: Any, divisor: int) -> dict[str,
     from jaxpref.trainer import stack_micro_batches, take_micro_batches
 
     accum = cfg.gradient_accumulation_steps
+    if objective.data == "prompts":  # GRPO: the rollout builds the step's micro-batches from a prompt batch
+        from jaxpref.grpo_rollout import step_shapes
+
+        prompts = next(iter(data.train_iterator(None)))
+        return step_shapes(cfg, int(prompts["prompt_lengths"].max()))
     micro = take_micro_batches(data.train_iterator(None), accum)
     if micro is None:
         raise ConfigError("the training data does not fill one optimizer step; add data or lower the batch")

@@ -16,7 +16,6 @@ completion) when the rows' prompts are, else strings. Completions are decoded wi
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxpref.errors import ConfigError, UserError
+from jaxpref.user_code import import_attribute
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -34,9 +34,8 @@ class RewardFunctionError(UserError):
 
 def resolve_reward_function(path: str) -> tuple[str, RewardFn]:
     """(name, function) of ``module.function`` or ``package.module:function``; ConfigError otherwise."""
-    module_name, _, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = import_attribute(path)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
             f"trl.reward_funcs: cannot import {path!r} ({type(e).__name__}: {e}); give module.function or "
@@ -54,7 +53,7 @@ def resolve_reward_function(path: str) -> tuple[str, RewardFn]:
             f"trl.reward_funcs: {path} takes ({', '.join(params)}); a reward function takes prompts and completions "
             "(and **kwargs for the other columns), as in TRL"
         )
-    return getattr(fn, "__name__", attr), fn
+    return getattr(fn, "__name__", path.replace(":", ".").rpartition(".")[2]), fn
 
 
 class RewardFunctions:

@@ -271,7 +271,7 @@ def grpo_hooks(cfg: Any, tokenizer: Any, trainer: Any, data: Any, total_steps: i
     settings = RolloutSettings.from_config(cfg, stop_token_ids(tokenizer))
     rewards = RewardFunctions(cfg.trl.reward_funcs)
     rollout = GRPORollout(trainer.model, settings, rewards, tokenizer, seed=cfg.seed, total_steps=total_steps)
-    evaluation = GRPOEval(data.eval_batches(), settings, rewards, tokenizer) if data.has_eval else None
+    evaluation = GRPOEval(data.eval_batches(), settings, rewards, tokenizer, seed=cfg.seed) if data.has_eval else None
     rollout.evaluation = (lambda step: evaluation(trainer.model(), step)) if evaluation else None
     return rollout
 

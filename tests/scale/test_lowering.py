@@ -39,6 +39,9 @@ CASES = {
     "dpo_lora_adapter_off_reference": ("dpo_lora.yaml", ["datasets.0.split=train[:8]",
                                                          "rl_adapter_ref_model=false"]),
     "kto": ("kto.yaml", ["datasets.0.split=train[:8]", "gradient_checkpointing=true"]),
+    # GRPO with a KL term: the reference is the policy with its LoRA adapters off
+    "grpo_lora_kl": ("grpo.yaml", ["datasets.0.split=train[:16]", "trl.num_generations=4", "trl.beta=0.04",
+                                   "adapter=lora", "lora_target_linear=true", "trl.num_iterations=2"]),
 }  # fmt: skip
 
 
@@ -70,7 +73,7 @@ def test_train_step_lowers_for_tpu_and_cuda(case, tmp_path):
     assert report["tpu"]["devices"] == report["cuda"]["devices"] == 1
     full_model = cfg.adapter != "lora"  # LoRA here leaves the (tied) LM head frozen: no dW kernel
     assert_accelerator_kernels(report, trains_lm_head=full_model)
-    if case in ("kd_online_teacher", "dpo_lora_adapter_off_reference", "kto"):
+    if case in ("kd_online_teacher", "dpo_lora_adapter_off_reference", "kto", "grpo_lora_kl"):
         # the teacher's / the reference's forward: splash attention without a backward
         assert report["tpu"]["kernels"]["splash_mqa_fwd_segmented_no_residuals"] >= 1
     else:

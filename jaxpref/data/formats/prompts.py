@@ -13,7 +13,6 @@ The example: ``prompt_ids`` int32 [P] and ``row`` (the row as JSON text, a 0-d s
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from jaxpref.data.formats import BadRow, Example, FormatSpec, get_format, register_format
 from jaxpref.data.settings import DataSettings
 from jaxpref.errors import ConfigError
+from jaxpref.user_code import import_attribute
 
 PROMPTS = "prompts"
 
@@ -79,9 +79,8 @@ def prompt_format(type_: Any, where: str) -> FormatSpec:
     if type_ is None or type_ == "prompt":
         return get_format("prompt", kind=PROMPTS, where=where)
     name = str(type_)
-    module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = import_attribute(name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
             f"{where}.type: {name!r} is neither the prompt format (no type, or prompt) nor an importable "
