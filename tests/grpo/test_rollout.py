@@ -116,7 +116,11 @@ def _prompt_batch(tokenizer, prompts: list[str]) -> dict:
     for b, seq in enumerate(ids):
         out[b, : len(seq)] = seq
     rows = np.asarray([json.dumps({"prompt": [{"role": "user", "content": p}], "answer": "1"}) for p in prompts])
-    return {"prompt_ids": out, "prompt_lengths": np.asarray([len(s) for s in ids], np.int32), "rows": rows.astype(object)}
+    return {
+        "prompt_ids": out,
+        "prompt_lengths": np.asarray([len(s) for s in ids], np.int32),
+        "rows": rows.astype(object),
+    }
 
 
 def count_a(completions, **kwargs):
