@@ -99,7 +99,8 @@ def preference_config(tmp_path: Path, name: str, **extra) -> Path:
     rl, train, test = PREF_RUNS[name]
     cfg = {
         "base_model": str(REPO / "demo" / "tiny-llama"), "random_init_weights": True, "chat_template": "chatml",
-        "rl": rl, "learning_rate": 1e-3, "max_steps": 2, "datasets": train or [{"path": str(PREF / "pref_intel_train.jsonl"), "type": "chatml.intel"}],
+        "rl": rl, "learning_rate": 1e-3, "max_steps": 2,
+        "datasets": train or [{"path": str(PREF / "pref_intel_train.jsonl"), "type": "chatml.intel"}],
         "sequence_len": 160, "micro_batch_size": 4, "dataset_processes": 1, "use_tensorboard": False,
         "output_dir": str(tmp_path / "out"), "eval_generation": {"samples": 1000, "max_new_tokens": 8}, **extra,
     }  # fmt: skip
