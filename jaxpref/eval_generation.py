@@ -137,6 +137,7 @@ class GenerationEval:
         if formatters is not None and len(formatters) != len(rows):
             raise ValueError(f"{len(formatters)} formatters for {len(rows)} rows")
         self.tokenizer, self.seed = tokenizer, seed
+        self.last_tokens = 0.0  # mean completion length of the last completions() call
         self.rows, self.references, self.prompts = [], [], []
         skipped = 0
         for i, row in enumerate(rows):
