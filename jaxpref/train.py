@@ -236,10 +236,9 @@ def generation_hook(cfg: Any, data_settings: Any, tokenizer: Any, trainer: Any) 
     """``eval_generation``: a function of the step that completes and scores eval rows with the current model."""
     if cfg.eval_generation is None:
         return None
-    from jaxpref.data.pipeline import eval_source_rows
-    from jaxpref.eval_generation import GenerationEval
+    from jaxpref.eval_generation import build_generation_eval
 
-    evaluate = GenerationEval(cfg.eval_generation, eval_source_rows(data_settings), tokenizer, seed=cfg.seed)
+    evaluate = build_generation_eval(cfg.eval_generation, data_settings, tokenizer, seed=cfg.seed)
     return lambda step: evaluate(trainer.model(), step)
 
 

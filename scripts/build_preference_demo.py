@@ -27,6 +27,10 @@ The same task is written in the dataset shapes of the seed examples (one file pa
 * ``pref_kto_{train,eval}.jsonl``, for ``llama3.ultra`` (KTO): argilla/ultrafeedback-binarized-preferences-
   cleaned-kto (prompt, completion, label; one true and one false row per prompt, in random order).
 
+And for an SFT warm start before DPO (``configs/sft_pref.yaml``), chat rows ``{"messages": [system?, user,
+assistant]}`` whose answer is the chosen one: ``pref_sft_train.jsonl`` (the intel and ultra train pairs,
+1400 rows: the pairs ``configs/dpo.yaml`` trains on) and ``pref_sft_eval.jsonl`` (the 200 intel eval pairs).
+
 Prompts are unique across all files. Running it twice gives byte-identical files (``--check`` compares a
 fresh build with the committed one; other files in ``demo/data`` are not touched).
 """
@@ -170,9 +174,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def sft_row(row: dict) -> dict:
+    """An intel or ultra pair row -> a chat row whose answer is the chosen one (for the SFT warm start)."""
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    prompt, chosen = row.get("question") or row["instruction"], row.get("chosen") or row["chosen_response"]
+    return {"messages": [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]}
+
+
 def build(out: Path, seed: int) -> None:
     rng = random.Random(seed)
     seen = sft_prompts()
+    written: dict[str, list[dict]] = {}
     for shape, (n_train, n_eval) in SIZES.items():
         for split, n in (("train", n_train), ("eval", n_eval)):
             pairs = make_pairs(rng, n, seen)
@@ -182,6 +194,11 @@ def build(out: Path, seed: int) -> None:
                 to_row = {"intel": intel_row, "ultra": ultra_row, "argilla": argilla_row}[shape]
                 rows = [to_row(pair, rng) for pair in pairs]
             write_jsonl(out / f"pref_{shape}_{split}.jsonl", rows)
+            written[f"{shape}_{split}"] = rows
+    # the SFT warm start (configs/sft_pref.yaml): the chosen answers of configs/dpo.yaml's training pairs
+    sft_train = [sft_row(r) for r in [*written["intel_train"], *written["ultra_train"]]]
+    write_jsonl(out / "pref_sft_train.jsonl", sft_train)
+    write_jsonl(out / "pref_sft_eval.jsonl", [sft_row(r) for r in written["intel_eval"]])
 
 
 def main(argv: list[str] | None = None) -> int:

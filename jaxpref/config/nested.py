@@ -74,7 +74,10 @@ class FusedKernelConfig(Section):
 
 
 class EvalGenerationConfig(Section):
-    """Evaluation by generation: at each evaluation, complete eval rows with the model and score them."""
+    """Evaluation by generation: at each evaluation, complete eval rows with the model and score them.
+
+    Preference runs (``rl``) read each eval row through its dataset's ``type`` (prompt as the loss sees it,
+    the chosen or desirable completion as the reference) unless prompt_field/reference_field are set."""
 
     samples: int = Field(32, ge=1, description="Eval rows generated for (the first N of the eval set, fixed).")
     max_new_tokens: int = Field(64, ge=1, description="New tokens per completion.")
@@ -87,10 +90,13 @@ class EvalGenerationConfig(Section):
     field_messages: str = Field(
         "messages",
         description="Conversation rows: the conversation's field; the prompt is every turn but a final assistant "
-        "turn, which is the reference.",
+        "turn, which is the reference. Preference runs (rl) ignore it: each eval row is read by its dataset's type "
+        "(the prompt the loss sees; the reference is the chosen, for KTO a desirable, completion).",
     )
     prompt_field: str | None = Field(
-        None, description="Flat rows: the prompt's field (sent as one user turn); needs reference_field."
+        None,
+        description="Flat rows: the prompt's field (sent as one user turn through the chat template); needs "
+        "reference_field. Also overrides the dataset type of preference runs.",
     )
     reference_field: str | None = Field(None, description="Flat rows: the reference answer's field.")
 

@@ -247,6 +247,8 @@ class JaxprefConfig(*SECTIONS):
             streamed = [ds for ds in [*(self.datasets or []), *(self.test_datasets or [])] if ds.streaming]
             if streamed:
                 p.append("eval_generation: reads the eval rows in memory; it does not work with streaming datasets")
+            if self.reward_model:
+                p.append("eval_generation: a reward model scores sequences and does not generate; remove it")
         return p
 
     def _grpo_problems(self) -> list[str]:

@@ -198,16 +198,28 @@ def eval_source_rows(settings: DataSettings) -> list[dict[str, Any]]:
     """The raw rows of the eval set, before formatting, in the order the pipeline splits them: the
     ``test_datasets`` rows, or the first ``val_set_size`` rows of the shuffled ``datasets`` ([] without
     an eval set). Rows the pipeline drops as bad are included; the caller skips what it cannot use."""
+    return [row for row, _ in eval_source_entries(settings)]
+
+
+def eval_source_entries(settings: DataSettings) -> list[tuple[dict[str, Any], Any]]:
+    """:func:`eval_source_rows`, each row with the dataset entry it came from (its ``type`` formats it)."""
     key = "test_datasets" if settings.test_datasets else "datasets"
     if key == "datasets" and not settings.val_set_size:
         return []
-    entries = load_entries(list(getattr(settings, key)), key=key)
-    parts = [grain.MapDataset.range(len(ds)).map(ds.__getitem__) for ds in entries]
+    entries = list(getattr(settings, key))
+    parts = [
+        grain.MapDataset.range(len(ds)).map(functools.partial(_row_and_entry, ds, entry))
+        for entry, ds in zip(entries, load_entries(entries, key=key))
+    ]
     rows = grain.MapDataset.concatenate(parts)
     if key == "test_datasets":
         return [rows[i] for i in range(len(rows))]
     rows = rows.shuffle(seed=int(settings.seed))  # the permutation of _load_examples: same length, same seed
     return [rows[i] for i in range(_val_count(float(settings.val_set_size), len(rows)))]
+
+
+def _row_and_entry(ds: Any, entry: Any, i: int) -> tuple[dict[str, Any], Any]:
+    return ds[i], entry
 
 
 def _val_count(val_set_size: float, n: int) -> int:

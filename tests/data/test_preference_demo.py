@@ -120,3 +120,15 @@ def test_every_file_loads_with_its_type(shape):
     n_train, n_eval = len(rows(f"pref_{shape}_train.jsonl")), len(rows(f"pref_{shape}_eval.jsonl"))
     assert (data.report.rows_in, data.report.rows_out) == (n_train, n_train)
     assert (data.eval_report.rows_in, data.eval_report.rows_out) == (n_eval, n_eval)
+
+
+def test_sft_warm_start_files_are_the_chosen_answers_of_the_dpo_pairs():
+    """pref_sft_*: chat rows (system turn where the intel row has one) answering with the chosen answer."""
+    for name, sources in (("train", [("intel", "train"), ("ultra", "train")]), ("eval", [("intel", "eval")])):
+        sft = rows(f"pref_sft_{name}.jsonl")
+        expected = [(p, c) for shape, split in sources for p, c, _ in pairs(shape, split)]
+        assert [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in sft] == expected
+        assert all([m["role"] for m in r["messages"]][-2:] == ["user", "assistant"] for r in sft)
+    intel = rows("pref_intel_eval.jsonl")
+    sft = rows("pref_sft_eval.jsonl")
+    assert [r["system"] for r in intel] == [r["messages"][0]["content"] if len(r["messages"]) == 3 else "" for r in sft]

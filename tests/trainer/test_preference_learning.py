@@ -30,6 +30,8 @@ def train_and_eval(name: str, tmp_path: Path, monkeypatch, **overrides: Any) -> 
 
     def fit_after_a_first_eval(trainer, data_iter, settings, hooks):
         before.update(trainer.evaluate(hooks.eval_batches()))
+        if hooks.generation:  # the configs' eval_generation: greedy exact match of the start
+            before.update(hooks.generation(0))
         return real_fit(trainer, data_iter, settings, hooks)
 
     monkeypatch.setattr(train_module, "fit", fit_after_a_first_eval)
@@ -105,3 +107,18 @@ def test_reward_model_learns_the_rule(tmp_path, monkeypatch):
     assert before["loss"] == pytest.approx(0.693, abs=0.01)
     assert after["accuracy"] > 0.8
     assert after["margin"] > 1.0 and after["loss"] < 0.45
+
+
+@pytest.mark.slow
+def test_orpo_learns_to_answer_by_generation(tmp_path, monkeypatch):
+    """ORPO's NLL term on the chosen answer teaches the random-init model to answer: greedy exact match on
+    all 100 held-out prompts (configs/orpo.yaml's eval_generation, decoded by jaxpref's sampler) goes from
+    0 to 0.45 at 400 steps, seed 0 (README "Preference training"; at 300 steps 0.41, at 200 0.08)."""
+    n = 100
+    generation = f"{{samples: {n}, max_new_tokens: 12}}"
+    before, after = train_and_eval(
+        "orpo", tmp_path, monkeypatch, seed=0, max_steps=400, warmup_steps=40, eval_generation=generation
+    )
+    assert before["generation_exact_match"] == 0  # random init answers nothing right
+    assert after["generation_exact_match"] > 0.3
+    assert after["rewards/accuracies"] > 0.9
