@@ -193,6 +193,8 @@ def meshes(model_dir: str) -> dict:
             hlo, memory = compiled_program(model, mesh)
             entry["weight_gathers"] = weight_gathers(hlo, shapes)
             entry["all_gathers"] = [f"{d}{list(s)}" for d, s in all_gathers(hlo)]
+            # per-device KV cache blocks [layers, rows, 64 + NEW slots, kv heads, head_dim] in the program
+            entry["cache_blocks"] = sorted(set(re.findall(rf"f32\[2,\d+,{64 + NEW},\d+,6\]", hlo)))
             entry["temp_bytes"] = memory.temp_size_in_bytes
             hlo, memory = compiled_program(model, mesh, whole_weights=True)
             entry["control_weight_gathers"] = weight_gathers(hlo, shapes)

@@ -101,9 +101,10 @@ def test_meshes_give_the_one_device_tokens(meshes):
 
 @pytest.mark.slow
 def test_tensor_parallel_decode_gathers_no_weight(meshes):
-    """The compiled program's all-gathers: none has the element count of a tensor-split weight (one
-    layer's or the stack, gathered along ``tensor``); forcing the weights whole inside the program
-    (the control) makes the same check find them, and the program's temporaries grow."""
+    """The compiled program's all-gathers: none gives a tensor-split weight gathered along ``tensor``
+    (one layer's or the stack, in any reshaped form: mesh_worker.tensor_weight_shapes); forcing the
+    weights whole inside the program (the control) makes the same check find every one of them, and
+    the program's temporaries grow. The weights enter split and the KV cache stays split."""
     tensor_meshes = [k for k in meshes if k != "one" and "tensor" in json.loads(k)]
     assert len(tensor_meshes) == 3
     for key in tensor_meshes:
@@ -114,10 +115,12 @@ def test_tensor_parallel_decode_gathers_no_weight(meshes):
         assert got["control_weights_found"] == got["tensor_weights"], (key, got["control_weight_gathers"])
         assert got["control_temp_bytes"] > got["temp_bytes"], key
         # the weights enter the program split: q_proj [layers, hidden, heads, head_dim], heads over tensor
-        tensor = json.loads(key)["tensor"]
-        fsdp = json.loads(key).get("fsdp", 1)
+        sizes = {"data": 1, "fsdp": 1, **json.loads(key)}
         q = next(v for k, v in got["weight_shards"].items() if "q_proj" in k and "kernel" in k)
-        assert q == [2, 48 // fsdp, 12 // tensor, 6], (key, q)
+        assert q == [2, 48 // sizes["fsdp"], 12 // sizes["tensor"], 6], (key, q)
+        # the KV cache: rows over data x fsdp (5 rows padded to a multiple), KV heads over tensor, never whole
+        rows, kv = -(-5 // (sizes["data"] * sizes["fsdp"])), 4 // sizes["tensor"]
+        assert got["cache_blocks"] == [f"f32[2,{rows},76,{kv},6]"], (key, got["cache_blocks"])
     # {data: 2, fsdp: 2, tensor: 2}: left to XLA, the embedding lookup gathers the (small) table along
     # the vocabulary; placement.embed looks it up in each device's slice instead
     mixed = meshes[json.dumps({"data": 2, "fsdp": 2, "tensor": 2})]
@@ -126,8 +129,8 @@ def test_tensor_parallel_decode_gathers_no_weight(meshes):
     ]
     # {fsdp: 2, tensor: 4}: the fsdp-split weights are gathered per layer over fsdp (still split over
     # tensor), so the program does all-gather weights, just never along tensor
-    fsdp = meshes[json.dumps({"fsdp": 2, "tensor": 4})]
-    assert "f32[48, 18]" in fsdp["all_gathers"], fsdp["all_gathers"]  # q_proj: [hidden, heads * head_dim / 4]
+    gathers = meshes[json.dumps({"fsdp": 2, "tensor": 4})]["all_gathers"]
+    assert "f32[48, 18]" in gathers, gathers  # q_proj: [hidden, heads * head_dim / 4]
 
 
 # -------------------------------------------------------------------------- on-policy KD
