@@ -27,9 +27,16 @@ TEACHER = REPO / "demo" / "teacher"
 STUDENT = REPO / "demo" / "tiny-llama"
 
 
+# Programs with collectives that XLA:CPU loads from the persistent compilation cache (tests/conftest.py turns
+# it on) can deadlock between simulated devices: the KD train step on {data: 2, tensor: 2} (4 devices; with
+# or without on-policy steps) aborted on a collective's rendezvous timeout in 7 of 19 runs that loaded it
+# from the cache, in none of 20 that compiled it. So the subprocesses here compile afresh.
+
+
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
