@@ -16,6 +16,11 @@ micro-batches to :func:`on_policy_batches` before the train step:
   64, at most ``sequence_len``, the same for all micro-batches of the step. The completion tokens (the
   stop token that ended one included) are trained, the prompt is not.
 
+On a mesh (the trainer's, ``OnPolicyStep(mesh=)``) the student samples sharded as it trains
+(``jaxpref.generation.placement``); with several processes each process's micro-batches are its own
+rows: it passes their prompts and gets their completions back, and the processes agree on the step's
+T (a cross-process max), so the global micro-batches keep one shape. The stats are sums over processes.
+
 The teacher then scores the new sequences: ``kd_teacher_model`` inside the train step as always, a
 teacher server through ``ServedTargets`` (asked synchronously here). Stored targets cannot score new
 sequences, hence the config check.
@@ -31,6 +36,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxpref.batch_keys import KD_TARGETS
 from jaxpref.data.packing import bucket_length
@@ -119,27 +126,41 @@ def build_batch(
     return batch
 
 
+def _across_processes(longest: int, dropped: int, tokens: int) -> tuple[int, int, int]:
+    """(max of ``longest``, sums of ``dropped`` and ``tokens``) over all processes."""
+    if jax.process_count() == 1:
+        return longest, dropped, tokens
+    table = multihost_utils.process_allgather(np.array([longest, dropped, tokens], np.int64))
+    return int(table[:, 0].max()), int(table[:, 1].sum()), int(table[:, 2].sum())
+
+
 def on_policy_batches(
-    model: Any, micro_batches: Sequence[NumpyBatch], settings: OnPolicySettings, key: jax.Array
+    model: Any,
+    micro_batches: Sequence[NumpyBatch],
+    settings: OnPolicySettings,
+    key: jax.Array,
+    mesh: Mesh | None = None,
 ) -> tuple[list[NumpyBatch], dict[str, float]]:
     """The step's micro-batches rebuilt from the student's completions of their prompts (module doc),
-    and stats (``on_policy_dropped``: sequences that did not fit, ``completion_tokens``)."""
+    and stats (``on_policy_dropped``: sequences that did not fit, ``completion_tokens``; over all
+    processes). ``mesh``: sample on it (this process's micro-batches are its rows), else on one device."""
     prompts = [prompts_of(b) for b in micro_batches]
     flat = [p for ps in prompts for p in ps]
     rows = micro_batches[0]["input_ids"].shape[0]
-    result = generate(model, flat, settings.sampling, key=key, use_adapters=True, batch_size=rows)
+    result = generate(model, flat, settings.sampling, key=key, use_adapters=True, batch_size=rows, mesh=mesh)
     completions = iter(result.tokens)
     sequences = [[(p, next(completions)[: settings.sequence_len - len(p)]) for p in ps] for ps in prompts]
     lengths = [[len(p) + len(c) for p, c in seqs] for seqs in sequences]
     places = [_place(ns, rows, settings.sequence_len) for ns in lengths]
-    longest = max(_longest_row(place, ns, rows) for place, ns in zip(places, lengths))
-    t_len = bucket_length(longest, settings.sequence_len)  # one T for the step: its micro-batches are stacked
+    longest, dropped, tokens = _across_processes(
+        max(_longest_row(place, ns, rows) for place, ns in zip(places, lengths)),
+        sum(r is None for place in places for r in place),
+        sum(len(c) for seqs in sequences for _, c in seqs),
+    )
+    # one T for the step (on every process): its micro-batches are stacked into one global array
+    t_len = bucket_length(longest, settings.sequence_len)
     built = [build_batch(b, seqs, place, t_len) for b, seqs, place in zip(micro_batches, sequences, places)]
-    stats = {
-        "on_policy_dropped": float(sum(r is None for place in places for r in place)),
-        "completion_tokens": float(sum(len(c) for seqs in sequences for _, c in seqs)),
-    }
-    return built, stats
+    return built, {"on_policy_dropped": float(dropped), "completion_tokens": float(tokens)}
 
 
 OFF_POLICY = {"on_policy": 0.0, "sampling_seconds": 0.0, "on_policy_dropped": 0.0, "completion_tokens": 0.0}
@@ -148,7 +169,8 @@ OFF_POLICY = {"on_policy": 0.0, "sampling_seconds": 0.0, "on_policy_dropped": 0.
 class OnPolicyStep:
     """The loop's ``prepare_step`` hook: on the selected steps, the micro-batches rebuilt on-policy.
 
-    ``model()`` gives the current student; ``targets`` (a teacher server's ``ServedTargets``) adds KD
+    ``model()`` gives the current student; ``mesh`` (the trainer's) is where it samples (None: one
+    device); ``targets`` (a teacher server's ``ServedTargets``) adds KD
     targets to the rebuilt micro-batches, None when the teacher runs in the train step. The sampling key
     of step s is ``fold_in(key(seed), s)``. Every step reports the same metrics (``OFF_POLICY``: 0
     off-policy): ``on_policy`` (1/0), ``sampling_seconds``, ``on_policy_dropped``, ``completion_tokens``;
@@ -162,8 +184,9 @@ class OnPolicyStep:
         settings: OnPolicySettings,
         seed: int,
         targets: Callable[[NumpyBatch], NumpyBatch] | None = None,
+        mesh: Mesh | None = None,
     ):
-        self.model, self.settings, self.targets = model, settings, targets
+        self.model, self.settings, self.targets, self.mesh = model, settings, targets, mesh
         self.key = jax.random.key(seed)
         self.total_sampling_s = 0.0
         self.steps = 0
@@ -173,7 +196,8 @@ class OnPolicyStep:
             return micro, dict(OFF_POLICY)
         start = time.perf_counter()
         plain = [{k: v for k, v in b.items() if k not in KD_TARGETS} for b in micro]
-        new, stats = on_policy_batches(self.model(), plain, self.settings, jax.random.fold_in(self.key, step))
+        key = jax.random.fold_in(self.key, step)
+        new, stats = on_policy_batches(self.model(), plain, self.settings, key, mesh=self.mesh)
         seconds = time.perf_counter() - start
         self.total_sampling_s += seconds
         self.steps += 1

@@ -257,7 +257,7 @@ def on_policy_hook(cfg: Any, tokenizer: Any, trainer: Any, data: Any) -> Any:
         stop_token_ids=stop_token_ids(tokenizer),
     )
     targets = data.targets if cfg.kd_online_server_base_url else None  # ServedTeacherData's ServedTargets
-    return OnPolicyStep(trainer.model, settings, cfg.seed, targets)
+    return OnPolicyStep(trainer.model, settings, cfg.seed, targets, mesh=trainer.mesh)
 
 
 def grpo_hooks(cfg: Any, tokenizer: Any, trainer: Any, data: Any, total_steps: int) -> Any:

@@ -17,6 +17,11 @@ Design:
 * Sampling: temperature, then top-k, then top-p, as transformers' warpers in that order; greedy
   (temperature 0) is argmax. Keys: ``key`` (default ``jax.random.key(0)``) folded with the group
   index, then split once per step.
+* On a mesh (``generate(..., mesh=)``): rows over the batch axes, the KV cache over batch and KV heads,
+  tensor-sharded weights never gathered, every process passing its own prompts; see
+  ``jaxpref.generation.placement``. Group g's rows are each process's g-th ``batch_size`` prompts in
+  process order, then padding rows up to a multiple of the batch axes' devices. A row's tokens do not
+  depend on the padding rows after it, so one process on a mesh samples what one device samples.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpref import platform
+from jaxpref.generation import placement
 
 PROMPT_BUCKET = 64
 
@@ -120,7 +129,14 @@ def _logits(model: Any, hidden: jax.Array, use_adapters: bool) -> jax.Array:
     return jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "mode", "use_adapters"))
+def _constrain(x: Any, mesh: Mesh | None, spec: PartitionSpec) -> Any:
+    """``x`` (an array or a tuple of arrays) pinned to ``spec`` on ``mesh``; unchanged without a mesh."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.tree.map(lambda _: NamedSharding(mesh, spec), x))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "mode", "use_adapters", "mesh", "split_vocab"))
 def _generate_group(
     graphdef: Any,
     state: Any,
@@ -136,9 +152,27 @@ def _generate_group(
     max_new_tokens: int,
     mode: tuple[bool, bool, bool],
     use_adapters: bool,
+    mesh: Mesh | None = None,
+    split_vocab: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """(new tokens int32 [B, max_new_tokens] (-1 after a row finished), steps run)."""
+    """(new tokens int32 [B, max_new_tokens] (-1 after a row finished), steps run).
+
+    ``mesh``: None on one device; else the rows' and cache's shardings are pinned (module doc) and the
+    new tokens are returned replicated. ``split_vocab``: the embedding table's vocabulary is split over
+    ``tensor`` (the tokens are then embedded by ``placement.embed``).
+    """
     model = nnx.merge(graphdef, state)
+
+    def embeddings(tokens: jax.Array) -> jax.Array | None:
+        if not split_vocab:
+            return None
+        return placement.embed(model.embed_tokens.table(use_adapters), tokens, mesh).astype(model.dtype)
+
+    rows_1d = placement.batch_spec(1)
+    rows_2d = placement.batch_spec(2)
+    kv = placement.cache_spec(mesh, model.config.num_key_value_heads) if mesh is not None else None
+    ids = _constrain(ids, mesh, rows_2d)
+    lengths, active = _constrain((lengths, active), mesh, rows_1d)
     greedy, uses_top_k, uses_top_p = mode
     sample = partial(
         sample_logits,
@@ -148,11 +182,12 @@ def _generate_group(
         top_p=top_p if uses_top_p else None,
     )
     batch, prompt_len = ids.shape
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    hidden, cache = model.prefill(ids, lengths, cache, use_adapters=use_adapters)
+    cache = _constrain(model.init_cache(batch, prompt_len + max_new_tokens), mesh, kv)
+    hidden, cache = model.prefill(ids, lengths, cache, use_adapters=use_adapters, embeddings=embeddings(ids))
+    cache = _constrain(cache, mesh, kv)
     key, sub = jax.random.split(key)
-    token = sample(_logits(model, hidden, use_adapters), sub)
-    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(token)
+    token = _constrain(sample(_logits(model, hidden, use_adapters), sub), mesh, rows_1d)
+    out = _constrain(jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(token), mesh, rows_2d)
     done = ~active | jnp.isin(token, stop_ids)
 
     def cond(carry):
@@ -161,16 +196,19 @@ def _generate_group(
 
     def body(carry):
         step, token, cache, out, done, key = carry
-        hidden, cache = model.decode(token, lengths + step - 1, cache, use_adapters=use_adapters)
+        hidden, cache = model.decode(
+            token, lengths + step - 1, cache, use_adapters=use_adapters, embeddings=embeddings(token[:, None])
+        )
+        cache = _constrain(cache, mesh, kv)
         key, sub = jax.random.split(key)
-        token = sample(_logits(model, hidden, use_adapters), sub)
+        token = _constrain(sample(_logits(model, hidden, use_adapters), sub), mesh, rows_1d)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, -1, token)[:, None], (0, step))
         done = done | jnp.isin(token, stop_ids)
-        return step + 1, token, cache, out, done, key
+        return step + 1, token, cache, _constrain(out, mesh, rows_2d), done, key
 
     carry = (jnp.int32(1), token, cache, out, done, key)
     step, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, step
+    return _constrain(out, mesh, PartitionSpec()), step
 
 
 def generate(
@@ -181,67 +219,110 @@ def generate(
     key: jax.Array | None = None,
     use_adapters: bool = True,
     batch_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Prompts of different lengths, batched (batch_size rows per compiled call; default all).
 
     Args:
-      model: a ``jaxpref.models.CausalLM`` (LoRA adapters used when ``use_adapters``).
-      prompts: token ids per prompt (each at least one token).
+      model: a ``jaxpref.models.CausalLM`` (LoRA adapters used when ``use_adapters``); on a ``mesh``
+        its arrays placed on it (the trainer's shardings or ``sharding.shard_module``; else copied
+        there by the default rules).
+      prompts: token ids per prompt (each at least one token); with a mesh over several processes,
+        this process's prompts (every process calls ``generate`` with the same other arguments).
       settings: sampling settings (max_new_tokens, temperature 0 = greedy, top_k, top_p, stop ids).
       key: PRNG key for sampling (a fixed key gives the same tokens); None means ``jax.random.key(0)``.
-      batch_size: rows per compiled call; the prompt length is padded to a multiple of 64.
+      batch_size: rows per compiled call (per process on a mesh; default: all prompts, on a mesh the
+        most any process has); the prompt length is padded to a multiple of 64.
+      mesh: a ``jaxpref.sharding.make_mesh`` mesh to run on (module doc), or None for one device.
     Returns:
-      per prompt, the new tokens (a stop token that ended the row included) and whether a stop
-      token ended it.
+      per prompt (this process's), the new tokens (a stop token that ended the row included) and
+      whether a stop token ended it.
     """
     prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
+    # Every process's prompts (one list without a mesh or on one process) and this process's index.
+    everyone, me = ([prompts], 0) if mesh is None else (placement.allgather_prompts(prompts), jax.process_index())
+    if not any(everyone):
         return GenerationResult(tokens=[], finished=[])
-    if any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for ps in everyone for p in ps):
         raise ValueError("generate: every prompt needs at least one token")
     n_new = settings.max_new_tokens
     if n_new == 0:
         return GenerationResult(tokens=[[] for _ in prompts], finished=[False] * len(prompts))
     if key is None:
         key = jax.random.key(0)
-    rows = batch_size or len(prompts)
-    prompt_len = PROMPT_BUCKET * math.ceil(max(len(p) for p in prompts) / PROMPT_BUCKET)
+    rows = batch_size or max(map(len, everyone))
+    batch = rows * len(everyone) if mesh is None else placement.padded_rows(rows * len(everyone), mesh)
+    prompt_len = PROMPT_BUCKET * math.ceil(max(len(p) for ps in everyone for p in ps) / PROMPT_BUCKET)
     stop = settings.stop_token_ids
-    stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)  # -1 never sampled
+    stop_ids = np.asarray(stop if stop else (-1,), np.int32)  # -1 never sampled
     mode = (settings.greedy, settings.uses_top_k, settings.uses_top_p)
     scalars = (
-        jnp.float32(settings.temperature if not settings.greedy else 1.0),
-        jnp.int32(settings.top_k or 0),
-        jnp.float32(settings.top_p if settings.top_p is not None else 1.0),
+        np.float32(settings.temperature if not settings.greedy else 1.0),
+        np.int32(settings.top_k or 0),
+        np.float32(settings.top_p if settings.top_p is not None else 1.0),
     )
     graphdef, state = nnx.split(model)
+    split_vocab = False
+    if mesh is not None:
+        state = placement.on_mesh(state, mesh)
+        split_vocab = placement.vocab_split(nnx.merge(graphdef, state).embed_tokens.table(use_adapters))
+    run = partial(
+        _run_group,
+        graphdef,
+        state,
+        mesh=mesh,
+        n_new=n_new,
+        mode=mode,
+        use_adapters=use_adapters,
+        split_vocab=split_vocab,
+    )
     tokens: list[list[int]] = []
     finished: list[bool] = []
-    for g, start in enumerate(range(0, len(prompts), rows)):
-        group = prompts[start : start + rows]
-        ids = np.zeros((rows, prompt_len), np.int32)
-        lengths = np.ones((rows,), np.int32)
-        active = np.zeros((rows,), bool)
-        for i, p in enumerate(group):
-            ids[i, : len(p)] = p
-            lengths[i], active[i] = len(p), True
-        out, _ = _generate_group(
-            graphdef,
-            state,
-            jnp.asarray(ids),
-            jnp.asarray(lengths),
-            jnp.asarray(active),
-            jax.random.fold_in(key, g),
-            *scalars,
-            stop_ids,
-            max_new_tokens=n_new,
-            mode=mode,
-            use_adapters=use_adapters,
-        )
-        out = np.asarray(out)
-        for i in range(len(group)):
-            row = out[i].tolist()
+    for g in range(max(math.ceil(len(ps) / rows) for ps in everyone)):
+        ids = np.zeros((batch, prompt_len), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        active = np.zeros((batch,), bool)
+        for p, ps in enumerate(everyone):  # process p's g-th prompts in rows p * rows ...
+            for i, prompt in enumerate(ps[g * rows : (g + 1) * rows]):
+                ids[p * rows + i, : len(prompt)] = prompt
+                lengths[p * rows + i], active[p * rows + i] = len(prompt), True
+        out = run(ids, lengths, active, jax.random.fold_in(key, g), *scalars, stop_ids)
+        for i in range(len(everyone[me][g * rows : (g + 1) * rows])):
+            row = out[me * rows + i].tolist()
             ended = next((j for j, t in enumerate(row) if t in stop), None)
             tokens.append(row if ended is None else row[: ended + 1])
             finished.append(ended is not None)
     return GenerationResult(tokens=tokens, finished=finished)
+
+
+def _run_group(
+    graphdef: Any,
+    state: Any,
+    *arrays: Any,
+    mesh: Mesh | None,
+    n_new: int,
+    mode: tuple,
+    use_adapters: bool,
+    split_vocab: bool,
+) -> np.ndarray:
+    """One group through ``_generate_group``: its new tokens [B, n_new] as numpy (all rows).
+
+    ``arrays``: ids [B, P], lengths [B], active [B], key, temperature, top_k, top_p, stop ids (numpy
+    but the key). On a mesh they are placed as global arrays (the rows over the batch axes, the rest
+    replicated) and the step is traced with ``platform.kernel_mesh``.
+    """
+    ids, lengths, active, key, *rest = arrays
+    kw = dict(max_new_tokens=n_new, mode=mode, use_adapters=use_adapters)
+    if mesh is None:
+        args = [jnp.asarray(a) for a in (ids, lengths, active)] + [key] + [jnp.asarray(a) for a in rest]
+        out, _ = _generate_group(graphdef, state, *args, **kw)
+        return np.asarray(out)
+    rows = [
+        placement.global_array(a, NamedSharding(mesh, placement.batch_spec(a.ndim))) for a in (ids, lengths, active)
+    ]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rest = [placement.global_array(np.asarray(a), replicated) for a in rest]
+    key = placement.replicated_key(key, mesh)
+    with platform.kernel_mesh(mesh):
+        out, _ = _generate_group(graphdef, state, *rows, key, *rest, mesh=mesh, split_vocab=split_vocab, **kw)
+    return placement.host_value(out)

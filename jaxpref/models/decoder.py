@@ -160,6 +160,7 @@ class CausalLM(nnx.Module):
         cache: tuple[jax.Array, jax.Array],
         *,
         use_adapters: bool = True,
+        embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Run right-padded prompts and fill cache slots 0..T-1.
 
@@ -168,12 +169,14 @@ class CausalLM(nnx.Module):
             its keys land in slots that decoding overwrites before they become visible).
           lengths: int [B] prompt lengths (at least 1).
           cache: (k, v) from ``init_cache`` with max_len >= T.
+          embeddings: [B, T, H] the prompts' token embeddings (compute dtype) when the caller looked
+            them up (generation on a mesh: ``jaxpref.generation.placement.embed``); None: here.
         Returns:
           (final hidden state [B, H] at each row's last prompt token (after the norm), cache).
         """
         batch, length = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = self._embed(input_ids, use_adapters)
+        x = self._embed(input_ids, use_adapters) if embeddings is None else embeddings
         cos, sin = self._rope(positions)
         x, cache = self._run_layers_cached(x, cos, sin, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
@@ -186,11 +189,13 @@ class CausalLM(nnx.Module):
         cache: tuple[jax.Array, jax.Array],
         *,
         use_adapters: bool = True,
+        embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One generation step: token [B] of row b at position (= cache slot) positions[b], attending to
-        slots 0..positions[b]. Returns (final hidden state [B, H], cache with the new keys/values)."""
+        slots 0..positions[b]. Returns (final hidden state [B, H], cache with the new keys/values).
+        ``embeddings``: [B, 1, H] the tokens' embeddings, as in ``prefill``."""
         positions = positions.astype(jnp.int32)
-        x = self._embed(tokens[:, None], use_adapters)
+        x = self._embed(tokens[:, None], use_adapters) if embeddings is None else embeddings
         cos, sin = self._rope(positions[:, None])
         x, cache = self._run_layers_cached(x, cos, sin, cache, positions, use_adapters)
         return self.norm(x[:, 0]), cache

@@ -239,9 +239,10 @@ class Attention(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
         else:
-            rows = jnp.arange(x.shape[0])
-            k_cache = k_cache.at[rows, slots].set(k[:, 0])
-            v_cache = v_cache.at[rows, slots].set(v[:, 0])
+            # Row b's slot, written per row (a scatter with a batch dimension: on a mesh every device
+            # writes its own rows, where explicit row indices made XLA gather the new keys of all rows).
+            write = jax.vmap(lambda cache, new, slot: jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=0))
+            k_cache, v_cache = write(k_cache, k, slots), write(v_cache, v, slots)
             out = decode_attention(q, k_cache, v_cache, slots)
         return self.o_proj(out, use_adapters=use_adapters), k_cache, v_cache
 
