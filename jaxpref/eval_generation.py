@@ -130,13 +130,14 @@ class GenerationEval:
         *,
         seed: int = 0,
         formatters: Sequence[RowFormatter] | None = None,
+        mesh: Any = None,
     ):
         self.name, self.metric = resolve_metric(section.metric)
         if formatters is None and tokenizer.chat_template is None:
             raise ConfigError("eval_generation needs a chat template: set chat_template (e.g. chatml)")
         if formatters is not None and len(formatters) != len(rows):
             raise ValueError(f"{len(formatters)} formatters for {len(rows)} rows")
-        self.tokenizer, self.seed = tokenizer, seed
+        self.tokenizer, self.seed, self.mesh = tokenizer, seed, mesh  # mesh: the trainer's, sampled on
         self.last_tokens = 0.0  # mean completion length of the last completions() call
         self.rows, self.references, self.prompts = [], [], []
         skipped = 0
@@ -178,7 +179,7 @@ class GenerationEval:
     def completions(self, model: Any, step: int = 0) -> list[str]:
         """The model's completions of the sampled rows (decoded without special tokens)."""
         key = jax.random.fold_in(jax.random.key(self.seed), step)
-        result = generate(model, self.prompts, self.settings, key=key)
+        result = generate(model, self.prompts, self.settings, key=key, mesh=self.mesh)
         self.last_tokens = sum(len(t) for t in result.tokens) / len(result.tokens)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
 
@@ -191,12 +192,14 @@ class GenerationEval:
         return {f"generation_{self.name}": sum(scores) / len(scores), "generation_tokens": self.last_tokens}
 
 
-def build_generation_eval(section: Any, settings: Any, tokenizer: Any, *, seed: int = 0) -> GenerationEval:
+def build_generation_eval(
+    section: Any, settings: Any, tokenizer: Any, *, seed: int = 0, mesh: Any = None
+) -> GenerationEval:
     """The run's :class:`GenerationEval` over its eval set (``settings``: the run's ``DataSettings``):
     preference runs through their datasets' formats unless ``prompt_field`` names flat fields."""
     if settings.rl and section.prompt_field is None:
         pairs = eval_source_entries(settings)
         rows = [row for row, _ in pairs]
         formatters = preference_formatters([entry for _, entry in pairs], settings, tokenizer)
-        return GenerationEval(section, rows, tokenizer, seed=seed, formatters=formatters)
-    return GenerationEval(section, eval_source_rows(settings), tokenizer, seed=seed)
+        return GenerationEval(section, rows, tokenizer, seed=seed, formatters=formatters, mesh=mesh)
+    return GenerationEval(section, eval_source_rows(settings), tokenizer, seed=seed, mesh=mesh)

@@ -114,15 +114,20 @@ class Rollout:
     rows: list[dict[str, Any]]
 
 
-def sample_groups(model: Any, batch: NumpyBatch, settings: RolloutSettings, key: jax.Array) -> Rollout:
-    """G completions of every real prompt of a prompt batch (``data/prompts.py``), grouped by prompt."""
+def sample_groups(
+    model: Any, batch: NumpyBatch, settings: RolloutSettings, key: jax.Array, mesh: Any = None
+) -> Rollout:
+    """G completions of every real prompt of this process's prompt batch (``data/prompts.py``), grouped by
+    prompt; on ``mesh`` (the trainer's) the sampler shards rows and cache as training does."""
     prompts, rows = [], []
     for ids, n, text in zip(batch["prompt_ids"], batch["prompt_lengths"], batch["rows"]):
         if n > 0:
             prompts += [ids[:n].tolist()] * settings.num_generations
             rows += [json.loads(text)] * settings.num_generations
     rows_per_call = settings.micro_batch_size
-    result = generate(model, prompts, settings.sampling, key=key, use_adapters=True, batch_size=rows_per_call)
+    result = generate(
+        model, prompts, settings.sampling, key=key, use_adapters=True, batch_size=rows_per_call, mesh=mesh
+    )
     completions, truncated = [], []
     for prompt, tokens, finished in zip(prompts, result.tokens, result.finished):
         room = settings.sequence_len - len(prompt)
@@ -220,7 +225,7 @@ class GRPORollout:
     """The loop's ``prepare_step`` hook for ``rl: grpo`` (module docstring).
 
     ``model()`` gives the current policy; ``rewards`` the run's reward functions; ``total_steps`` goes to the
-    reward functions' ``trainer_state.max_steps``.
+    reward functions' ``trainer_state.max_steps``; ``mesh``: the trainer's, which the sampler shards on.
     """
 
     def __init__(
@@ -232,10 +237,11 @@ class GRPORollout:
         *,
         seed: int,
         total_steps: int,
+        mesh: Any = None,
     ):
         self.model, self.settings, self.rewards, self.tokenizer = model, settings, rewards, tokenizer
         self.key = jax.random.key(seed)
-        self.total_steps = total_steps
+        self.total_steps, self.mesh = total_steps, mesh
         self.total_sampling_s = 0.0
         self.steps = 0  # rollouts sampled
         self.evaluation: Callable[[int], dict[str, float]] | None = None  # set by the run: GRPOEval of the step
@@ -248,7 +254,7 @@ class GRPORollout:
             return self._cached[1], {**self._cached[2], "sampling_seconds": 0.0, "reward_seconds": 0.0}
         model = self.model()
         start = time.perf_counter()
-        rollout = sample_groups(model, batch, self.settings, jax.random.fold_in(self.key, group_step))
+        rollout = sample_groups(model, batch, self.settings, jax.random.fold_in(self.key, group_step), self.mesh)
         sampled = time.perf_counter()
         prompts, completions, columns = reward_inputs(rollout, self.tokenizer)
         state = TrainerState(global_step=step, max_steps=self.total_steps)
@@ -295,9 +301,9 @@ class GRPOEval:
 
     def __init__(
         self, batches: Sequence[NumpyBatch], settings: RolloutSettings, rewards: RewardFunctions, tokenizer: Any,
-        *, seed: int = 0,
+        *, seed: int = 0, mesh: Any = None,
     ):  # fmt: skip
-        self.batches, self.rewards, self.tokenizer = list(batches), rewards, tokenizer
+        self.batches, self.rewards, self.tokenizer, self.mesh = list(batches), rewards, tokenizer, mesh
         self.sampled = settings
         self.greedy = dataclasses.replace(settings, num_generations=1, temperature=0.0, top_k=0, top_p=1.0)
         self.key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)  # not a training step's key
@@ -307,7 +313,7 @@ class GRPOEval:
         """Rewards [completions, F] of every eval prompt's completions under ``settings``."""
         scores = []
         for i, batch in enumerate(self.batches):
-            rollout = sample_groups(model, batch, settings, jax.random.fold_in(self.key, i))
+            rollout = sample_groups(model, batch, settings, jax.random.fold_in(self.key, i), self.mesh)
             if rollout.prompt_ids:
                 prompts, completions, columns = reward_inputs(rollout, self.tokenizer)
                 state = TrainerState(global_step=step, max_steps=step)

@@ -238,7 +238,7 @@ def generation_hook(cfg: Any, data_settings: Any, tokenizer: Any, trainer: Any) 
         return None
     from jaxpref.eval_generation import build_generation_eval
 
-    evaluate = build_generation_eval(cfg.eval_generation, data_settings, tokenizer, seed=cfg.seed)
+    evaluate = build_generation_eval(cfg.eval_generation, data_settings, tokenizer, seed=cfg.seed, mesh=trainer.mesh)
     return lambda step: evaluate(trainer.model(), step)
 
 
@@ -269,8 +269,12 @@ def grpo_hooks(cfg: Any, tokenizer: Any, trainer: Any, data: Any, total_steps: i
 
     settings = RolloutSettings.from_config(cfg, stop_token_ids(tokenizer))
     rewards = RewardFunctions(cfg.trl.reward_funcs)
-    rollout = GRPORollout(trainer.model, settings, rewards, tokenizer, seed=cfg.seed, total_steps=total_steps)
-    evaluation = GRPOEval(data.eval_batches(), settings, rewards, tokenizer, seed=cfg.seed) if data.has_eval else None
+    rollout = GRPORollout(
+        trainer.model, settings, rewards, tokenizer, seed=cfg.seed, total_steps=total_steps, mesh=trainer.mesh
+    )
+    evaluation = None
+    if data.has_eval:
+        evaluation = GRPOEval(data.eval_batches(), settings, rewards, tokenizer, seed=cfg.seed, mesh=trainer.mesh)
     rollout.evaluation = (lambda step: evaluation(trainer.model(), step)) if evaluation else None
     return rollout
 

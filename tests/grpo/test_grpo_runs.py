@@ -91,3 +91,28 @@ def test_a_lora_run_with_kl_and_reused_completions_resumes_exactly(tmp_path, mon
     b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert (tmp_path / "whole" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_sampling_and_training_on_a_mesh_equal_one_device(tmp_path):
+    """{data: 2, tensor: 2} on 4 simulated devices: the same completions, rewards and loss as one device."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["max_steps=2", "micro_batch_size=4", "gradient_accumulation_steps=2", "trl.num_generations=4",
+              "trl.max_completion_length=4", "trl.beta=0.04", "test_datasets=", "dataset_processes=1",
+              "use_tensorboard=false", "logging_steps=1", "save_steps=100"]  # fmt: skip
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}  # cached collectives can deadlock on CPU
+    runs = {"one": ([], "1"), "mesh": (["mesh.data=2", "mesh.tensor=2"], "4")}
+    for name, (extra, devices) in runs.items():
+        flags = f"--xla_force_host_platform_device_count={devices}"
+        cmd = [sys.executable, "-m", "jaxpref.train", "--config", str(CONFIG), "--no_progress", *common, *extra,
+               f"output_dir={tmp_path / name}"]  # fmt: skip
+        done = subprocess.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, mesh = metrics(tmp_path / "one", "train"), metrics(tmp_path / "mesh", "train")
+    for a, b in zip(one, mesh):
+        assert a["rewards/exact_answer/mean"] == b["rewards/exact_answer/mean"]  # the same completions
+        assert a["completions/mean_length"] == b["completions/mean_length"]
+        assert np.isclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6) and np.isclose(a["kl"], b["kl"], atol=1e-6)
