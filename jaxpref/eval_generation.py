@@ -22,7 +22,6 @@ without special tokens, which is how completions are decoded too.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +34,7 @@ from jaxpref.data.pipeline import eval_source_entries, eval_source_rows
 from jaxpref.errors import ConfigError
 from jaxpref.generation import SamplingSettings, generate
 from jaxpref.generation.prompts import stop_token_ids
+from jaxpref.user_code import import_attribute
 
 logger = logging.getLogger("jaxpref")
 
@@ -50,9 +50,8 @@ def resolve_metric(name: str) -> tuple[str, Metric]:
     """(log name, function) of ``exact_match`` or ``package.module:function``; ConfigError otherwise."""
     if name == "exact_match":
         return name, exact_match
-    module_name, _, attr = name.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = import_attribute(name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
             f"eval_generation.metric: cannot import {name!r} ({type(e).__name__}: {e}); give package.module:function "
@@ -60,7 +59,7 @@ def resolve_metric(name: str) -> tuple[str, Metric]:
         ) from None
     if not callable(fn):
         raise ConfigError(f"eval_generation.metric: {name!r} is not a function")
-    return attr, fn
+    return name.replace(":", ".").rpartition(".")[2], fn
 
 
 def prompt_and_reference(row: dict[str, Any], section: Any) -> tuple[list[dict[str, str]], str] | None:
