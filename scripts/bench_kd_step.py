@@ -325,9 +325,11 @@ def run_worker(script: str, mode: str, config: str, model_dir: str, args: argpar
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     for item in getattr(args, "set", None) or ():
         cmd += ["--set", item]
+    for item in getattr(args, "trl_set", None) or ():  # bench_grpo_step.py: GRPOConfig keys
+        cmd += ["--trl-set", item]
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", NO_MALLOC_TUNING)}
     malloc = getattr(args, "malloc", "as-shipped")
-    if malloc == "tuned" or (malloc == "as-shipped" and mode == "jaxpref"):
+    if malloc == "tuned" or (malloc == "as-shipped" and mode.startswith("jaxpref")):
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # what the jaxpref commands run with (jaxpref/cli.py)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:

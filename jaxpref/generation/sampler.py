@@ -104,6 +104,16 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
     return jnp.where(remove, -jnp.inf, logits)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """int32 ``jnp.argmax(x, axis=-1)`` (the first index of the largest entry; NaN counts as largest) as
+    two plain reductions, a max and a min over indices. XLA:CPU runs ``argmax``'s variadic (value, index)
+    reduce about 6x slower than these at [16..64, 32000] (scripts/bench_grpo_step.py, "Where the time goes")."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def sample_logits(
     logits: jax.Array,
     key: jax.Array,
@@ -115,13 +125,14 @@ def sample_logits(
 ) -> jax.Array:
     """Next tokens int32 [B] from float32 logits [B, V]."""
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # jax.random.categorical(key, logits) draws exactly this (Gumbel-max, the same noise); its argmax is slow on CPU
+    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
 def _logits(model: Any, hidden: jax.Array, use_adapters: bool) -> jax.Array:
