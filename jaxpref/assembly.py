@@ -42,6 +42,15 @@ def lora_config(cfg: Any) -> Any:
     )
 
 
+def quantization(cfg: Any) -> Any:
+    """The NF4 settings of the base model (``load_in_4bit``, QLoRA), or None for float weights."""
+    if not cfg.load_in_4bit:
+        return None
+    from jaxpref.models.nf4 import NF4Config
+
+    return NF4Config(double_quant=cfg.bnb_4bit_use_double_quant)
+
+
 def build_model(cfg: Any, vocab_needed: int, mesh: Any = None, *, weights: bool = True) -> Any:
     """The base model (pretrained or random init), with LoRA applied when configured.
 
@@ -62,6 +71,7 @@ def build_model(cfg: Any, vocab_needed: int, mesh: Any = None, *, weights: bool 
         attention_impl=cfg.attention_impl,
         mesh=mesh,
         rules=rules,
+        quantization=quantization(cfg),
     )
     if cfg.random_init_weights or not weights:
         mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)

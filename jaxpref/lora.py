@@ -29,6 +29,8 @@ from jaxpref.errors import ModelError
 from jaxpref.models.decoder import CausalLM
 from jaxpref.models.hf_io import abstract_model, hf_module_name, hf_sort_key, iter_modules, place, to_host
 from jaxpref.models.layers import Linear, make_param
+from jaxpref.models.nf4 import NF4Weight
+from jaxpref.models.quantize import dequantized_kernel
 from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.precision import ADAPTER_DTYPE
 from jaxpref.sharding import Rules, logical_to_spec
@@ -41,8 +43,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
-#: Base-model parameters only (LoRAParam subclasses Param, so ``nnx.Param`` alone includes adapters).
-BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+#: Base-model weights only (LoRAParam subclasses Param, so ``nnx.Param`` alone includes adapters), the
+#: frozen NF4 arrays of a QLoRA base included.
+BASE_PARAMS = nnx.Any(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), NF4Weight)
 
 
 class ModulesToSaveParam(nnx.LoRAParam):
@@ -358,7 +361,12 @@ def load_peft_adapter(
 
 def merge_lora(model: CausalLM) -> CausalLM:
     """A new model without adapters whose weights are ``W + alpha / r * A B`` (and the
-    modules_to_save copies in place of the originals); ``save_pretrained`` can write it."""
+    modules_to_save copies in place of the originals); ``save_pretrained`` can write it.
+
+    A QLoRA base is dequantized (float32, as bitsandbytes' ``dequantize_4bit``), the float32 delta added and
+    the sum rounded once to ``param_dtype``: the merged model is the dequantized base plus the adapters, not
+    the original full-precision weights plus the adapters (PEFT's ``merge_and_unload`` on a 4-bit base
+    does the same)."""
     if model.lora_config is None:
         raise ModelError("merge_lora: the model has no LoRA adapters")
     merged = abstract_model(model.config, **model.construction_kwargs())
@@ -368,12 +376,17 @@ def merge_lora(model: CausalLM) -> CausalLM:
             continue
         *mod_path, name = (str(p) for p in path)
         orig = src[tuple(mod_path)]
-        value = getattr(orig, name)[...]
+        out_dtype = var.get_value().dtype
+        if isinstance(orig, Linear) and name == "kernel" and orig.nf4_codes is not None:
+            # float32 when the delta follows: one rounding, of the sum
+            value = dequantized_kernel(orig, jnp.float32 if orig.lora_a is not None else out_dtype)
+        else:
+            value = getattr(orig, name)[...]
         if isinstance(orig, Linear) and name == "kernel" and orig.lora_a is not None:
             a, b = orig.lora_a[...].astype(jnp.float32), orig.lora_b[...].astype(jnp.float32)
             n_layers, r = a.shape[0], a.shape[-1]
             delta = jnp.matmul(a.reshape(n_layers, -1, r), b.reshape(n_layers, r, -1)) * orig.lora_scaling
-            value = (value.astype(jnp.float32) + delta.reshape(value.shape)).astype(value.dtype)
+            value = (value.astype(jnp.float32) + delta.reshape(value.shape)).astype(out_dtype)
         elif name == "embedding" and orig.embedding_copy is not None:
             value = orig.embedding_copy[...]
         elif name == "kernel" and getattr(orig, "kernel_copy", None) is not None:

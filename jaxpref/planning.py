@@ -16,8 +16,9 @@ from flax import nnx
 
 from jaxpref import lora, memory, models, precision
 from jaxpref import sharding as shd
-from jaxpref.assembly import DTYPES, lora_config, objective_name, remat_policy
+from jaxpref.assembly import DTYPES, lora_config, objective_name, quantization, remat_policy
 from jaxpref.errors import ConfigError
+from jaxpref.models.nf4 import NF4Weight
 from jaxpref.objectives import build_objective
 from jaxpref.optim import make_optimizer
 
@@ -45,7 +46,12 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
         )
     rules = cfg.logical_axis_rules
     mcfg = models.load_model_config(cfg.base_model_config or cfg.base_model)
-    kwargs = dict(dtype=DTYPES[cfg.compute_dtype], param_dtype=DTYPES[cfg.param_dtype], scan_layers=cfg.scan_layers)
+    kwargs = dict(
+        dtype=DTYPES[cfg.compute_dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        scan_layers=cfg.scan_layers,
+        quantization=quantization(cfg),
+    )
 
     def student() -> Any:
         model = models.from_config(mcfg, seed=0, **kwargs)
@@ -55,7 +61,8 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
 
     abstract = nnx.eval_shape(student)
     trainable = nnx.state(abstract, lora.trainable_filter(abstract))
-    params = nnx.state(abstract, nnx.Param)
+    params = nnx.state(abstract, nnx.Any(nnx.Param, NF4Weight))  # load_in_4bit: the NF4 arrays, by their bytes
+    quantized = nnx.state(abstract, NF4Weight)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     total_steps = int(cfg.max_steps) if cfg.max_steps else None
     tx, _ = make_optimizer(cfg, total_steps or 2**31 - 1)  # only the state's shapes are used (no warmup warning)
@@ -72,7 +79,7 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
             other = nnx.eval_shape(lambda c=tcfg, d=tdtype: models.from_config(c, seed=0, param_dtype=d))
         else:  # "reference": a frozen copy of the base model
             other = nnx.eval_shape(lambda: models.from_config(mcfg, seed=0, **kwargs))
-        companion_bytes += shd.per_device_bytes(nnx.state(other, nnx.Param), mesh, rules)
+        companion_bytes += shd.per_device_bytes(nnx.state(other, lora.BASE_PARAMS), mesh, rules)
 
     sides = 2 if objective.data == "preference" else 1  # chosen + rejected in one forward pass
     shapes = dict(
@@ -112,8 +119,11 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
         )
     report = {
         "objective": objective.name,
-        "parameters": count(params),
+        # an NF4 weight holds two values per byte of codes
+        "parameters": count(nnx.state(abstract, nnx.Param))
+        + 2 * count(nnx.state(abstract, nnx.All(NF4Weight, nnx.PathContains("nf4_codes")))),
         "trainable_parameters": count(trainable),
+        "quantized_param_bytes_per_device": shd.per_device_bytes(quantized, mesh, rules),
         "devices": devices,
         "processes": processes,
         "mesh": dict(mesh.shape),

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # The logical axis names model parameters carry.
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "lora_rank")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "lora_rank", "nf4")
 
 Rules = Sequence[Sequence[Any]]
 """(logical name, mesh axis | tuple/list of mesh axes | None) pairs; they override the defaults by name."""
@@ -43,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),
+    ("nf4", "fsdp"),  # flat NF4 codes and block scales of a quantized (QLoRA) weight
 )
 
 

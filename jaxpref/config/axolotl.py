@@ -105,9 +105,10 @@ IGNORED_KEYS: dict[str, str] = _by_reason(
         "rejects: tokens, added_tokens_overrides), so this has no effect": """
             resize_token_embeddings_to_32x mean_resizing_embeddings""",
         "an embedding dtype option; compute_dtype and param_dtype set the precision": "embeddings_skip_upcast",
-        "a bitsandbytes/quantization option with no effect without load_in_4bit, load_in_8bit or "
-        "model_quantization_config (rejected), or a post-training export setting": """
-            bnb_config_kwargs qlora_sharded_model_loading model_quantization_config_kwargs quantize_moe_experts
+        "a bitsandbytes/quantization option with no effect in jaxpref (QLoRA loading is always layer by "
+        "layer), without load_in_8bit or model_quantization_config (rejected), or a post-training export "
+        "setting": """
+            qlora_sharded_model_loading model_quantization_config_kwargs quantize_moe_experts
             quantization export""",
         "names the layer list LISA samples from (axolotl's default model.layers); LISA itself (lisa_n_layers, "
         "lisa_step_interval) is rejected": "lisa_layers_attribute",
@@ -166,7 +167,6 @@ IGNORED_PREFIXES: dict[str, str] = {
 # Rejected with an error when set to anything but false/empty (or a value of UNSUPPORTED_DEFAULTS): ignoring
 # them would silently train a different model than the one asked for (other weights, data, loss or schedule).
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "load_in_4bit": "4-bit (QLoRA) loading is not supported yet; use adapter: lora on unquantized weights",
     "gptq": "GPTQ-quantized models are not supported yet",
     "peft_use_dora": "DoRA is not supported yet; use plain LoRA",
     "peft_use_rslora": "rank-stabilised LoRA scaling is not supported yet; use plain LoRA",
@@ -327,6 +327,9 @@ MAPPED_KEYS: dict[str, str] = {
     "auto_resume_from_checkpoints": "true -> resume_from_checkpoint: auto",
     "plugins": "not loaded: their keys are handled one by one (one warning); a plugin that changes what trains even "
     "without keys (Spectrum, Grokfast, MoRA, Diffusion, LLMCompressor, Hatchery) is an error",
+    "bnb_config_kwargs": "bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype and "
+    "bnb_4bit_quant_storage -> the top-level keys of those names; other keys (llm_int8_*) are ignored with a "
+    "warning",
     "peft": "loftq_config: an error when enabled (loftq_bits, default 4, not 0), as LoftQ init is not supported "
     "yet; other keys are ignored with a warning",
 }
@@ -500,6 +503,7 @@ def translate(data: dict[str, Any], own_fields: Collection[str], dataset_fields:
     errors: list[str] = []
     if "trl" in data:
         _trl(data, "trl", errors)
+    _qlora(data, errors)
     for key in [k for k in data if k not in own_fields]:
         if key in _MAPPERS:
             _MAPPERS[key](data, key, errors)
@@ -597,6 +601,44 @@ def _batch_size(data: dict[str, Any], key: str, errors: list[str]) -> None:
             f"ignored: batch_size ({batch}; gradient_accumulation_steps is set, so a step is micro_batch_size x "
             f"gradient_accumulation_steps = {micro * accumulation} rows per device, as in axolotl)"
         )
+
+
+def _qlora(data: dict[str, Any], errors: list[str]) -> None:
+    """``adapter: qlora`` -> ``adapter: lora`` + ``load_in_4bit: true`` (axolotl requires load_in_4bit with qlora)."""
+    value = data.get("adapter")
+    if not (isinstance(value, str) and value.strip().lower() == "qlora"):
+        return
+    if data.get("load_in_4bit", True) is not True:
+        errors.append(
+            f"adapter: qlora with load_in_4bit: {data['load_in_4bit']!r}: qlora trains LoRA on a 4-bit base and needs "
+            "load_in_4bit: true (axolotl requires it too); remove load_in_4bit, or use adapter: lora"
+        )
+        return
+    data["adapter"], data["load_in_4bit"] = "lora", True
+
+
+_BNB_4BIT_KEYS = (
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_storage",
+)
+
+
+def _bnb_config_kwargs(data: dict[str, Any], key: str, errors: list[str]) -> None:
+    kwargs = data.pop(key)
+    if not kwargs:
+        return
+    if not isinstance(kwargs, dict):
+        errors.append(f"bnb_config_kwargs: expected a mapping, got {kwargs!r}")
+        return
+    for name, value in kwargs.items():
+        if name in _BNB_4BIT_KEYS:
+            if name in data and data[name] != value:
+                errors.append(f"bnb_config_kwargs.{name} ({value!r}) and {name} ({data[name]!r}) disagree; keep one")
+            data[name] = value
+        else:
+            warn(f"ignored: bnb_config_kwargs.{name} (only {', '.join(_BNB_4BIT_KEYS)} have a jaxpref meaning)")
 
 
 def _use_wandb(data: dict[str, Any], key: str, errors: list[str]) -> None:
@@ -733,6 +775,7 @@ _MAPPERS: dict[str, Mapper] = {
     "auto_resume_from_checkpoints": _auto_resume,
     "plugins": _plugins,
     "peft": _peft,
+    "bnb_config_kwargs": _bnb_config_kwargs,
 }
 assert set(_MAPPERS) == set(MAPPED_KEYS)
 

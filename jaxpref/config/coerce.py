@@ -73,19 +73,37 @@ def gradient_checkpointing(value: Any) -> Any:
 
 
 def adapter(value: Any) -> Any:
-    """``lora`` or empty; ``qlora`` gets its own not-supported-yet message."""
+    """``lora`` or empty (``qlora`` becomes ``lora`` + ``load_in_4bit`` before validation: axolotl.translate)."""
     if isinstance(value, str):
         if not value.strip():
             return None
-        if value.strip().lower() == "qlora":
-            raise ValueError(
-                "qlora is not supported yet (4-bit quantized weights); use adapter: lora, which trains "
-                "LoRA weights on top of unquantized (param_dtype) base weights"
-            )
         if value.strip().lower() != "lora":
-            raise ValueError(f"must be lora, or empty for full fine-tuning, got {value!r}")
+            raise ValueError(f"must be lora or qlora, or empty for full fine-tuning, got {value!r}")
         return "lora"
     return value
+
+
+def bnb_4bit_quant_type(value: Any) -> Any:
+    """``nf4`` (any case); ``fp4`` gets its own message."""
+    if isinstance(value, str) and value.strip().lower() == "fp4":
+        raise ValueError(
+            "fp4 is not supported: jaxpref quantizes QLoRA base weights to nf4 (4-bit NormalFloat, what "
+            "QLoRA and axolotl use); set bnb_4bit_quant_type: nf4 or remove it"
+        )
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def torch_dtype_name(value: Any) -> Any:
+    """``torch.bfloat16`` / ``bf16`` / ``float32`` / ... -> ``bfloat16`` or ``float32`` (float16 -> bfloat16,
+    with a warning: float16 compute is not implemented)."""
+    if not isinstance(value, str):
+        return value
+    name = value.strip().lower().removeprefix("torch.")
+    names = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
+    if name in ("float16", "fp16", "half"):
+        warn(f"{value}: float16 compute is not implemented; using bfloat16")
+        return "bfloat16"
+    return names.get(name, value)
 
 
 def dpo_loss_type(value: Any) -> Any:

@@ -98,6 +98,32 @@ class JaxprefConfig(*SECTIONS):
         if self.rl == "ipo" and "dpo_loss_type" not in self.model_fields_set:
             self.dpo_loss_type = ["ipo"]  # rl: ipo is DPO with the ipo loss (TRL's loss_type=["ipo"])
         p += self._resolve_beta()
+        p += self._resolve_4bit()
+        return p
+
+    def _resolve_4bit(self) -> list[str]:
+        """QLoRA keys: ``bnb_4bit_compute_dtype`` is ``compute_dtype`` (sets it, or must agree); the other
+        ``bnb_4bit_*`` keys need ``load_in_4bit``."""
+        p: list[str] = []
+        bnb_set = sorted(k for k in self.model_fields_set if k.startswith("bnb_4bit_"))
+        if not self.load_in_4bit:
+            if bnb_set:
+                warn(f"ignored: {', '.join(bnb_set)} (no effect without load_in_4bit: true / adapter: qlora)")
+            return p
+        if self.bnb_4bit_compute_dtype is not None:
+            if "compute_dtype" not in self.model_fields_set:
+                self.compute_dtype = self.bnb_4bit_compute_dtype
+            elif self.compute_dtype != self.bnb_4bit_compute_dtype:
+                p.append(
+                    f"bnb_4bit_compute_dtype ({self.bnb_4bit_compute_dtype}) and compute_dtype ({self.compute_dtype}) "
+                    "disagree: the dequantized weights are computed in compute_dtype; keep one of them"
+                )
+        storage = (self.bnb_4bit_quant_storage or "uint8").strip().lower().removeprefix("torch.")
+        if storage != "uint8":
+            warn(
+                f"bnb_4bit_quant_storage: {self.bnb_4bit_quant_storage} has no effect: jaxpref packs two 4-bit codes "
+                "per uint8 (the same bytes; bitsandbytes' storage dtype only matters to torch FSDP)"
+            )
         return p
 
     def _resolve_beta(self) -> list[str]:
@@ -215,6 +241,12 @@ class JaxprefConfig(*SECTIONS):
         ]
         if len(modes) > 1:
             p.append(f"{' and '.join(modes)}: choose one training objective (they are mutually exclusive)")
+        if self.load_in_4bit and self.adapter != "lora":
+            p.append(
+                "load_in_4bit: true stores the frozen base in 4 bits for QLoRA and needs adapter: qlora (LoRA "
+                "adapters trained on top); 4-bit weights cannot be fully fine-tuned. Set adapter: qlora, or remove "
+                "load_in_4bit for full fine-tuning"
+            )
         if self.adapter == "lora":
             if not (self.lora_target_modules or self.lora_target_linear or self.lora_model_dir):
                 p.append("adapter: lora needs lora_target_modules (e.g. [q_proj, v_proj]) or lora_target_linear: true")

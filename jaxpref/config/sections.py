@@ -181,7 +181,34 @@ class LoraSection(Section):
     """LoRA."""
 
     adapter: Annotated[Literal["lora"] | None, BeforeValidator(coerce.adapter)] = Field(
-        None, description="lora, or empty for full fine-tuning. qlora is not supported yet."
+        None,
+        description="lora, or empty for full fine-tuning. qlora: lora on a 4-bit base, read as adapter: lora "
+        "with load_in_4bit: true (docs/qlora.md).",
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA (with adapter: lora; adapter: qlora sets it): the decoder blocks' linear weights are "
+        "stored as frozen NF4 (bitsandbytes' 4-bit NormalFloat, blocks of 64), quantized layer by layer as the "
+        "checkpoint is read and dequantized per layer in the forward pass; embeddings, LM head and norms stay "
+        "in param_dtype (docs/qlora.md).",
+    )
+    bnb_4bit_quant_type: Annotated[Literal["nf4"], BeforeValidator(coerce.bnb_4bit_quant_type)] = Field(
+        "nf4", description="With load_in_4bit: the 4-bit type; nf4 only (fp4 is an error)."
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        True,
+        description="With load_in_4bit: quantize the block absmax scales to 8 bits in blocks of 256 (bitsandbytes' "
+        "double quantization; axolotl's default true): 0.517 instead of 0.563 bytes per weight.",
+    )
+    bnb_4bit_compute_dtype: Annotated[DType | None, BeforeValidator(coerce.torch_dtype_name)] = Field(
+        None,
+        description="With load_in_4bit: the dtype weights are dequantized to for the matmuls, i.e. compute_dtype "
+        "(sets it when compute_dtype is not given; an error when they differ).",
+    )
+    bnb_4bit_quant_storage: str | None = Field(
+        None,
+        description="bitsandbytes' container dtype of the packed 4-bit codes (uint8, or bfloat16 for torch FSDP); "
+        "jaxpref packs two codes per uint8 whatever it says (the same bytes); a warning for other values.",
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank (PEFT default).")
     lora_alpha: float = Field(8, gt=0, description="LoRA scaling numerator, scale = alpha / r (PEFT default).")

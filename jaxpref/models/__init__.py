@@ -4,6 +4,7 @@
 that transformers loads. See docs/design.md (Models) for the contract.
 """
 
+from jaxpref.models import nf4
 from jaxpref.models.attention import attention
 from jaxpref.models.config import ModelConfig, load_model_config
 from jaxpref.models.decoder import REMAT_POLICIES, CausalLM
@@ -20,6 +21,7 @@ __all__ = [
     "from_pretrained",
     "load_model_config",
     "logical_to_spec",
+    "nf4",
     "save_pretrained",
     "shard_module",
     "state_shardings",

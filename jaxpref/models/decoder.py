@@ -101,6 +101,7 @@ class CausalLM(nnx.Module):
         self.layers = make_blocks(rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
         self.lm_head = None if config.tie_word_embeddings else LMHead(config, rngs=rngs, **kw)
+        self.quantization = None  # an nf4.NF4Config once jaxpref.models.quantize has quantized the blocks
         # Set by jaxpref.lora.apply_lora.
         self.lora_config = None
         self.lora_dropout = 0.0

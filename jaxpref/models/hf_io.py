@@ -29,9 +29,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.errors import ModelError
+from jaxpref.models import nf4
 from jaxpref.models.config import ModelConfig, load_model_config, resolve_checkpoint_dir
 from jaxpref.models.decoder import CausalLM
 from jaxpref.models.layers import Embed, Linear, LMHead, RMSNorm
+from jaxpref.models.quantize import quantize_model
 from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.sharding import Rules, state_shardings, variable_sharding
 
@@ -44,7 +46,8 @@ class TensorSpec:
 
     ``module`` is the module path in jaxpref (e.g. ("layers", "self_attn", "q_proj")); stacked
     variables map to one HF tensor per layer. ``in_ndim`` > 0 marks a kernel stored [*in, *out] in
-    jaxpref and [prod(out), prod(in)] in HF.
+    jaxpref and [prod(out), prod(in)] in HF. ``nf4``: the projection whose kernel is stored as NF4
+    arrays (QLoRA; ``variable`` is then its codes): each HF tensor is quantized as read.
     """
 
     module: tuple[str, ...]
@@ -52,9 +55,12 @@ class TensorSpec:
     variable: nnx.Variable
     num_layers: int | None
     in_ndim: int = 0
+    nf4: Linear | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
+        if self.nf4 is not None:
+            return self.nf4.in_shape + self.nf4.out_shape
         shape = tuple(self.variable.shape)
         return shape[1:] if self.num_layers is not None else shape
 
@@ -108,7 +114,11 @@ def tensor_specs(model: CausalLM) -> list[TensorSpec]:
     specs = []
     for path, mod in iter_modules(model):
         stacked = n_layers if path and path[0] == "layers" else None
-        if isinstance(mod, Linear):
+        if isinstance(mod, Linear) and mod.nf4_codes is not None:
+            specs.append(TensorSpec(path, "weight", mod.nf4_codes, stacked, len(mod.in_shape), nf4=mod))
+            if mod.bias is not None:
+                specs.append(TensorSpec(path, "bias", mod.bias, stacked))
+        elif isinstance(mod, Linear):
             specs.append(TensorSpec(path, "weight", mod.kernel, stacked, in_ndim=len(mod.in_shape)))
             if mod.bias is not None:
                 specs.append(TensorSpec(path, "bias", mod.bias, stacked))
@@ -187,6 +197,9 @@ def load_specs(
 
     for spec in specs:
         names = spec.hf_names()
+        if spec.nf4 is not None:
+            _load_nf4(spec, names, read, mesh, rules)
+            continue
         if mesh is None:
             # Waiting for each update bounds the tensors in flight to one (dispatch is asynchronous).
             if spec.num_layers is None:
@@ -211,6 +224,45 @@ def load_specs(
             value = place(host, spec.variable, mesh, rules)
             del host
         spec.variable.set_value(value)
+
+
+def _load_nf4(spec: TensorSpec, names: list[str], read: Any, mesh: Mesh | None, rules: Rules | None) -> None:
+    """Quantize a stacked projection's HF tensors ([out, in], bitsandbytes' order) one layer at a time into
+    its NF4 arrays: the float weights are never all held (one layer's tensor and its float32 copy are)."""
+    lin = spec.nf4
+    cfg = nf4.NF4Config(double_quant=lin.nf4_absmax2 is not None)
+    variables = nf4.NF4Arrays(lin.nf4_codes, lin.nf4_absmax, lin.nf4_absmax2, lin.nf4_offset)
+    if mesh is None:
+        stacked = nf4.NF4Arrays(*(None if v is None else jnp.zeros(v.shape, v.dtype) for v in variables))
+        for i, name in enumerate(names):
+            t = jax.device_put(read(spec, name), may_alias=True)
+            stacked = _set_nf4_layer(stacked, t, i, cfg)
+            jax.block_until_ready(stacked)
+            del t
+        values = stacked
+    else:
+        host = [None if v is None else np.empty(v.shape, np.dtype(v.dtype)) for v in variables]
+        for i, name in enumerate(names):
+            layer = jax.device_get(_quantize_hf(jax.device_put(read(spec, name)), cfg))
+            for h, q in zip(host, layer):
+                if h is not None:
+                    h[i] = q
+        values = [None if v is None else place(h, v, mesh, rules) for h, v in zip(host, variables)]
+    for var, value in zip(variables, values):
+        if var is not None:
+            var.set_value(value)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_hf(t: jax.Array, cfg: nf4.NF4Config) -> nf4.NF4Arrays:
+    return nf4.quantize(t, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _set_nf4_layer(stacked: nf4.NF4Arrays, t: jax.Array, i: int | jax.Array, cfg: nf4.NF4Config) -> nf4.NF4Arrays:
+    """Layer i of the stacked NF4 arrays set to the quantization of ``t`` [out, in], in place."""
+    layer = nf4.quantize(t, cfg)
+    return jax.tree.map(lambda s, q: jax.lax.dynamic_update_index_in_dim(s, q, i, 0), stacked, layer)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -241,6 +293,7 @@ def from_pretrained(
     remat_policy: str = "none",
     scan_layers: bool = True,
     attention_impl: str = "auto",
+    quantization: nf4.NF4Config | None = None,
 ) -> CausalLM:
     """Load a transformers checkpoint (directory or hub id) into a CausalLM.
 
@@ -248,6 +301,7 @@ def from_pretrained(
       dtype: compute dtype. param_dtype: storage dtype; None means float32 (full-precision weights).
       mesh, rules: when a mesh is given each parameter is placed into the sharding that its logical
         axes and ``rules`` (default ``jaxpref.sharding.DEFAULT_RULES``) give.
+      quantization: QLoRA: the block projections are quantized to NF4 as they are read, one layer at a time.
     """
     path = resolve_checkpoint_dir(path_or_repo_id)
     config = load_model_config(path)
@@ -260,6 +314,8 @@ def from_pretrained(
         scan_layers=scan_layers,
         attention_impl=attention_impl,
     )
+    if quantization is not None:
+        quantize_model(model, quantization)
     specs = tensor_specs(model)
     with SafetensorsReader.for_checkpoint(path) as reader:
         _check_keys({n for s in specs for n in s.hf_names()}, reader.keys(), config, str(path_or_repo_id))
@@ -278,9 +334,12 @@ def from_config(
     remat_policy: str = "none",
     scan_layers: bool = True,
     attention_impl: str = "auto",
+    quantization: nf4.NF4Config | None = None,
 ) -> CausalLM:
     """Random initialisation as transformers does it: normal(0, initializer_range) weights, zero
-    biases, unit norms. With a mesh, parameters are created directly in their shards."""
+    biases, unit norms. With a mesh, parameters are created directly in their shards.
+    ``quantization`` (QLoRA): the block projections are then quantized to NF4, layer by layer (the float
+    weights exist at first: random initialisation is for tests and benchmarks)."""
     kwargs = dict(
         dtype=dtype,
         param_dtype=param_dtype,
@@ -311,7 +370,10 @@ def from_config(
         init = jax.jit(functools.partial(init_group, group), out_shardings=[shardings[i] for i in group])
         for i, value in zip(group, init()):
             values[i] = value
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model
 
 
 INIT_GROUP_BYTES = 512 * 2**20

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpref import platform
+from jaxpref.models import nf4
 from jaxpref.models.attention import attention, decode_attention
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.rope import apply_rope
@@ -38,6 +39,9 @@ class Linear(nnx.Module):
 
     LoRA (attached by ``jaxpref.lora.apply_lora``) adds ``scaling * dropout(x) . lora_a . lora_b``
     with lora_a [*in_shape, r] and lora_b [r, *out_shape].
+
+    QLoRA (``set_nf4``): ``kernel`` is None and the frozen ``nf4_*`` arrays hold the weight in
+    transformers' [prod(out), prod(in)] order, dequantized to the compute dtype at each call.
     """
 
     def __init__(
@@ -64,6 +68,23 @@ class Linear(nnx.Module):
         self.lora_b = nnx.data(None)
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
+        self.nf4_codes = self.nf4_absmax = self.nf4_absmax2 = self.nf4_offset = nnx.data(None)
+
+    def set_nf4(self, arrays: nf4.NF4Arrays, lead_axes: Sequence[str] = ()) -> None:
+        """Store the kernel as frozen NF4 arrays in place of ``kernel``: ``nf4.quantize`` of the weight in
+        transformers' [prod(out), prod(in)] layout (or its placeholders), with ``lead_axes`` (``layers``)
+        in front when stacked."""
+        self.kernel = nnx.data(None)
+        for name, value, axes in zip(arrays._fields, arrays, nf4.NF4_AXES, strict=True):
+            var = nnx.data(None) if value is None else make_param(value, (*lead_axes, *axes), nf4.NF4Weight)
+            setattr(self, f"nf4_{name}", var)
+
+    def nf4_arrays(self) -> nf4.NF4Arrays | None:
+        """The NF4 arrays of the kernel, or None when the kernel is a float ``kernel``."""
+        if self.nf4_codes is None:
+            return None
+        fields = (self.nf4_codes, self.nf4_absmax, self.nf4_absmax2, self.nf4_offset)
+        return nf4.NF4Arrays(*(None if v is None else v[...] for v in fields))
 
     def __call__(self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
         """x [..., *in_shape] -> [..., *out_shape] in the compute dtype.
@@ -76,7 +97,14 @@ class Linear(nnx.Module):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
         x = x.astype(self.dtype).reshape(-1, d_in)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(d_in, d_out))
+        quantized = self.nf4_arrays()
+        if quantized is None:
+            y = jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(d_in, d_out))
+        else:
+            # One layer's weight [d_out, d_in], dequantized where it is used (inside the layer scan); the
+            # barrier keeps XLA from hoisting the dequantization of every layer out of the loop.
+            w = nf4.dequantize(jax.lax.optimization_barrier(quantized), (d_out, d_in), self.dtype)
+            y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype).reshape(d_out)
         if use_adapters and self.lora_a is not None:
