@@ -186,7 +186,6 @@ def test_lora():
     cfg = make(adapter="lora", lora_target_modules="q_proj", lora_r=16, lora_alpha=32)
     assert cfg.lora_target_modules == ["q_proj"] and cfg.lora_alpha == 32.0
     assert "adapter: lora needs lora_target_modules" in problem(adapter="lora")
-    assert "qlora is not supported yet" in problem(adapter="qlora", lora_target_linear=True)
     assert "adapter: must be lora" in problem(adapter="llama-adapter")
 
 
@@ -268,11 +267,49 @@ def test_unknown_lr_scheduler_and_scheduler_kwargs():
     assert cfg.warnings == ("ignored: lr_scheduler_kwargs.power (only min_lr_rate has a jaxpref equivalent)",)
 
 
-def test_qlora_and_4bit_are_not_supported_yet():
-    msg = problem(load_in_4bit=True, adapter="qlora")
-    assert "load_in_4bit: 4-bit (QLoRA) loading is not supported yet" in msg
-    assert "adapter: qlora is not supported yet" in msg
+def test_qlora_keys():
+    from jaxpref.assembly import quantization
+    from jaxpref.models.nf4 import NF4Config
+
+    cfg = make(adapter="qlora", lora_target_linear=True)
+    assert (cfg.adapter, cfg.load_in_4bit, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant) == (
+        "lora",
+        True,
+        "nf4",
+        True,
+    )
+    assert quantization(cfg) == NF4Config(double_quant=True) and quantization(make()) is None
+    assert make(adapter="QLoRA", load_in_4bit=True, lora_target_linear=True).load_in_4bit
+    assert make(adapter="lora", load_in_4bit=True, lora_target_linear=True).load_in_4bit  # lora on a 4-bit base
+    cfg = make(
+        adapter="qlora",
+        lora_target_linear=True,
+        bnb_config_kwargs={"bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "torch.bfloat16"},
+    )
+    assert quantization(cfg) == NF4Config(double_quant=False) and cfg.compute_dtype == "bfloat16"
+    assert make(adapter="qlora", lora_target_linear=True, bnb_4bit_compute_dtype="bf16").compute_dtype == "bfloat16"
     assert make(load_in_4bit=False).adapter is None  # false is fine
+
+
+def test_qlora_errors_and_warnings():
+    assert "adapter: qlora with load_in_4bit: False" in problem(adapter="qlora", load_in_4bit=False)
+    assert "load_in_4bit: true stores the frozen base in 4 bits" in problem(load_in_4bit=True)
+    assert "fp4 is not supported" in problem(adapter="qlora", lora_target_linear=True, bnb_4bit_quant_type="fp4")
+    assert "bnb_4bit_compute_dtype (bfloat16) and compute_dtype (float32) disagree" in problem(
+        adapter="qlora", lora_target_linear=True, compute_dtype="float32", bnb_4bit_compute_dtype="bfloat16"
+    )
+    assert "disagree" in problem(
+        adapter="qlora",
+        lora_target_linear=True,
+        bnb_4bit_use_double_quant=True,
+        bnb_config_kwargs={"bnb_4bit_use_double_quant": False},
+    )
+    cfg = make(adapter="qlora", lora_target_linear=True, bnb_config_kwargs={"llm_int8_threshold": 6.0})
+    assert "ignored: bnb_config_kwargs.llm_int8_threshold" in cfg.warnings[0]
+    cfg = make(adapter="qlora", lora_target_linear=True, bnb_4bit_quant_storage="bfloat16")
+    assert "bnb_4bit_quant_storage: bfloat16 has no effect" in cfg.warnings[0]
+    cfg = make(bnb_4bit_use_double_quant=False)
+    assert cfg.warnings == ("ignored: bnb_4bit_use_double_quant (no effect without load_in_4bit: true / adapter: qlora)",)
 
 
 def test_gradient_checkpointing_variants():
