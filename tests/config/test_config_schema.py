@@ -309,7 +309,9 @@ def test_qlora_errors_and_warnings():
     cfg = make(adapter="qlora", lora_target_linear=True, bnb_4bit_quant_storage="bfloat16")
     assert "bnb_4bit_quant_storage: bfloat16 has no effect" in cfg.warnings[0]
     cfg = make(bnb_4bit_use_double_quant=False)
-    assert cfg.warnings == ("ignored: bnb_4bit_use_double_quant (no effect without load_in_4bit: true / adapter: qlora)",)
+    assert cfg.warnings == (
+        "ignored: bnb_4bit_use_double_quant (no effect without load_in_4bit: true / adapter: qlora)",
+    )
 
 
 def test_gradient_checkpointing_variants():
