@@ -270,3 +270,50 @@ def test_llama_1b_base_weight_bytes():
     linear_bf16 = bf16["float"] - quant["float"]
     assert quant["quantized"] / linear_bf16 == pytest.approx(0.258, abs=0.001)
     assert sum(quant.values()) / bf16["float"] == pytest.approx(0.42, abs=0.01)
+
+
+SHARDED = """
+import sys
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import AxisType
+from jaxpref.lora import LoraConfig, apply_lora
+from jaxpref.models import from_pretrained, nf4
+
+assert jax.device_count() == 8
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+ids = np.random.default_rng(0).integers(0, 128, (2, 10)).astype(np.int32)
+plain = from_pretrained(sys.argv[1], quantization=nf4.NF4Config())
+sharded = from_pretrained(sys.argv[1], quantization=nf4.NF4Config(), mesh=mesh)
+codes = sharded.layers.mlp.up_proj.nf4_codes[...]
+assert tuple(codes.sharding.spec) == (None, "fsdp"), codes.sharding.spec
+np.testing.assert_array_equal(np.asarray(codes), np.asarray(plain.layers.mlp.up_proj.nf4_codes[...]))
+cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "up_proj"))
+for m in (plain, sharded):
+    apply_lora(m, cfg, rngs=nnx.Rngs(0), mesh=mesh if m is sharded else None)
+
+def loss(model):
+    return model.logits(model(ids)).std()
+
+grads = [nnx.jit(lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(m))(m) for m in (plain, sharded)]
+for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+print("OK")
+"""
+
+
+def test_qlora_loads_into_shards_and_trains_on_8_cpu_devices(hf_checkpoint, tmp_path):
+    """NF4 codes split over fsdp like any weight; the adapters' gradients equal the single-device ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = hf_checkpoint("llama")
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
