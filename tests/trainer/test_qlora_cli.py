@@ -52,3 +52,22 @@ def test_qlora_run_checkpoints_resumes_and_exports(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]  # resumed at step 2, not restarted
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--config", "configs/dpo_lora.yaml", "adapter=qlora", "param_dtype=bfloat16", "bf16=true"],
+        ["--config", "configs/dpo_lora.yaml", "adapter=qlora", "rl_adapter_ref_model=true"],
+    ],
+    ids=["dpo-adapter-off-reference-bf16", "dpo-quantized-reference-copy"],
+)
+def test_qlora_preference_runs(tmp_path, command, monkeypatch):
+    """DPO on a 4-bit base: the reference is the adapters-off forward, or a frozen NF4 copy of the base."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    assert main([*command, "max_steps=2", f"output_dir={out}", "use_tensorboard=false", "--no_progress"]) == 0
+    train = read_metrics(out)
+    assert np.isfinite(train[2]["loss"]) and np.isfinite(train[2]["grad_norm"])
+    assert (out / "adapter_config.json").exists()
