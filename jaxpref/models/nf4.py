@@ -137,7 +137,9 @@ def quantize(w: jax.Array, cfg: NF4Config) -> NF4Arrays:
     blocks = x.reshape(-1, cfg.blocksize)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, 1e-38))[:, None], -1.0, 1.0).reshape(-1)
-    q = jnp.searchsorted(jnp.asarray(_midpoints(NF4_CODE)), scaled, side="left").astype(jnp.uint8)
+    # the number of midpoints below each value = searchsorted(side="left"), as one fused elementwise pass
+    # (a search would hold int32 indices of the whole weight)
+    q = sum((scaled > m).astype(jnp.uint8) for m in _midpoints(NF4_CODE).tolist())
     codes = (q[0::2] << 4) | q[1::2]
     if not cfg.double_quant:
         return NF4Arrays(codes, absmax, None, None)

@@ -317,3 +317,79 @@ def test_qlora_loads_into_shards_and_trains_on_8_cpu_devices(hf_checkpoint, tmp_
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+RSS_SCRIPT = """
+import json, os, resource, sys
+import numpy as np
+
+path, mode = sys.argv[1], sys.argv[2]
+h, i, layers = 1024, 4096, 12
+if mode == "write":
+    from safetensors.numpy import save_file
+
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=i,
+                  num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                  vocab_size=8192, rms_norm_eps=1e-5, tie_word_embeddings=True, torch_dtype="float32")
+    json.dump(config, open(path + "/config.json", "w"))
+    rng = np.random.default_rng(0)
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (256, h), "self_attn.v_proj": (256, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    float_bytes, weight_map = 0, {}
+    for layer in range(layers):
+        tensors = {f"model.layers.{layer}.{k}.weight": (0.02 * rng.standard_normal(s)).astype(np.float32)
+                   for k, s in shapes.items()}
+        float_bytes += sum(t.nbytes for t in tensors.values())
+        tensors |= {f"model.layers.{layer}.{n}.weight": np.ones(h, np.float32)
+                    for n in ("input_layernorm", "post_attention_layernorm")}
+        weight_map |= {k: f"model-{layer:05d}.safetensors" for k in tensors}
+        save_file(tensors, f"{path}/model-{layer:05d}.safetensors")
+    rest = {"model.embed_tokens.weight": np.zeros((8192, h), np.float32), "model.norm.weight": np.ones(h, np.float32)}
+    save_file(rest, f"{path}/model-rest.safetensors")
+    weight_map |= {k: "model-rest.safetensors" for k in rest}
+    json.dump({"weight_map": weight_map}, open(path + "/model.safetensors.index.json", "w"))
+    print(json.dumps(dict(float_bytes=float_bytes)))
+else:
+    import jax.numpy as jnp
+    from jaxpref.models import from_pretrained, nf4
+
+    jnp.zeros(1).block_until_ready()
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current RSS
+    model = from_pretrained(path, quantization=nf4.NF4Config() if mode == "nf4" else None)
+    print(json.dumps(dict(load_delta=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)))
+"""
+
+
+def test_quantized_load_never_holds_the_float_weights(tmp_path):
+    """Loading a checkpoint with 696 MiB of float32 projection weights: into NF4 (90 MiB, plus the 32 MiB
+    float32 embedding) the peak RSS rises by far less than loading it as float32 does, by at least half the
+    float weights: each tensor is quantized as it is read. (Both loads also pay for XLA compilations.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_SCRIPT)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    # no persistent compilation cache: reading and writing it costs memory of its own
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+
+    def run(mode: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, str(script), str(ckpt), mode], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    float_bytes = run("write")["float_bytes"]
+    quantized, full = run("nf4")["load_delta"], run("float")["load_delta"]
+    assert full > float_bytes  # the float load holds the weights
+    assert quantized < full - 0.5 * float_bytes, (quantized, full, float_bytes)
