@@ -320,7 +320,7 @@ def test_qlora_loads_into_shards_and_trains_on_8_cpu_devices(hf_checkpoint, tmp_
 
 
 RSS_SCRIPT = """
-import json, os, resource, sys
+import json, os, sys
 import numpy as np
 
 path, mode = sys.argv[1], sys.argv[2]
@@ -359,14 +359,18 @@ else:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak starts again from the current RSS
     model = from_pretrained(path, quantization=nf4.NF4Config() if mode == "nf4" else None)
-    print(json.dumps(dict(load_delta=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)))
+    with open("/proc/self/status") as f:  # VmHWM: ru_maxrss may keep a peak from before the reset
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    print(json.dumps(dict(load_delta=peak - before)))
 """
 
 
 def test_quantized_load_never_holds_the_float_weights(tmp_path):
-    """Loading a checkpoint with 696 MiB of float32 projection weights: into NF4 (90 MiB, plus the 32 MiB
-    float32 embedding) the peak RSS rises by far less than loading it as float32 does, by at least half the
-    float weights: each tensor is quantized as it is read. (Both loads also pay for XLA compilations.)"""
+    """Loading a checkpoint with 696 MiB of float32 projection weights into NF4 (90 MiB, plus the 32 MiB float32
+    embedding) raises the peak RSS by less than half of those float weights (a loader that held them would
+    exceed them all, as the float32 load does): each tensor is quantized as it is read. Measured: +0.22 GiB for
+    NF4, +0.76 GiB for float32.
+    """
     import json
     import os
     import subprocess
@@ -378,9 +382,10 @@ def test_quantized_load_never_holds_the_float_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     root = Path(__file__).resolve().parents[2]
-    # no persistent compilation cache: reading and writing it costs memory of its own
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    # a clean environment: the test process's (persistent compilation cache, variables set by the libraries
+    # other tests import) changed both loads' peaks by up to 400 MiB
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
 
     def run(mode: str) -> dict:
         out = subprocess.run(
@@ -391,5 +396,5 @@ def test_quantized_load_never_holds_the_float_weights(tmp_path):
 
     float_bytes = run("write")["float_bytes"]
     quantized, full = run("nf4")["load_delta"], run("float")["load_delta"]
-    assert full > float_bytes  # the float load holds the weights
-    assert quantized < full - 0.5 * float_bytes, (quantized, full, float_bytes)
+    assert full > float_bytes, (quantized, full, float_bytes)  # the float load holds the weights
+    assert quantized < 0.5 * float_bytes, (quantized, full, float_bytes)
