@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpref import bit_patterns, platform, precision
 from jaxpref import sharding as shd
 from jaxpref.errors import UserError
+from jaxpref.models.nf4 import NF4Weight
 from jaxpref.objectives.base import Objective
 
 logger = logging.getLogger(__name__)
@@ -195,11 +196,18 @@ class Trainer:
         return bit_patterns.view_as(self.frozen, self.frozen_dtypes)
 
     def num_params(self) -> tuple[int, int]:
-        """(trainable, frozen) parameter counts; RNG state (LoRA dropout keys) is not a parameter."""
+        """(trainable, frozen) parameter counts; RNG state (LoRA dropout keys) is not a parameter. An NF4
+        (QLoRA) weight counts its values: two per byte of codes (its scales are not parameters)."""
 
         def count(state: Any) -> int:
-            leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            return sum(int(np.prod(v.shape)) for v in leaves if isinstance(v, nnx.Param))
+            leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+            total = 0
+            for path, v in leaves:
+                if isinstance(v, nnx.Param):
+                    total += int(np.prod(v.shape))
+                elif isinstance(v, NF4Weight) and "nf4_codes" in jax.tree_util.keystr(path):
+                    total += 2 * int(np.prod(v.shape))
+            return total
 
         return count(self.params), count(self.frozen)
 

@@ -71,3 +71,29 @@ def test_qlora_preference_runs(tmp_path, command, monkeypatch):
     train = read_metrics(out)
     assert np.isfinite(train[2]["loss"]) and np.isfinite(train[2]["grad_norm"])
     assert (out / "adapter_config.json").exists()
+
+
+def test_trainer_counts_nf4_weights_as_frozen_parameters(tmp_path):
+    """The run's "N trainable, M frozen" line counts an NF4 weight's values, as for the float model."""
+    import optax
+    from flax import nnx
+
+    from jaxpref import lora, models
+    from jaxpref import sharding as shd
+    from jaxpref.config import load_config
+    from jaxpref.objectives import build_objective
+    from jaxpref.trainer import Trainer
+
+    objective = build_objective(load_config(small_config(tmp_path)), "sft")
+    config = models.load_model_config(REPO / "demo" / "tiny-llama")
+    counts = []
+    for quantization in (None, models.nf4.NF4Config()):
+        model = models.from_config(config, seed=0, quantization=quantization)
+        lora.apply_lora(
+            model, lora.LoraConfig(r=2, alpha=2.0, dropout=0.0, target_modules=("q_proj",)), rngs=nnx.Rngs(0)
+        )
+        trainer = Trainer(
+            model, objective, optax.sgd(0.0), mesh=shd.make_mesh(None), trainable=lora.trainable_filter(model)
+        )
+        counts.append(trainer.num_params())
+    assert counts[0] == counts[1]

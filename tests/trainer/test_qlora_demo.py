@@ -25,7 +25,7 @@ LORA = [
 # QLoRA's held-out KL / LoRA's after STEPS (40 steps of 4 x 128 packed tokens over 250 rows, kd.yaml's seed 42), at
 # most. Measured: held-out KL 5.68 at the start, 1.748 (LoRA) and 1.742 (QLoRA) at the end, ratio 0.997; top-1
 # agreement 0.392 and 0.391. The NF4 base is the same random base up to quantization error, which the adapters
-# and the trained embedding absorb. The test takes ~50 s on the shared 2-core machine.
+# and the trained embedding absorb. The test takes 9-50 s on the shared 2-core machine, by its load.
 KL_RATIO = 1.05
 
 
