@@ -117,7 +117,7 @@ def test_nf4_matches_bitsandbytes(shape):
 
     The 8-bit absmax codes: bitsandbytes' CPU kernel does not always round to the nearest level (on a few
     of every thousand blocks it picks a level one or two steps away from the nearest); this module rounds
-    to the nearest, as bitsandbytes' CUDA kernel's search does. Where they differ ours is the nearer one.
+    to the nearest (as the numpy reference). Where they differ ours is the nearer one.
     """
     torch.manual_seed(shape[0])
     w = 0.02 * torch.randn(shape)
