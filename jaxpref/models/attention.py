@@ -32,14 +32,17 @@ from .splash_attention import splash_attention
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "splash")
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """Boolean mask [B, 1, T, T]: causal and within the same segment.
+def segment_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+    """Boolean mask [B, 1, T, T]: causal, within the same segment and, with a ``window``, key j
+    visible from query i only when ``i - window < j``.
 
     Padding (segment 0) attends to earlier padding, so every query row has at least itself and the
     softmax stays finite.
     """
     t = segment_ids.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    if window is not None:
+        causal = causal & ~jnp.tril(jnp.ones((t, t), dtype=bool), -window)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (same & causal[None])[:, None]
 
@@ -72,6 +75,9 @@ def attention(
     *,
     segment_ids: jax.Array | None = None,
     impl: str = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Causal attention with grouped KV heads; softmax in float32.
 
@@ -80,9 +86,16 @@ def attention(
       k, v: [B, T, K, D] keys and values, N a multiple of K.
       segment_ids: int [B, T] packed-sequence ids (0 = padding) or None for one sequence per row.
       impl: "auto" (see the module docstring), "blocked", "splash", "cudnn" or "xla".
+      window: sliding window, static: query i sees keys ``i - window < j <= i`` (None: all ``j <= i``).
+      softcap: static c; scores become ``c * tanh(s / c)`` after scaling, before masking (Gemma 2).
+      scale: static factor on q.k; None means ``1 / sqrt(D)``.
     Returns:
       [B, T, N, D] in q's dtype.
     """
+    if window is not None and window >= q.shape[1]:
+        window = None  # every causal key is inside the window
+    if window is not None or softcap is not None or scale is not None:
+        return _masked_attention(q, k, v, segment_ids, window, softcap, scale)
     name = resolve_impl(impl, q)
     if name == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids)
@@ -105,22 +118,56 @@ def attention(
         return _dot_product_attention(q, k, v, segment_ids, "xla")
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slots: jax.Array,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+) -> jax.Array:
     """One query per row against a KV cache (generation); softmax in float32.
 
     Args:
       q: [B, 1, N, D] queries (RoPE applied).
       k, v: [B, S, K, D] cached keys and values, N a multiple of K.
       slots: int [B] the last cache slot row b may see (its query's own slot); later slots are masked.
+      window, softcap, scale: as in ``attention`` (a window hides slots at or before ``slot - window``).
     Returns:
       [B, 1, N, D] in q's dtype.
     """
     b, t, n, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    visible = jnp.arange(k.shape[1])[None, :] <= slots[:, None]
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * _scale(scale, d)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    slot_ids = jnp.arange(k.shape[1])[None, :]
+    visible = slot_ids <= slots[:, None]
+    if window is not None:
+        visible = visible & (slot_ids > slots[:, None] - window)
     s = jnp.where(visible[:, None, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
+def _masked_attention(q, k, v, segment_ids, window, softcap, scale) -> jax.Array:
+    """Attention with the full [B, K, G, T, T] float32 scores (windows, soft-capping, any scale)."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+    qg = q.reshape(b, t, kv, n // kv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * _scale(scale, d)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(segment_mask(seg, window)[:, :, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, d).astype(q.dtype)

@@ -36,13 +36,32 @@ _ROPE_SCALING_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionKind:
+    """One kind of attention layer: ``window`` keys visible per query (None: all earlier ones) and
+    ``rope``, an index into ``ModelConfig.rope_variants``."""
+
+    window: int | None
+    rope: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters of a Llama-family decoder.
 
     ``rope_scaling`` is ``None`` for plain RoPE, otherwise a dict with ``rope_type`` ("linear" or
-    "llama3") and that type's parameters. ``attention_bias`` means bias on q/k/v (and on o_proj too
-    except for Qwen2, see ``o_proj_bias``). ``hf_config`` keeps the original ``config.json`` content
-    so that saving writes back every field jaxpref does not interpret.
+    "llama3") and that type's parameters.
+
+    Attention variants: ``layer_types`` names each layer "full_attention" or "sliding_attention"
+    (empty: all full); sliding layers see the last ``sliding_window`` keys, themselves included (key
+    j is visible from query i when ``i - sliding_window < j <= i``, transformers' overlay). Sliding
+    layers rotate with ``local_rope_theta`` / ``local_rope_scaling`` when set (Gemma 3), else with
+    the global RoPE. Scores are scaled by ``query_pre_attn_scalar ** -0.5`` (default head_dim) and
+    soft-capped as ``c * tanh(s / c)`` with ``c = attn_logit_softcapping``;
+    ``final_logit_softcapping`` caps the LM-head logits the same way.
+
+    ``attention_bias`` means bias on q/k/v (and on o_proj too except for Qwen2, see ``o_proj_bias``).
+    ``hf_config`` keeps the original ``config.json`` content so that saving writes back every field
+    jaxpref does not interpret.
     """
 
     model_type: str
@@ -62,6 +81,14 @@ class ModelConfig:
     max_position_embeddings: int
     initializer_range: float
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # Attention variants (defaults: the Llama family's plain causal attention).
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __hash__(self) -> int:
         # Models keep their config as a static attribute, which NNX/jit need hashable.
@@ -72,6 +99,42 @@ class ModelConfig:
     def o_proj_bias(self) -> bool:
         """Whether o_proj has a bias (Qwen2 puts bias on q/k/v only)."""
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q.k scores: ``query_pre_attn_scalar ** -0.5``, by default ``head_dim ** -0.5``."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rope_variants(self) -> tuple[tuple[float, dict | None], ...]:
+        """(theta, scaling) of each RoPE in use: the global one first, then the sliding layers' own."""
+        variants = [(self.rope_theta, self.rope_scaling)]
+        if self.local_rope_theta is not None and "sliding_attention" in self.layer_types:
+            variants.append((self.local_rope_theta, self.local_rope_scaling))
+        return tuple(variants)
+
+    @property
+    def attention_kinds(self) -> tuple[AttentionKind, ...]:
+        """The distinct kinds of attention layer, in order of first appearance (at least one)."""
+        kinds: list[AttentionKind] = []
+        for i in range(self.num_hidden_layers):
+            kind = self.layer_attention(i)
+            if kind not in kinds:
+                kinds.append(kind)
+        return tuple(kinds)
+
+    @property
+    def layer_kind_ids(self) -> tuple[int, ...]:
+        """Per layer, its index into ``attention_kinds``."""
+        kinds = self.attention_kinds
+        return tuple(kinds.index(self.layer_attention(i)) for i in range(self.num_hidden_layers))
+
+    def layer_attention(self, i: int) -> AttentionKind:
+        """Layer i's attention: its window (None: every earlier key) and RoPE (index into ``rope_variants``)."""
+        sliding = bool(self.layer_types) and self.layer_types[i] == "sliding_attention"
+        if not sliding or self.sliding_window is None:
+            return AttentionKind(window=None, rope=0)
+        return AttentionKind(window=self.sliding_window, rope=len(self.rope_variants) - 1)
 
     @property
     def pad_token_id(self) -> int | None:
@@ -111,6 +174,7 @@ class ModelConfig:
             attention_bias = False
         else:
             attention_bias = bool(d.get("attention_bias", False))
+        layer_types, window = _attention_layers(d, model_type)
         return cls(
             model_type=model_type,
             vocab_size=d["vocab_size"],
@@ -129,6 +193,8 @@ class ModelConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             initializer_range=float(d.get("initializer_range", 0.02)),
             hf_config=copy.deepcopy(d),
+            layer_types=layer_types,
+            sliding_window=window,
         )
 
     def to_hf_dict(self) -> dict:
@@ -176,22 +242,46 @@ def _check_unsupported(d: dict, model_type: str) -> None:
     for key in _MOE_FIELDS:
         if d.get(key):
             raise ModelError(f"config.json {key}={d[key]!r}: mixture-of-experts models are not supported")
-    window = d.get("sliding_window")
-    max_pos = d.get("max_position_embeddings", 2048)
-    if model_type == "mistral" and window is not None and window < max_pos:
-        raise ModelError(
-            f"config.json sliding_window={window} (< max_position_embeddings={max_pos}): sliding-window "
-            "attention is not supported; only checkpoints with sliding_window null load"
-        )
-    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and window is not None:
-        raise ModelError("config.json use_sliding_window=true: sliding-window attention is not supported")
-    layer_types = d.get("layer_types") or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other:
-        raise ModelError(f"config.json layer_types contains {other}: only 'full_attention' is supported")
     prf = d.get("partial_rotary_factor", 1.0)
     if prf not in (None, 1, 1.0):
         raise ModelError(f"config.json partial_rotary_factor={prf} is not supported (only 1.0)")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _attention_layers(d: dict, model_type: str) -> tuple[tuple[str, ...], int | None]:
+    """(layer_types, sliding_window) as transformers reads them for ``model_type``.
+
+    Mistral slides every layer when ``sliding_window`` is set; Qwen2/3 only with
+    ``use_sliding_window``, on the layers ``layer_types`` names (default: from ``max_window_layers``
+    on); Llama has no windows.
+    """
+    n = d["num_hidden_layers"]
+    given = d.get("layer_types")
+    if given is not None:
+        if not isinstance(given, list) or len(given) != n:
+            raise ModelError(f"config.json layer_types must list one type per layer ({n}), got {given!r}")
+        unknown = sorted({t for t in given if t not in LAYER_TYPES})
+        if unknown:
+            raise ModelError(f"config.json layer_types contains {unknown}: jaxpref implements {list(LAYER_TYPES)}")
+    window = d.get("sliding_window")
+    if model_type == "mistral":
+        types = ["sliding_attention"] * n if window is not None else ["full_attention"] * n
+    elif model_type in ("qwen2", "qwen3"):
+        if not d.get("use_sliding_window") or window is None:
+            return (), None
+        first = d.get("max_window_layers", 28)
+        types = given or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif model_type == "llama":
+        return (), None
+    else:
+        types = given or []
+    if "sliding_attention" not in types:
+        return (), None
+    if not isinstance(window, int) or window < 1:
+        raise ModelError(f"config.json sliding_window={window!r} must be a positive integer for sliding layers")
+    return tuple(types), window
 
 
 def _parse_rope(d: dict) -> tuple[float, dict | None]:

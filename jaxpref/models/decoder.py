@@ -17,7 +17,7 @@ from jaxpref import platform
 from jaxpref.errors import ModelError
 from jaxpref.models.attention import ATTENTION_IMPLS
 from jaxpref.models.config import ModelConfig
-from jaxpref.models.layers import Block, Embed, LMHead, RMSNorm
+from jaxpref.models.layers import Block, Embed, LMHead, RMSNorm, Ropes
 from jaxpref.models.rope import inverse_frequencies, rope_cos_sin
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -131,9 +131,9 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self._embed(input_ids, use_adapters)
-        cos, sin = self._rope(positions)
+        ropes = self._rope(positions)
         layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
-        x = self._run_layers(x, cos, sin, segment_ids, layer_keys, use_adapters)
+        x = self._run_layers(x, ropes, segment_ids, layer_keys, use_adapters)
         return self.norm(x)
 
     def _embed(self, input_ids: jax.Array, use_adapters: bool) -> jax.Array:
@@ -141,9 +141,14 @@ class CausalLM(nnx.Module):
         frozen_table = self.lora_config is not None and (not use_adapters or self.embed_tokens.embedding_copy is None)
         return self.embed_tokens(input_ids, use_adapters=use_adapters, frozen=frozen_table)
 
-    def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        cfg = self.config
-        return rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    def _rope(self, positions: jax.Array) -> Ropes:
+        """(cos, sin) [B, T, D] per ``config.rope_variants`` entry, for int positions [B, T]."""
+        d = self.config.head_dim
+        return tuple(rope_cos_sin(positions, inverse_frequencies(d, t, s)) for t, s in self.config.rope_variants)
+
+    def _layer_kinds(self) -> jax.Array:
+        """int32 [layers]: each layer's index into ``config.attention_kinds``."""
+        return jnp.asarray(self.config.layer_kind_ids, jnp.int32)
 
     # --- generation: a KV cache [layers, B, S, kv_heads, head_dim] for k and v, compute dtype ---
 
@@ -177,8 +182,8 @@ class CausalLM(nnx.Module):
         batch, length = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self._embed(input_ids, use_adapters) if embeddings is None else embeddings
-        cos, sin = self._rope(positions)
-        x, cache = self._run_layers_cached(x, cos, sin, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
+        ropes = self._rope(positions)
+        x, cache = self._run_layers_cached(x, ropes, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return self.norm(last), cache
 
@@ -196,11 +201,11 @@ class CausalLM(nnx.Module):
         ``embeddings``: [B, 1, H] the tokens' embeddings, as in ``prefill``."""
         positions = positions.astype(jnp.int32)
         x = self._embed(tokens[:, None], use_adapters) if embeddings is None else embeddings
-        cos, sin = self._rope(positions[:, None])
-        x, cache = self._run_layers_cached(x, cos, sin, cache, positions, use_adapters)
+        ropes = self._rope(positions[:, None])
+        x, cache = self._run_layers_cached(x, ropes, cache, positions, use_adapters)
         return self.norm(x[:, 0]), cache
 
-    def _run_layers_cached(self, x, cos, sin, cache, slots, use_adapters: bool):
+    def _run_layers_cached(self, x, ropes, cache, slots, use_adapters: bool):
         # The cache goes through the layer scan as its scanned input and output: each layer gets its
         # [B, S, K, D] slices, writes its new tokens' keys/values (prefill: slots 0..T-1; decode: one
         # slot per row) and hands them back stacked. (Carrying the whole cache and updating layer i in
@@ -209,12 +214,12 @@ class CausalLM(nnx.Module):
         state, restore = _frozen_as_bits(state, self.lora_config is not None)
 
         def body(x, xs):
-            layer_state, k_layer, v_layer = xs
+            layer_state, kind, k_layer, v_layer = xs
             block = nnx.merge(graphdef, restore(layer_state))
-            x, k_layer, v_layer = block.cached(x, cos, sin, k_layer, v_layer, slots, use_adapters=use_adapters)
+            x, k_layer, v_layer = block.cached(x, ropes, kind, k_layer, v_layer, slots, use_adapters=use_adapters)
             return x, (k_layer, v_layer)
 
-        return jax.lax.scan(body, x, (state, *cache))
+        return jax.lax.scan(body, x, (state, self._layer_kinds(), *cache))
 
     def _layer_dropout_keys(
         self, use_adapters: bool, deterministic: bool, dropout_key: jax.Array | None
@@ -227,7 +232,7 @@ class CausalLM(nnx.Module):
             dropout_key = self.dropout_rngs.dropout()
         return jax.random.split(dropout_key, self.config.num_hidden_layers)
 
-    def _run_layers(self, x, cos, sin, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
+    def _run_layers(self, x, ropes, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
         # A plain lax.scan over the split layer state (not nnx.scan): every block is re-merged from
         # arrays inside the scan, so the forward also works when callers hand in a model merged from
         # state of an outer trace (nnx transforms reject Variables from a different trace level).
@@ -235,15 +240,16 @@ class CausalLM(nnx.Module):
         state, restore = _frozen_as_bits(state, self.lora_config is not None and self.scan_layers)
 
         def body(x, xs):
-            layer_state, key = xs
+            layer_state, kind, key = xs
             block = nnx.merge(graphdef, restore(layer_state))
-            return block(x, cos, sin, segment_ids, key, use_adapters=use_adapters), None
+            return block(x, ropes, kind, segment_ids, key, use_adapters=use_adapters), None
 
         if self.remat_policy != "none":
             # Inside scan the CSE barrier is unnecessary (and costs fusion opportunities).
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+        kinds = self._layer_kinds()
         if self.scan_layers:
-            return jax.lax.scan(body, x, (state, layer_keys))[0]
+            return jax.lax.scan(body, x, (state, kinds, layer_keys))[0]
         # Unstack each stacked parameter once: its gradient is then one stack of the L layer
         # gradients (indexing a[i] per layer would pad-and-add every layer's gradient to [L, ...]).
         n = self.config.num_hidden_layers
@@ -251,7 +257,7 @@ class CausalLM(nnx.Module):
         per_layer = [jnp.unstack(leaf, axis=0) for leaf in leaves]
         for i in range(n):
             layer_state = jax.tree.unflatten(treedef, [layer[i] for layer in per_layer])
-            x, _ = body(x, (layer_state, None if layer_keys is None else layer_keys[i]))
+            x, _ = body(x, (layer_state, kinds[i], None if layer_keys is None else layer_keys[i]))
         return x
 
     def construction_kwargs(self) -> dict[str, Any]:

@@ -20,8 +20,11 @@ from flax import nnx
 
 from jaxpref import platform
 from jaxpref.models.attention import attention, decode_attention
-from jaxpref.models.config import ModelConfig
+from jaxpref.models.config import AttentionKind, ModelConfig
 from jaxpref.models.rope import apply_rope
+
+#: (cos, sin) tables [B, T, D] float32, one pair per ``ModelConfig.rope_variants`` entry.
+Ropes = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def make_param(value: jax.Array, axes: Sequence[str], cls: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
@@ -153,6 +156,15 @@ def _key(keys: jax.Array | None, i: int) -> jax.Array | None:
     return None if keys is None else keys[i]
 
 
+def per_kind(kinds: Sequence[AttentionKind], kind: jax.Array | int, fn: Any, *args: Any) -> Any:
+    """``fn(kinds[kind], *args)``: directly when every layer is of one kind, else by ``lax.switch``
+    on ``kind`` (a layer's traced index under the layer scan), so each branch keeps its window and
+    RoPE static for the attention kernels."""
+    if len(kinds) == 1:
+        return fn(kinds[0], *args)
+    return jax.lax.switch(kind, [partial(fn, k) for k in kinds], *args)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
 
@@ -177,39 +189,55 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attention_impl = attention_impl
+        self.kinds = config.attention_kinds
+        self.softcap = config.attn_logit_softcapping
+        self.scale = None if config.query_pre_attn_scalar is None else config.attention_scale
 
     def __call__(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         segment_ids: jax.Array | None,
         *,
         use_adapters: bool,
         dropout_keys: jax.Array | None,
     ) -> jax.Array:
-        """x [B, T, H], cos/sin [B, T, D] -> [B, T, H]."""
-        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=dropout_keys)
-        out = attention(q, k, v, segment_ids=segment_ids, impl=self.attention_impl)
+        """x [B, T, H] -> [B, T, H]; ``kind``: this layer's index into ``config.attention_kinds``."""
+        q, k, v = self._qkv(x, use_adapters=use_adapters, dropout_keys=dropout_keys)
+
+        def attend(kind: AttentionKind, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            q, k = self._rotate(kind, ropes, q, k)
+            return attention(
+                q, k, v, segment_ids=segment_ids, impl=self.attention_impl, window=kind.window,
+                softcap=self.softcap, scale=self.scale,
+            )  # fmt: skip
+
+        out = per_kind(self.kinds, kind, attend, q, k, v)
         return self.o_proj(out, dropout_key=_key(dropout_keys, 3), use_adapters=use_adapters)
 
     def _qkv(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None
+        self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed and rotated)."""
+        """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed, not yet rotated)."""
         kw = dict(use_adapters=use_adapters)
         q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
         k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
         v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return q, k, v
+
+    @staticmethod
+    def _rotate(kind: AttentionKind, ropes: Ropes, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cos, sin = ropes[kind.rope]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def cached(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         k_cache: jax.Array,
         v_cache: jax.Array,
         slots: jax.Array,
@@ -227,23 +255,30 @@ class Attention(nnx.Module):
           to cache slots 0..slots[b] (its own new key included): a plain einsum with GQA grouping.
 
         Args:
+          ropes, kind: as in ``__call__``.
           k_cache, v_cache: [B, S, K, D] this layer's cache before the step (compute dtype).
           slots: int [B] the decode token's slot (ignored in prefill).
         Returns:
           (out [B, T, H], k_cache, v_cache): the cache with this step's keys and values written.
         """
-        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=None)
-        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-        if x.shape[1] > 1:
-            out = attention(q, k, v, impl=self.attention_impl)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
-        else:
+        q, k, v = self._qkv(x, use_adapters=use_adapters, dropout_keys=None)
+        opts = dict(softcap=self.softcap, scale=self.scale)
+
+        def attend(kind: AttentionKind, q, k, v, k_cache, v_cache):
+            q, k = self._rotate(kind, ropes, q, k)
+            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+            if x.shape[1] > 1:
+                out = attention(q, k, v, impl=self.attention_impl, window=kind.window, **opts)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
+                return out, k_cache, v_cache
             # Row b's slot, written per row (a scatter with a batch dimension: on a mesh every device
             # writes its own rows, where explicit row indices made XLA gather the new keys of all rows).
             write = jax.vmap(lambda cache, new, slot: jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=0))
             k_cache, v_cache = write(k_cache, k, slots), write(v_cache, v, slots)
-            out = decode_attention(q, k_cache, v_cache, slots)
+            return decode_attention(q, k_cache, v_cache, slots, window=kind.window, **opts), k_cache, v_cache
+
+        out, k_cache, v_cache = per_kind(self.kinds, kind, attend, q, k, v, k_cache, v_cache)
         return self.o_proj(out, use_adapters=use_adapters), k_cache, v_cache
 
 
@@ -289,25 +324,26 @@ class Block(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         segment_ids: jax.Array | None,
         dropout_key: jax.Array | None,
         *,
         use_adapters: bool,
     ) -> jax.Array:
-        """x [B, T, H] -> [B, T, H]; dropout_key (or None) seeds this layer's LoRA dropout."""
+        """x [B, T, H] -> [B, T, H]; ``kind`` as in ``Attention``; dropout_key (or None) seeds this
+        layer's LoRA dropout."""
         keys = None if dropout_key is None else jax.random.split(dropout_key, NUM_DROPOUT_SITES)
         x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, segment_ids, use_adapters=use_adapters, dropout_keys=keys
+            self.input_layernorm(x), ropes, kind, segment_ids, use_adapters=use_adapters, dropout_keys=keys
         )
         return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=keys)
 
     def cached(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         k_cache: jax.Array,
         v_cache: jax.Array,
         slots: jax.Array,
@@ -316,7 +352,7 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The block for generation (see ``Attention.cached``): (x [B, T, H], updated k and v cache)."""
         attn, k_cache, v_cache = self.self_attn.cached(
-            self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, use_adapters=use_adapters
+            self.input_layernorm(x), ropes, kind, k_cache, v_cache, slots, use_adapters=use_adapters
         )
         x = x + attn
         mlp = self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None)

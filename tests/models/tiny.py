@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import jax.numpy as jnp
@@ -47,6 +48,14 @@ CASES = {
     "llama_linear_rope": (LlamaConfig, LlamaForCausalLM, {"rope_scaling": LINEAR_ROPE}),
     "llama_tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "mistral_window": (MistralConfig, MistralForCausalLM, {"sliding_window": 5}),
+    "qwen2_window": (
+        Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}
+    ),
+    "qwen3_window": (
+        Qwen3Config, Qwen3ForCausalLM,
+        {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0},
+    ),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
     "qwen3_tied": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 12, "tie_word_embeddings": True}),
@@ -57,7 +66,8 @@ def build_hf(case: str, seed: int = 0, **overrides):
     """A tiny transformers model of ``case`` with every parameter (norms and biases too) random."""
     config_cls, model_cls, case_overrides = CASES[case]
     torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **case_overrides, **overrides})
+    # Deep-copied: transformers writes rope_theta into the rope dicts it is given (LLAMA3_ROPE is shared).
+    config = config_cls(**copy.deepcopy({**TINY, **case_overrides, **overrides}))
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
