@@ -16,7 +16,8 @@ from typing import Any
 
 from jaxpref.errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 ARCHITECTURES = {
@@ -24,7 +25,27 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+
+# MLP activations: config.json name -> what ``jaxpref.models.layers.MLP`` computes on the gate.
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+# transformers' class defaults of the Gemma configs for fields a config.json may leave out (hub
+# checkpoints written by older transformers omit some, e.g. gemma-2-2b has no tie_word_embeddings).
+_GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+    ),
+    "gemma3_text": dict(
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
+        final_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh",
+    ),
+}  # fmt: skip
+_GEMMA3_ROPE_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+_GEMMA3_SLIDING_WINDOW_PATTERN = 6
 
 # Fields that, when set to a truthy value, mean a mixture-of-experts model.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -59,6 +80,11 @@ class ModelConfig:
     soft-capped as ``c * tanh(s / c)`` with ``c = attn_logit_softcapping``;
     ``final_logit_softcapping`` caps the LM-head logits the same way.
 
+    Gemma 2/3 (``GEMMA_MODEL_TYPES``) differ from the Llama family in ways derived from
+    ``model_type``: RMSNorm weights stored as offsets (``x_hat * (1 + w)``, ``rms_norm_unit_offset``),
+    "sandwich" norms around attention and MLP (``sandwich_norms``), embeddings scaled by
+    sqrt(hidden_size) (``embed_scale``); ``hidden_act`` names the MLP activation.
+
     ``attention_bias`` means bias on q/k/v (and on o_proj too except for Qwen2, see ``o_proj_bias``).
     ``hf_config`` keeps the original ``config.json`` content so that saving writes back every field
     jaxpref does not interpret.
@@ -89,6 +115,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    hidden_act: str = "silu"
 
     def __hash__(self) -> int:
         # Models keep their config as a static attribute, which NNX/jit need hashable.
@@ -99,6 +126,23 @@ class ModelConfig:
     def o_proj_bias(self) -> bool:
         """Whether o_proj has a bias (Qwen2 puts bias on q/k/v only)."""
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def rms_norm_unit_offset(self) -> bool:
+        """Whether RMSNorm weights are offsets from 1 (Gemma: ``x_hat * (1 + w)`` in float32, zero init)."""
+        return self.model_type in GEMMA_MODEL_TYPES
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Whether blocks normalise the attention and MLP outputs too (Gemma: ``post_attention_layernorm``
+        on the attention output, ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` around
+        the MLP); otherwise ``post_attention_layernorm`` is the MLP's input norm (Llama)."""
+        return self.model_type in GEMMA_MODEL_TYPES
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Factor on the token embeddings (Gemma: sqrt(hidden_size), rounded to the compute dtype), or None."""
+        return self.hidden_size**0.5 if self.model_type in GEMMA_MODEL_TYPES else None
 
     @property
     def attention_scale(self) -> float:
@@ -150,6 +194,8 @@ class ModelConfig:
                 f"config.json model_type={model_type!r} is not supported; jaxpref implements "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        hf_config = copy.deepcopy(d)
+        d = {**_GEMMA_DEFAULTS.get(model_type, {}), **d}
         _check_unsupported(d, model_type)
         for key in (
             "vocab_size",
@@ -167,7 +213,10 @@ class ModelConfig:
                 f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        rope_theta, rope_scaling = _parse_rope(d)
+        if model_type == "gemma3_text":
+            rope_theta, rope_scaling = _gemma3_rope(d, "full_attention")
+        else:
+            rope_theta, rope_scaling = _parse_rope(d)
         if model_type == "qwen2":
             attention_bias = True
         elif model_type == "mistral":
@@ -189,12 +238,14 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             initializer_range=float(d.get("initializer_range", 0.02)),
-            hf_config=copy.deepcopy(d),
+            hf_config=hf_config,
             layer_types=layer_types,
             sliding_window=window,
+            hidden_act=_activation(d, model_type),
+            **_gemma_fields(d, model_type),
         )
 
     def to_hf_dict(self) -> dict:
@@ -214,10 +265,15 @@ class ModelConfig:
             tie_word_embeddings=self.tie_word_embeddings,
             max_position_embeddings=self.max_position_embeddings,
             initializer_range=self.initializer_range,
-            hidden_act="silu",
         )
-        if self.model_type in ("llama", "qwen3"):
+        if self.model_type in ("llama", "qwen3", *GEMMA_MODEL_TYPES):
             d["attention_bias"] = self.attention_bias
+        if self.model_type in GEMMA_MODEL_TYPES:
+            self._write_gemma_fields(d)
+            if self.model_type == "gemma3_text":
+                return d
+        else:
+            d["hidden_act"] = self.hidden_act
         # Write RoPE in the spelling the original used; transformers 5 reads both.
         if "rope_parameters" in d or ("rope_theta" not in d and "rope_scaling" not in d):
             d.pop("rope_theta", None)
@@ -232,11 +288,48 @@ class ModelConfig:
             d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         return d
 
+    def _write_gemma_fields(self, d: dict) -> None:
+        """``to_hf_dict``'s Gemma fields into d; Gemma 3's RoPE per layer type (in the original's spelling)."""
+        d.update(
+            hidden_activation=self.hidden_act,
+            query_pre_attn_scalar=_int_if_integral(self.query_pre_attn_scalar),  # transformers types it int
+            final_logit_softcapping=self.final_logit_softcapping,
+            layer_types=list(self.layer_types or ["full_attention"] * self.num_hidden_layers),
+            sliding_window=self.sliding_window if self.layer_types else d.get("sliding_window"),
+        )
+        if self.model_type == "gemma2":
+            d["attn_logit_softcapping"] = self.attn_logit_softcapping
+            return
+        local_theta = self.local_rope_theta
+        if local_theta is None:
+            local_theta = _GEMMA3_ROPE_THETA["sliding_attention"]
+        legacy = {"rope_theta", "rope_scaling", "rope_local_base_freq"} & set(d)
+        if "rope_parameters" in d or not legacy or self.local_rope_scaling:  # (the legacy keys cannot say that)
+            for key in ("rope_theta", "rope_scaling", "rope_local_base_freq"):
+                d.pop(key, None)
+            full = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+            sliding = {"rope_type": "default", **(self.local_rope_scaling or {}), "rope_theta": local_theta}
+            d["rope_parameters"] = {"full_attention": full, "sliding_attention": sliding}
+        else:
+            d.update(
+                rope_theta=self.rope_theta,
+                rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
+                rope_local_base_freq=local_theta,
+            )
+
+
+def _activation(d: dict, model_type: str) -> str:
+    """The MLP activation: Gemma's ``hidden_activation`` (transformers ignores its ``hidden_act``),
+    else ``hidden_act``."""
+    key = "hidden_activation" if model_type in GEMMA_MODEL_TYPES else "hidden_act"
+    return d.get(key, "silu")
+
 
 def _check_unsupported(d: dict, model_type: str) -> None:
-    act = d.get("hidden_act", d.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise ModelError(f"config.json hidden_act={act!r} is not supported; jaxpref implements 'silu'")
+    act = _activation(d, model_type)
+    if act not in ACTIVATIONS:
+        key = "hidden_activation" if model_type in GEMMA_MODEL_TYPES else "hidden_act"
+        raise ModelError(f"config.json {key}={act!r} is not supported; jaxpref implements {', '.join(ACTIVATIONS)}")
     if d.get("mlp_bias"):
         raise ModelError("config.json mlp_bias=true is not supported (MLP projections without bias only)")
     for key in _MOE_FIELDS:
@@ -275,6 +368,13 @@ def _attention_layers(d: dict, model_type: str) -> tuple[tuple[str, ...], int | 
         types = given or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif model_type == "llama":
         return (), None
+    elif model_type == "gemma2":  # alternating, sliding first
+        types = given or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    elif model_type == "gemma3_text":  # every pattern-th layer full, the others sliding
+        pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", _GEMMA3_SLIDING_WINDOW_PATTERN))
+        if not isinstance(pattern, int) or pattern < 1:
+            raise ModelError(f"config.json sliding_window_pattern={pattern!r} must be a positive integer")
+        types = given or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     else:
         types = given or []
     if "sliding_attention" not in types:
@@ -282,6 +382,61 @@ def _attention_layers(d: dict, model_type: str) -> tuple[tuple[str, ...], int | 
     if not isinstance(window, int) or window < 1:
         raise ModelError(f"config.json sliding_window={window!r} must be a positive integer for sliding layers")
     return tuple(types), window
+
+
+def _gemma_fields(d: dict, model_type: str) -> dict[str, Any]:
+    """``ModelConfig`` fields only Gemma configs set: the attention scale, soft-caps, Gemma 3's local RoPE."""
+    if model_type not in GEMMA_MODEL_TYPES:
+        return {}
+    if d.get("use_bidirectional_attention"):
+        raise ModelError(
+            "config.json use_bidirectional_attention=true (an encoder such as EmbeddingGemma) is not "
+            "supported: jaxpref implements causal decoders; use a causal Gemma checkpoint"
+        )
+    fields = {
+        "query_pre_attn_scalar": _positive(d, "query_pre_attn_scalar", required=True),
+        "final_logit_softcapping": _positive(d, "final_logit_softcapping"),
+    }
+    if model_type == "gemma2":
+        fields["attn_logit_softcapping"] = _positive(d, "attn_logit_softcapping")
+    else:  # Gemma 3 keeps attn_logit_softcapping in its config, but transformers' Gemma3Attention never applies it
+        fields["local_rope_theta"], fields["local_rope_scaling"] = _gemma3_rope(d, "sliding_attention")
+    return fields
+
+
+def _positive(d: dict, key: str, *, required: bool = False) -> float | None:
+    value = d.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ModelError(f"config.json {key}={value!r} must be a positive number{'' if required else ' or null'}")
+    return float(value)
+
+
+def _int_if_integral(x: float | None) -> float | int | None:
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
+def _gemma3_rope(d: dict, layer_type: str) -> tuple[float, dict | None]:
+    """Gemma 3's RoPE for ``layer_type``, as transformers' Gemma3TextConfig reads it: ``rope_parameters``
+    nested per layer type (transformers 5), or the legacy ``rope_theta`` + ``rope_scaling`` (global
+    layers only) and ``rope_local_base_freq`` (sliding layers)."""
+    params = d.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ModelError(
+            f"config.json rope_parameters={params!r}: a gemma3_text config nests them per layer type "
+            "({full_attention: {...}, sliding_attention: {...}}) or uses rope_theta / rope_scaling / "
+            "rope_local_base_freq"
+        )
+    unknown = sorted(set(params) - set(LAYER_TYPES))
+    if unknown:
+        raise ModelError(f"config.json rope_parameters has {unknown}: jaxpref implements {list(LAYER_TYPES)}")
+    sub = dict(params.get(layer_type) or {"rope_type": "default"})
+    if layer_type == "full_attention" and d.get("rope_scaling"):
+        sub.update(d["rope_scaling"])
+    legacy = "rope_theta" if layer_type == "full_attention" else "rope_local_base_freq"
+    sub.setdefault("rope_theta", d.get(legacy) or _GEMMA3_ROPE_THETA[layer_type])
+    return _parse_rope({"rope_parameters": sub, "max_position_embeddings": d.get("max_position_embeddings")})
 
 
 def _parse_rope(d: dict) -> tuple[float, dict | None]:

@@ -17,7 +17,7 @@ from jaxpref import platform
 from jaxpref.errors import ModelError
 from jaxpref.models.attention import ATTENTION_IMPLS
 from jaxpref.models.config import ModelConfig
-from jaxpref.models.layers import Block, Embed, LMHead, RMSNorm, Ropes
+from jaxpref.models.layers import Block, Embed, LMHead, Ropes, rms_norm
 from jaxpref.models.rope import inverse_frequencies, rope_cos_sin
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -60,7 +60,7 @@ def _frozen_as_bits(state: Any, frozen_base: bool) -> tuple[Any, Any]:
 
 
 class CausalLM(nnx.Module):
-    """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) returning final hidden states.
+    """Causal decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) returning final hidden states.
 
     Args:
       config: architecture, usually from ``ModelConfig.from_hf_dict``.
@@ -99,7 +99,7 @@ class CausalLM(nnx.Module):
             return Block(config, attention_impl=attention_impl, rngs=rngs, **kw)
 
         self.layers = make_blocks(rngs)
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.norm = rms_norm(config, config.hidden_size, **kw)
         self.lm_head = None if config.tie_word_embeddings else LMHead(config, rngs=rngs, **kw)
         # Set by jaxpref.lora.apply_lora.
         self.lora_config = None
@@ -174,14 +174,15 @@ class CausalLM(nnx.Module):
             its keys land in slots that decoding overwrites before they become visible).
           lengths: int [B] prompt lengths (at least 1).
           cache: (k, v) from ``init_cache`` with max_len >= T.
-          embeddings: [B, T, H] the prompts' token embeddings (compute dtype) when the caller looked
-            them up (generation on a mesh: ``jaxpref.generation.placement.embed``); None: here.
+          embeddings: [B, T, H] the prompts' embedding-table rows (compute dtype) when the caller looked
+            them up (generation on a mesh: ``jaxpref.generation.placement.embed``); None: here. Either
+            way they are scaled here (``Embed.scaled``).
         Returns:
           (final hidden state [B, H] at each row's last prompt token (after the norm), cache).
         """
         batch, length = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = self._embed(input_ids, use_adapters) if embeddings is None else embeddings
+        x = self._embed(input_ids, use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
         ropes = self._rope(positions)
         x, cache = self._run_layers_cached(x, ropes, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
@@ -200,7 +201,7 @@ class CausalLM(nnx.Module):
         slots 0..positions[b]. Returns (final hidden state [B, H], cache with the new keys/values).
         ``embeddings``: [B, 1, H] the tokens' embeddings, as in ``prefill``."""
         positions = positions.astype(jnp.int32)
-        x = self._embed(tokens[:, None], use_adapters) if embeddings is None else embeddings
+        x = self._embed(tokens[:, None], use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
         ropes = self._rope(positions[:, None])
         x, cache = self._run_layers_cached(x, ropes, cache, positions, use_adapters)
         return self.norm(x[:, 0]), cache

@@ -1,5 +1,5 @@
 """Building blocks of the decoder: projections (with optional LoRA), embedding, RMSNorm, attention,
-MLP and the transformer block.
+MLP and the transformer block (Llama family and Gemma 2/3, see ``ModelConfig``).
 
 Every parameter is created with logical axis names in its ``out_sharding`` metadata and with eager
 sharding off, so construction never needs a mesh; ``partitioning`` places arrays later.
@@ -95,7 +95,10 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module."""
+    """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module.
+
+    Rows are multiplied by ``config.embed_scale`` (Gemma) after the lookup; a tied LM head reads the
+    unscaled table."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         table = _normal(rngs, (config.vocab_size, config.hidden_size), config.initializer_range, param_dtype)
@@ -104,6 +107,7 @@ class Embed(nnx.Module):
         self.embedding = make_param(table, ("vocab", "embed"))
         self.embedding_copy = nnx.data(None)
         self.dtype = dtype
+        self.scale = config.embed_scale
 
     def table(self, use_adapters: bool = True) -> jax.Array:
         """The [V, H] table in use (the trainable copy when present and adapters are on)."""
@@ -120,8 +124,18 @@ class Embed(nnx.Module):
         table = self.table(use_adapters)
         if frozen and table.dtype.itemsize == 2 and platform.kernel_platform() == "cpu":
             bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
-            return jax.lax.bitcast_convert_type(bits, table.dtype).astype(self.dtype)
-        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
+            return self.scaled(jax.lax.bitcast_convert_type(bits, table.dtype).astype(self.dtype))
+        return self.scaled(jnp.take(table, input_ids, axis=0).astype(self.dtype))
+
+    def scaled(self, rows: jax.Array) -> jax.Array:
+        """Table rows [..., H] in the compute dtype -> the embeddings the blocks take.
+
+        Gemma multiplies by sqrt(hidden_size) rounded to the compute dtype (as transformers'
+        ``Gemma2TextScaledWordEmbedding`` rounds it to the weights' dtype: 55.5, not 55.4256, for
+        3072 in bfloat16); other families pass the rows through."""
+        if self.scale is None:
+            return rows
+        return rows * jnp.asarray(self.scale, rows.dtype)
 
 
 class LMHead(nnx.Module):
@@ -140,16 +154,38 @@ class LMHead(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMS normalisation over the last dim, in float32 (as transformers), then scaled."""
+    """RMS normalisation over the last dim, in float32 (as transformers), then scaled.
 
-    def __init__(self, dim: int, *, eps: float, axes: Sequence[str] = ("norm",), dtype: Any, param_dtype: Any):
-        self.scale = make_param(jnp.ones((dim,), param_dtype), axes)
-        self.eps, self.dtype = eps, dtype
+    Llama: ``w * x_hat`` with x_hat cast to the compute dtype first (``scale`` initialised to ones).
+    ``unit_offset`` (Gemma): ``x_hat * (1 + w)`` all in float32, then cast (``scale`` holds w,
+    initialised to zeros), as transformers' ``Gemma2RMSNorm`` / ``Gemma3RMSNorm``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        axes: Sequence[str] = ("norm",),
+        dtype: Any,
+        param_dtype: Any,
+        unit_offset: bool = False,
+    ):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = make_param(init((dim,), param_dtype), axes)
+        self.eps, self.dtype, self.unit_offset = eps, dtype, unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+def rms_norm(config: ModelConfig, dim: int, **kwargs: Any) -> RMSNorm:
+    """An RMSNorm of ``dim`` in the config's flavour (eps, Gemma's unit offset)."""
+    return RMSNorm(dim, eps=config.rms_norm_eps, unit_offset=config.rms_norm_unit_offset, **kwargs)
 
 
 def _key(keys: jax.Array | None, i: int) -> jax.Array | None:
@@ -166,7 +202,7 @@ def per_kind(kinds: Sequence[AttentionKind], kind: jax.Array | int, fn: Any, *ar
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
+    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3, Gemma 3) and q/k/v(/o) bias."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
         h, n, k, d = (
@@ -182,9 +218,7 @@ class Attention(nnx.Module):
         self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
         self.o_proj = lin((n, d), (h,), ("heads", "head_dim"), ("embed",), use_bias=config.o_proj_bias)
         if config.qk_norm:
-            norm = partial(
-                RMSNorm, d, eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype
-            )
+            norm = partial(rms_norm, config, d, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype)
             self.q_norm, self.k_norm = norm(), norm()
         else:
             self.q_norm = self.k_norm = None
@@ -282,8 +316,12 @@ class Attention(nnx.Module):
         return self.o_proj(out, use_adapters=use_adapters), k_cache, v_cache
 
 
+#: MLP activations by ``ModelConfig.hidden_act`` (transformers' ACT2FN names).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or GELU-tanh (Gemma's GeGLU)."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
@@ -298,28 +336,53 @@ class MLP(nnx.Module):
         self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
         self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
         self.down_proj = lin((i,), (h,), ("mlp",), ("embed",))
+        self.act = config.hidden_act
 
     def __call__(self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None) -> jax.Array:
         kw = dict(use_adapters=use_adapters)
         gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
         up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
-        return self.down_proj(jax.nn.silu(gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
 
 
 NUM_DROPOUT_SITES = 7  # one LoRA dropout key per projection of a block
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)).
+
+    With ``config.sandwich_norms`` (Gemma) the attention and MLP outputs are normalised too:
+    x + post_attention_layernorm(attn(input_layernorm(x))), then
+    + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(.))).
+    """
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
-        norm = partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = partial(rms_norm, config, config.hidden_size, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(
             config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
         )
         self.post_attention_layernorm = norm()
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _add_attention(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        if self.pre_feedforward_layernorm is None:
+            return x + attn
+        return x + self.post_attention_layernorm(attn)
+
+    def _mlp_input(self, x: jax.Array) -> jax.Array:
+        if self.pre_feedforward_layernorm is None:
+            return self.post_attention_layernorm(x)
+        return self.pre_feedforward_layernorm(x)
+
+    def _add_mlp(self, x: jax.Array, out: jax.Array) -> jax.Array:
+        if self.post_feedforward_layernorm is None:
+            return x + out
+        return x + self.post_feedforward_layernorm(out)
 
     def __call__(
         self,
@@ -334,10 +397,11 @@ class Block(nnx.Module):
         """x [B, T, H] -> [B, T, H]; ``kind`` as in ``Attention``; dropout_key (or None) seeds this
         layer's LoRA dropout."""
         keys = None if dropout_key is None else jax.random.split(dropout_key, NUM_DROPOUT_SITES)
-        x = x + self.self_attn(
+        attn = self.self_attn(
             self.input_layernorm(x), ropes, kind, segment_ids, use_adapters=use_adapters, dropout_keys=keys
         )
-        return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=keys)
+        x = self._add_attention(x, attn)
+        return self._add_mlp(x, self.mlp(self._mlp_input(x), use_adapters=use_adapters, dropout_keys=keys))
 
     def cached(
         self,
@@ -354,6 +418,6 @@ class Block(nnx.Module):
         attn, k_cache, v_cache = self.self_attn.cached(
             self.input_layernorm(x), ropes, kind, k_cache, v_cache, slots, use_adapters=use_adapters
         )
-        x = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None)
-        return x + mlp, k_cache, v_cache
+        x = self._add_attention(x, attn)
+        mlp = self.mlp(self._mlp_input(x), use_adapters=use_adapters, dropout_keys=None)
+        return self._add_mlp(x, mlp), k_cache, v_cache

@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from flax import nnx
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -59,7 +63,32 @@ CASES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
     "qwen3_tied": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 12, "tie_word_embeddings": True}),
-}
+    # Gemma 2: [sliding, full]; soft-caps low enough to bite on these small scores and logits, and a
+    # query_pre_attn_scalar that is not head_dim.
+    "gemma2": (
+        Gemma2Config, Gemma2ForCausalLM,
+        {"tie_word_embeddings": True, "query_pre_attn_scalar": 4, "attn_logit_softcapping": 0.5,
+         "final_logit_softcapping": 1.0},
+    ),
+    # [sliding, full, sliding] with a window shorter than the sequences; transformers' default caps.
+    "gemma2_window": (
+        Gemma2Config, Gemma2ForCausalLM, {"num_hidden_layers": 3, "sliding_window": 5, "query_pre_attn_scalar": 8}
+    ),
+    # Gemma 3: q/k norms, [sliding, full, sliding, full], linear RoPE scaling on the full layers only,
+    # another base on the sliding ones, window 6.
+    "gemma3": (
+        Gemma3TextConfig, Gemma3ForCausalLM,
+        {"num_hidden_layers": 4, "head_dim": 16, "sliding_window": 6, "sliding_window_pattern": 2,
+         "query_pre_attn_scalar": 16, "tie_word_embeddings": True, "final_logit_softcapping": 3.0,
+         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}},
+    ),
+    # [sliding, sliding, full], untied head, no final cap, window 4, transformers' default RoPE bases.
+    "gemma3_pattern3": (
+        Gemma3TextConfig, Gemma3ForCausalLM,
+        {"num_hidden_layers": 3, "sliding_window": 4, "sliding_window_pattern": 3, "query_pre_attn_scalar": 8},
+    ),
+}  # fmt: skip
 
 
 def build_hf(case: str, seed: int = 0, **overrides):
@@ -69,10 +98,11 @@ def build_hf(case: str, seed: int = 0, **overrides):
     # Deep-copied: transformers writes rope_theta into the rope dicts it is given (LLAMA3_ROPE is shared).
     config = config_cls(**copy.deepcopy({**TINY, **case_overrides, **overrides}))
     model = model_cls(config).eval()
+    unit = 0.0 if config.model_type.startswith("gemma") else 1.0  # Gemma norms scale by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(unit + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     return model
@@ -83,10 +113,19 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(np.array(ids))).logits.float().numpy()
 
 
+def capped_logits(model, hidden, *, use_adapters: bool = True):
+    """float32 logits [..., V] from hidden [..., H], soft-capped as transformers does (``cap * tanh(z / cap)``
+    with ``config.final_logit_softcapping``): the reference, independent of ``CausalLM.logits``."""
+    w = model.lm_head_weight(use_adapters=use_adapters)
+    z = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+    cap = model.config.final_logit_softcapping
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
 @partial(nnx.jit, static_argnames=("use_adapters",))
 def _jax_logits(model, ids, positions, segment_ids, use_adapters):
     hidden = model(ids, positions=positions, segment_ids=segment_ids, use_adapters=use_adapters)
-    return model.logits(hidden, use_adapters=use_adapters)
+    return capped_logits(model, hidden, use_adapters=use_adapters)
 
 
 def jax_logits(model, ids, *, positions=None, segment_ids=None, use_adapters: bool = True) -> np.ndarray:
