@@ -1,0 +1,127 @@
+"""Gemma 2 / Gemma 3 text configs: hub configs as transformers reads them, both RoPE spellings of
+Gemma 3, parameter shapes of the real sizes, and the features jaxpref refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from jaxpref.errors import ModelError
+from jaxpref.models import ModelConfig, from_pretrained
+from jaxpref.models.hf_io import abstract_model
+from tests.models.tiny import TINY, hf_logits, jax_logits, random_ids
+
+REPO = Path(__file__).resolve().parents[2]
+REAL = {name: json.loads((REPO / "configs" / "models" / name / "config.json").read_text())
+        for name in ("gemma-2-2b", "gemma-3-1b-it")}  # fmt: skip
+GEMMA2 = {**TINY, "model_type": "gemma2", "head_dim": 8}
+GEMMA3 = {**TINY, "model_type": "gemma3_text", "head_dim": 8}
+
+
+def _transformers_config(d: dict):
+    return AutoConfig.for_model(**{k: v for k, v in d.items() if k not in ("architectures", "transformers_version")})
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_hub_configs_parse_as_transformers_reads_them(name):
+    d = REAL[name]
+    cfg = ModelConfig.from_hf_dict(d)
+    ref = _transformers_config(d)
+    assert cfg.layer_types == tuple(ref.layer_types) and cfg.sliding_window == ref.sliding_window
+    assert cfg.tie_word_embeddings and ref.tie_word_embeddings  # gemma-2-2b leaves it to the default
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.hidden_act) == (256, 256, "gelu_pytorch_tanh")
+    assert cfg.final_logit_softcapping == ref.final_logit_softcapping
+    if name == "gemma-2-2b":
+        assert cfg.attn_logit_softcapping == 50.0 and cfg.rope_variants == ((10000.0, None),)
+        assert cfg.layer_kind_ids == (0, 1) * 13
+    else:  # 1B: every 6th layer global; global base 1e6, sliding 1e4; no soft-caps
+        assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17, 23]
+        assert cfg.rope_variants == ((1e6, None), (1e4, None)) and cfg.attn_logit_softcapping is None
+        assert cfg.qk_norm
+    # written back, transformers reads the same architecture
+    back = _transformers_config(cfg.to_hf_dict())
+    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "final_logit_softcapping",
+                "hidden_activation", "tie_word_embeddings", "head_dim", "rope_parameters"):  # fmt: skip
+        assert getattr(back, key) == getattr(ref, key), key
+
+
+@pytest.mark.parametrize(("name", "hf_count"), [("gemma-2-2b", 2_614_341_888), ("gemma-3-1b-it", 999_885_952)])
+def test_real_sizes_have_transformers_parameter_count(name, hf_count):
+    """Shapes only (no memory): every parameter of the real models, q/k and sandwich norms included."""
+    abstract = abstract_model(ModelConfig.from_hf_dict(REAL[name]))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(_transformers_config(REAL[name]))
+    assert ours == sum(p.numel() for p in hf.parameters()) == hf_count
+
+
+def test_gemma3_rope_spellings_parse_the_same():
+    nested = ModelConfig.from_hf_dict(
+        {**GEMMA3, "sliding_window_pattern": 2, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    )  # fmt: skip
+    legacy = ModelConfig.from_hf_dict(
+        {**GEMMA3, "sliding_window_pattern": 2, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+         "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    )  # fmt: skip
+    assert nested == legacy
+    assert nested.rope_variants == ((1e6, {"rope_type": "linear", "factor": 8.0}), (1e4, None))
+    assert nested.layer_attention(0).rope == 1 and nested.layer_attention(1).rope == 0
+    defaults = ModelConfig.from_hf_dict({**GEMMA3, "sliding_window_pattern": 2})
+    assert defaults.rope_variants == ((1e6, None), (1e4, None))  # Gemma3TextConfig's default bases
+    # each saves in the spelling it came in
+    assert "rope_parameters" in nested.to_hf_dict() and "rope_local_base_freq" not in nested.to_hf_dict()
+    assert legacy.to_hf_dict()["rope_local_base_freq"] == 1e4 and "rope_parameters" not in legacy.to_hf_dict()
+
+
+def test_gemma3_legacy_spelling_checkpoint_matches_transformers(hf_checkpoint):
+    """A Gemma 3 checkpoint as transformers 4.5x wrote it (rope_theta, rope_local_base_freq,
+    rope_scaling for the global layers), read by both."""
+    path, _ = hf_checkpoint("gemma3")
+    cfg_path = path / "config.json"
+    d = json.loads(cfg_path.read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope["full_attention"].pop("rope_theta")
+    d["rope_scaling"] = rope["full_attention"]
+    d["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    del d["layer_types"]  # from sliding_window_pattern
+    cfg_path.write_text(json.dumps(d))
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert hf.config.rope_parameters["full_attention"]["rope_type"] == "linear"
+    ids = random_ids((2, 20))
+    np.testing.assert_allclose(jax_logits(from_pretrained(path), ids), hf_logits(hf, ids), rtol=0, atol=1e-4)
+
+
+def test_gemma3_ignores_attention_soft_cap_as_transformers_does(hf_checkpoint):
+    path, _ = hf_checkpoint("gemma3_pattern3", attn_logit_softcapping=0.1)
+    assert from_pretrained(path).config.attn_logit_softcapping is None
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = random_ids((1, 12))
+    np.testing.assert_allclose(jax_logits(from_pretrained(path), ids), hf_logits(hf, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({**GEMMA3, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({**GEMMA2, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({**GEMMA2, "hidden_activation": "gelu"}, "hidden_activation"),
+        ({**GEMMA2, "query_pre_attn_scalar": None}, "query_pre_attn_scalar"),
+        ({**GEMMA2, "attn_logit_softcapping": -1.0}, "attn_logit_softcapping"),
+        ({**GEMMA2, "sliding_window": 0}, "sliding_window"),
+        ({**GEMMA3, "sliding_window_pattern": 0}, "sliding_window_pattern"),
+        ({**GEMMA3, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "per layer type"),
+        ({**GEMMA3, "rope_parameters": {"chunked_attention": {"rope_type": "default"}}}, "chunked_attention"),
+        ({**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "rope_type"),
+    ],
+)
+def test_unsupported_gemma_config_names_the_field(overrides, field):
+    with pytest.raises(ModelError, match=field):
+        ModelConfig.from_hf_dict(overrides)
