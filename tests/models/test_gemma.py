@@ -1,5 +1,6 @@
-"""Gemma 2 / Gemma 3 text configs: hub configs as transformers reads them, both RoPE spellings of
-Gemma 3, parameter shapes of the real sizes, and the features jaxpref refuses."""
+"""Gemma 2 / Gemma 3 text: hub configs as transformers reads them, both RoPE spellings of Gemma 3,
+parameter shapes of the real sizes, the features jaxpref refuses, LoRA + PEFT round trips.
+(Logit parity, packed sequences and the HF round trip are in test_parity.py's cases.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from jaxpref.errors import ModelError
-from jaxpref.models import ModelConfig, from_pretrained
+from jaxpref.lora import PEFT_TARGET_NAMES, LoraConfig, export_peft_adapter, load_peft_adapter, merge_lora
+from jaxpref.models import ModelConfig, from_pretrained, save_pretrained
 from jaxpref.models.hf_io import abstract_model
+from tests.models.test_lora import _lora_model, _peft_logits
 from tests.models.tiny import TINY, hf_logits, jax_logits, random_ids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +128,30 @@ def test_gemma3_ignores_attention_soft_cap_as_transformers_does(hf_checkpoint):
 def test_unsupported_gemma_config_names_the_field(overrides, field):
     with pytest.raises(ModelError, match=field):
         ModelConfig.from_hf_dict(overrides)
+
+
+@pytest.mark.parametrize(
+    ("case", "targets", "saved"),
+    [
+        ("gemma2", PEFT_TARGET_NAMES, ("embed_tokens",)),  # tied: the scaled table's copy is the head too
+        ("gemma3", ("q_proj", "k_proj", "down_proj"), ()),
+        ("gemma3_pattern3", ("v_proj", "o_proj", "gate_proj", "up_proj"), ("lm_head",)),
+    ],
+)
+def test_lora_peft_round_trip(case, targets, saved, hf_checkpoint, tmp_path):
+    """jaxpref LoRA -> PEFT adapter -> PEFT's logits on the transformers model; the adapter read back
+    and the merged model saved for transformers give the same logits."""
+    path, hf = hf_checkpoint(case)
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=targets, modules_to_save=saved)
+    model = _lora_model(path, cfg)
+    ids = random_ids((2, 12))
+    lora_logits = jax_logits(model, ids)
+    assert np.abs(lora_logits - hf_logits(hf, ids)).max() > 1e-3
+    export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    np.testing.assert_allclose(lora_logits, _peft_logits(path, tmp_path / "adapter", ids), rtol=0, atol=1e-4)
+    fresh = from_pretrained(path)
+    load_peft_adapter(fresh, tmp_path / "adapter")
+    np.testing.assert_array_equal(jax_logits(fresh, ids), lora_logits)
+    save_pretrained(merge_lora(model), tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(hf_logits(merged, ids), lora_logits, rtol=0, atol=1e-4)
