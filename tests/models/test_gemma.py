@@ -195,3 +195,26 @@ def test_sharded_load_forward_and_generate_on_4_cpu_devices(hf_checkpoint, tmp_p
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["gemma2_window", "gemma3"])
+def test_reward_model_export_loads_as_transformers_sequence_classifier(case, hf_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxpref.models.reward import add_score_head, save_reward_model, sequence_rewards
+
+    path, _ = hf_checkpoint(case)
+    model = add_score_head(from_pretrained(path), seed=3, std=0.5)
+    save_reward_model(model, tmp_path / "rm", pad_token_id=0)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert type(hf).__name__ == {"gemma2_window": "Gemma2ForSequenceClassification",
+                                 "gemma3": "Gemma3TextForSequenceClassification"}[case]  # fmt: skip
+    ids = random_ids((3, 14), vocab=127, seed=2) + 1  # no pad (0) inside
+    seg = np.ones_like(ids)
+    seg[1, 9:] = 0
+    ids[1, 9:] = 0
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(seg)).logits[:, 0].numpy()
+    got = np.asarray(sequence_rewards(model, ids, segment_ids=seg))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.std(want) > 1e-2
