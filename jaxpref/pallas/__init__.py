@@ -9,16 +9,20 @@ from .linear_lse import (
     IMPLS,
     BlockSizes,
     PallasUnsupportedError,
+    check_softcap,
     linear_logsumexp_gather,
     linear_logsumexp_gather_loss,
     linear_softmax_entropy,
+    soft_cap,
 )
 
 __all__ = [
     "IMPLS",
     "BlockSizes",
     "PallasUnsupportedError",
+    "check_softcap",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
     "linear_softmax_entropy",
+    "soft_cap",
 ]
