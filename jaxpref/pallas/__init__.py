@@ -12,6 +12,7 @@ from .linear_lse import (
     check_softcap,
     linear_logsumexp_gather,
     linear_logsumexp_gather_loss,
+    linear_mean_logit,
     linear_softmax_entropy,
     soft_cap,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "check_softcap",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
+    "linear_mean_logit",
     "linear_softmax_entropy",
     "soft_cap",
 ]

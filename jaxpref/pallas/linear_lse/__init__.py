@@ -7,7 +7,13 @@ a one-pass value-and-gradient version (``onepass``, the CPU default); ``softcap`
 final logit soft-capping every version applies per tile. docs/kernels.md describes the design.
 """
 
-from .api import IMPLS, linear_logsumexp_gather, linear_logsumexp_gather_loss, linear_softmax_entropy
+from .api import (
+    IMPLS,
+    linear_logsumexp_gather,
+    linear_logsumexp_gather_loss,
+    linear_mean_logit,
+    linear_softmax_entropy,
+)
 from .blocks import BlockSizes, default_block_sizes, resolve_block_sizes
 from .pallas_gpu import PallasUnsupportedError
 from .softcap import check_softcap, soft_cap
@@ -20,6 +26,7 @@ __all__ = [
     "default_block_sizes",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
+    "linear_mean_logit",
     "linear_softmax_entropy",
     "resolve_block_sizes",
     "soft_cap",

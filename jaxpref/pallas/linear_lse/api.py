@@ -19,7 +19,7 @@ from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_g
 from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
 from .reference import linear_logsumexp_gather_reference
 from .softcap import check_softcap, soft_cap
-from .xla import linear_logsumexp_gather_xla, linear_softmax_entropy_xla
+from .xla import linear_logsumexp_gather_xla, linear_mean_logit_xla, linear_softmax_entropy_xla, vocabulary_mean
 
 IMPLS = ("auto", "reference", "xla_chunked", "xla", "xla_onepass", "pallas", "pallas_gpu", "pallas_tpu")
 _PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linear_logsumexp_gather_pallas_tpu}
@@ -213,6 +213,29 @@ def linear_softmax_entropy(
     return linear_softmax_entropy_xla(
         hidden, weight, bias=bias, temperature=t, softcap=cap, block_n=sizes.block_n, block_v=sizes.block_v
     )
+
+
+def linear_mean_logit(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    softcap: float | None = None,
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> jax.Array:
+    """Mean over the vocabulary of ``hidden @ weight`` (soft-capped when ``softcap`` is set) per row,
+    float32 [N], without [N, V]; no gradient (a metric). Uncapped: ``hidden . mean_v W[:, v]``, one
+    [H, V] reduction; capped: one blocked forward pass (``linear_mean_logit_xla``, xla_chunked tiles).
+
+    Args:
+      hidden: [N, H]; weight: [H, V]; softcap: static positive float or None; block_n, block_v: tiles.
+    """
+    cap = check_softcap(softcap)
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    if cap is None:
+        return jnp.dot(hidden.astype(jnp.float32), vocabulary_mean(weight))
+    sizes = resolve_block_sizes(_backend(), "xla_chunked", block_n=block_n, block_v=block_v)
+    return linear_mean_logit_xla(hidden, weight, softcap=cap, block_n=sizes.block_n, block_v=sizes.block_v)
 
 
 def _over_mesh(kernel, hidden, weight, ids, bias):

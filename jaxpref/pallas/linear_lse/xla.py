@@ -90,6 +90,39 @@ def linear_softmax_entropy_xla(
     return out.reshape(rows * num)[:n]
 
 
+def linear_mean_logit_xla(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    softcap: float | None = None,
+    block_n: int,
+    block_v: int,
+) -> jax.Array:
+    """Mean over the vocabulary of the (soft-capped) logits ``hidden @ weight`` per row: float32 [N].
+
+    Forward only, under ``stop_gradient`` (a metric: TRL's ``logits/chosen``), blocked like
+    :func:`linear_softmax_entropy_xla`. Without a cap the mean is ``hidden . vocabulary_mean(weight)``
+    (cheaper); with one it is not linear in ``hidden``, hence this pass.
+    """
+    cap = None if softcap is None else float(softcap)
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    w_bits = _to_bits(weight)
+
+    def chunk(h):
+        def body(total, v0, width):
+            z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), None, v0, width, cap)
+            return total + jnp.sum(z, axis=1)
+
+        return _vocab_loop(weight.shape[1], int(block_v), body, jnp.zeros((h.shape[0],), _F32))
+
+    n = hidden.shape[0]
+    rows, num = _chunking(n, int(block_n))
+    if num == 1:
+        return chunk(hidden) / weight.shape[1]
+    out = lax.map(chunk, pad_rows(hidden, rows * num).reshape(num, rows, -1))
+    return out.reshape(rows * num)[:n] / weight.shape[1]
+
+
 def _entropy_chunk(
     h: jax.Array, weight: jax.Array, bias: jax.Array | None, t: float, cap: float | None, bv: int
 ) -> jax.Array:
