@@ -11,7 +11,8 @@ Design:
   row b's i-th new token sits at position and slot ``len_b + i``, so decoding overwrites a row's
   padding slots before they become visible (each query sees slots 0..its own).
 * Logits are only ever [B, V]: prefill returns each row's last prompt hidden state, multiplied by
-  ``model.lm_head_weight()``.
+  ``model.lm_head_weight()`` (and soft-capped, before the temperature, when the model has a
+  ``final_logit_softcapping``).
 * The decode steps run in one ``jax.lax.while_loop`` that stops when every row has emitted a stop
   token or ``max_new_tokens`` tokens are out. Finished rows keep running (their outputs are ignored).
 * Sampling: temperature, then top-k, then top-p, as transformers' warpers in that order; greedy
