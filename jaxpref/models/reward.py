@@ -40,6 +40,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForSequenceClassification",
     "gemma2": "Gemma2ForSequenceClassification",
     "gemma3_text": "Gemma3TextForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
 }
 
 
