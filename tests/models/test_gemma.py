@@ -218,3 +218,32 @@ def test_reward_model_export_loads_as_transformers_sequence_classifier(case, hf_
     got = np.asarray(sequence_rewards(model, ids, segment_ids=seg))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert np.std(want) > 1e-2
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3"])
+def test_sft_loss_equals_transformers_loss(case, hf_checkpoint):
+    """The training path (fused LM-head loss with the final soft-cap, packed-free batch) gives
+    transformers' own ``labels=`` loss on the soft-capped logits."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from jaxpref.objectives.sft import build_sft
+
+    path, hf = hf_checkpoint(case)
+    ids = random_ids((2, 20), seed=4)
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), -100)], axis=1).astype(np.int32)
+    labels[0, :5] = -100  # a prompt
+    with torch.no_grad():
+        hf_labels = np.concatenate([np.full((2, 1), -100), labels[:, :-1]], axis=1)
+        want = float(hf(torch.tensor(ids), labels=torch.tensor(hf_labels, dtype=torch.long)).loss)
+    batch = {
+        "input_ids": jnp.asarray(ids),
+        "positions": jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (2, 20)),
+        "segment_ids": jnp.ones((2, 20), jnp.int32),
+        "labels": jnp.asarray(labels),
+        "loss_mask": jnp.asarray(labels >= 0),
+    }
+    model = from_pretrained(path)
+    got = build_sft(SimpleNamespace(fused_kernel=None)).loss(model, batch, jnp.float32((labels >= 0).sum()), train=False)
+    np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-5)
