@@ -225,7 +225,10 @@ class Attention(nnx.Module):
         self.attention_impl = attention_impl
         self.kinds = config.attention_kinds
         self.softcap = config.attn_logit_softcapping
-        self.scale = None if config.query_pre_attn_scalar is None else config.attention_scale
+        # None when it is the default 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar usually is head_dim),
+        # which leaves the kernels their default path.
+        default = config.query_pre_attn_scalar in (None, config.head_dim)
+        self.scale = None if default else config.attention_scale
 
     def __call__(
         self,

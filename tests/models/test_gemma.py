@@ -245,5 +245,6 @@ def test_sft_loss_equals_transformers_loss(case, hf_checkpoint):
         "loss_mask": jnp.asarray(labels >= 0),
     }
     model = from_pretrained(path)
-    got = build_sft(SimpleNamespace(fused_kernel=None)).loss(model, batch, jnp.float32((labels >= 0).sum()), train=False)
+    sft = build_sft(SimpleNamespace(fused_kernel=None))
+    got = sft.loss(model, batch, jnp.float32((labels >= 0).sum()), train=False)
     np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-5)
