@@ -248,3 +248,21 @@ def test_sft_loss_equals_transformers_loss(case, hf_checkpoint):
     sft = build_sft(SimpleNamespace(fused_kernel=None))
     got = sft.loss(model, batch, jnp.float32((labels >= 0).sum()), train=False)
     np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_embedding_scale_is_rounded_as_transformers_rounds_it(hf_checkpoint, tmp_path):
+    """sqrt(32) = 5.657 is 5.65625 in bfloat16: the embeddings equal transformers' bfloat16 ones bit for
+    bit (a float32 factor would differ in the last bit of some)."""
+    import jax.numpy as jnp
+
+    path, _ = hf_checkpoint("gemma3")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ids = random_ids((2, 30))
+    with torch.no_grad():
+        want = hf.model.embed_tokens(torch.tensor(ids)).float().numpy()
+    got = np.asarray(model.embed_tokens(jnp.asarray(ids)).astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    rows = jnp.take(model.embed_tokens.embedding[...], jnp.asarray(ids), axis=0)
+    unrounded = np.asarray((rows.astype(jnp.float32) * 32**0.5).astype(jnp.bfloat16).astype(jnp.float32))
+    assert (unrounded != want).any()
