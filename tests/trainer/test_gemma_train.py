@@ -66,3 +66,16 @@ def test_dry_run_counts_gemma_parameters(tmp_path, capsys):
     layer = 32 * 64 + 2 * 32 * 32 + 64 * 32 + 3 * 32 * 64 + 4 * 32 + 2 * 16
     assert report["parameters"] == 512 * 32 + 4 * layer + 32
     assert report["devices"] == 4
+
+
+def test_gemma_train_step_lowers_for_tpu_and_cuda(tmp_path, capsys):
+    """The Gemma 3 step (sliding and full layers under the layer scan, bfloat16, the final cap in the
+    fused loss) lowers for TPU and GPU from shapes alone on this CPU machine."""
+    base = _base(tmp_path, "gemma3")
+    cfg = small_config(tmp_path, base_model=str(base), tokenizer_config=str(TOKENIZER))
+    args = ["--config", str(cfg), "--dry_run", "--lower_for", "tpu,cuda", "bf16=true", "max_steps=2",
+            "test_datasets=", "dataset_processes=1", "micro_batch_size=4", "datasets.0.split=train[:16]"]  # fmt: skip
+    assert main(args) == 0
+    out = yaml.safe_load(capsys.readouterr().out.split("lowered:")[1])
+    assert {"linear_lse_fwd", "linear_lse_dh", "linear_lse_dw"} <= set(out["tpu"]["kernels"])
+    assert {"linear_lse_fwd", "linear_lse_dh", "linear_lse_dw"} <= set(out["cuda"]["kernels"])
