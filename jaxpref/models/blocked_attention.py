@@ -38,7 +38,6 @@ _F32 = jnp.float32
 _MASKED = -1e30  # finite, so a row whose keys are all masked cannot produce NaN (it cannot happen: see mask)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """The static part of one call: score scale, window, soft cap and the query blocks."""

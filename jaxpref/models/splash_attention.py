@@ -89,7 +89,13 @@ def splash_attention(
 
 
 def _splash_local(
-    q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, window: int | None, softcap: float | None,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    seg: jax.Array,
+    *,
+    window: int | None,
+    softcap: float | None,
     scale: float,
 ) -> jax.Array:
     """Splash attention on one device's [B, T, N, D] / [B, T, K, D] blocks."""
