@@ -7,7 +7,9 @@ backend, or the platform a step is lowered for):
   [B, heads, T, T] buffer).
 * TPU: splash attention (``splash_attention.py``: Pallas Mosaic, causal + segment ids + GQA).
 * GPU: cuDNN flash attention through ``jax.nn.dot_product_attention(implementation="cudnn")`` when
-  the dtype (bfloat16/float16) and head_dim (a multiple of 8, at most 128) allow it, else XLA.
+  the dtype (bfloat16/float16) and head_dim (a multiple of 8, at most 128) allow it, else
+  ``blocked`` (float32 compute, or Gemma's head_dim 256: plain XLA ops without a [B, heads, T, T]
+  buffer, where XLA's own attention would keep the whole score matrix for the backward).
   Sliding windows go to cuDNN as ``local_window_size=(window - 1, 0)``, the scale as ``scale``.
   Logit soft-capping (Gemma 2) cannot be expressed through jax's cuDNN attention, so with a
   ``softcap`` auto chooses ``blocked`` on GPU too (plain XLA ops, no [B, heads, T, T] buffer).
@@ -16,8 +18,8 @@ Every implementation takes ``window``, ``softcap`` and ``scale``. "xla" is
 ``jax.nn.dot_product_attention`` (full scores; windows through ``local_window_size``); with a soft
 cap, which it cannot express, it computes the masked [B, K, G, T, T] scores itself.
 
-On a GPU, cuDNN's own trace-time checks (library version, layout) failing falls back to XLA with a
-warning; when lowering for a platform (``--lower_for``) any kernel that cannot be built is an error.
+On a GPU, cuDNN's own trace-time checks (library version, layout) failing falls back to blocked
+attention with a warning; when lowering for a platform (``--lower_for``) any kernel that cannot be built is an error.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def resolve_impl(impl: str, q: jax.Array, *, softcap: float | None = None) -> st
     if target == "gpu":
         if softcap is not None:
             return "blocked"  # cuDNN through jax has no soft cap; blocked is plain XLA without a TxT buffer
-        return "cudnn" if cudnn_applies(q) else "xla"
+        return "cudnn" if cudnn_applies(q) else "blocked"
     return "blocked"
 
 
@@ -131,8 +133,10 @@ def attention(
         if impl != "auto" or platform.lowering_target() is not None:
             raise
         # cuDNN's trace-time checks (library version, layout) failed on this machine.
-        warnings.warn(f"jaxpref attention: cuDNN unavailable ({e}); using XLA attention", RuntimeWarning, stacklevel=2)
-        return _dot_product_attention(q, k, v, segment_ids, "xla", window, scale)
+        warnings.warn(
+            f"jaxpref attention: cuDNN unavailable ({e}); using blocked attention", RuntimeWarning, stacklevel=2
+        )
+        return blocked_attention(q, k, v, segment_ids=segment_ids, **opts)
 
 
 def _check_variant(window: int | None, softcap: float | None, scale: float | None) -> None:
