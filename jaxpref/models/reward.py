@@ -38,6 +38,7 @@ ARCHITECTURES = {
     "mistral": "MistralForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification",
     "qwen3": "Qwen3ForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
 }
 
 
