@@ -11,7 +11,8 @@ Design:
   row b's i-th new token sits at position and slot ``len_b + i``, so decoding overwrites a row's
   padding slots before they become visible (each query sees slots 0..its own).
 * Logits are only ever [B, V]: prefill returns each row's last prompt hidden state, multiplied by
-  ``model.lm_head_weight()``.
+  ``model.lm_head_weight()`` (and soft-capped, before the temperature, when the model has a
+  ``final_logit_softcapping``).
 * The decode steps run in one ``jax.lax.while_loop`` that stops when every row has emitted a stop
   token or ``max_new_tokens`` tokens are out. Finished rows keep running (their outputs are ignored).
 * Sampling: temperature, then top-k, then top-p, as transformers' warpers in that order; greedy
@@ -43,6 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpref import platform
 from jaxpref.generation import placement
+from jaxpref.models.softcap import final_softcap
+from jaxpref.pallas import soft_cap
 
 PROMPT_BUCKET = 64
 
@@ -139,8 +142,10 @@ def sample_logits(
 
 
 def _logits(model: Any, hidden: jax.Array, use_adapters: bool) -> jax.Array:
+    """Last-token logits float32 [B, V], soft-capped when the model has a final logit cap (before the
+    sampling temperature, as transformers does)."""
     w = model.lm_head_weight(use_adapters=use_adapters)
-    return jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32)
+    return soft_cap(jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32), final_softcap(model))
 
 
 def _constrain(x: Any, mesh: Mesh | None, spec: PartitionSpec) -> Any:

@@ -289,6 +289,11 @@ class CausalLM(nnx.Module):
         return w.astype(self.dtype)
 
     def logits(self, hidden: jax.Array, *, use_adapters: bool = True) -> jax.Array:
-        """Full logits float32 [B, T, V] from hidden [B, T, H]; tests and generation only."""
+        """Full logits float32 [B, T, V] from hidden [B, T, H] (soft-capped when the config says so);
+        tests and generation only."""
+        from jaxpref.models.softcap import final_softcap
+        from jaxpref.pallas import soft_cap
+
         w = self.lm_head_weight(use_adapters=use_adapters)
-        return jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+        z = jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return soft_cap(z, final_softcap(self))
