@@ -208,3 +208,14 @@ def test_phi3_fused_projections_shard_by_hand(tmp_path):
     # A [4, 128 or 384, 8], B [4, 8, out]: qkv 256, o 128, gate_up 2 x 384, down 128
     lora = 4 * 8 * ((128 + 256) + (128 + 128) + (128 + 768) + (384 + 128))
     assert r["trainable_parameters"] == lora
+
+
+def test_phi3_mini_plans_its_published_size():
+    """Phi-3-mini-4k-instruct's config.json (fused projections, sliding window 2047): 3,821,079,552
+    parameters, the count Microsoft publishes; bfloat16 over fsdp 8 x tensor 2."""
+    phi3 = f"base_model_config={REPO / 'configs' / 'models' / 'Phi-3-mini-4k-instruct'}"
+    r = dry_run(cfg("mesh.data=1", "mesh.fsdp=8", "mesh.tensor=2", "bfloat16=true", phi3))
+    assert r["parameters"] == 3_821_079_552
+    # per layer: qkv_proj [3072, 96 heads x 96] split by fsdp only, the rest by fsdp and tensor
+    qkv, norms = 32 * 3072 * 9216, 65 * 3072
+    assert r["param_bytes_per_device"] == 2 * ((3_821_079_552 - qkv - norms) // 16 + qkv // 8 + norms)
