@@ -15,9 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
@@ -27,7 +29,7 @@ from jaxpref.errors import ModelError
 from jaxpref.lora import ALL_LINEAR, FUSED_TARGET_NAMES, LoraConfig, load_peft_adapter, model_target_modules
 from jaxpref.models import ModelConfig, from_pretrained
 from jaxpref.models.rope import longrope_inverse_frequencies
-from jaxpref.sharding import abstract_mesh, logical_to_spec
+from jaxpref.sharding import LOGICAL_AXES, abstract_mesh, logical_to_spec
 from tests.models.tiny import hf_logits, jax_logits, random_ids
 
 ATOL = 1e-4
@@ -168,6 +170,8 @@ def test_fused_axes_shard_only_where_valid(hf_checkpoint):
     assert spec(model.layers.self_attn.o_proj.kernel) == (None, "tensor", None, "fsdp")
     assert spec(model.layers.mlp.gate_up_proj.kernel) == (None, "fsdp", None, "tensor")
     assert spec(model.layers.mlp.down_proj.kernel) == (None, "tensor", "fsdp")
+    for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        assert set(var.get_metadata()["out_sharding"]) <= set(LOGICAL_AXES)
 
 
 MESH_SCRIPT = textwrap.dedent(
