@@ -167,11 +167,10 @@ def longrope_restart_position(config: Any) -> int | None:
 
 def _sequences(ids: jax.Array, lengths: jax.Array, out: jax.Array, token: jax.Array, positions: jax.Array) -> jax.Array:
     """int32 [B, P + N]: each row's prompt, its new tokens so far and ``token`` at ``positions`` (junk after)."""
-    batch, prompt_len = ids.shape
     new = jnp.maximum(out, 0)
     rows = jnp.concatenate([ids, jnp.zeros_like(new)], axis=1)
     rows = jax.vmap(lambda row, n, at: jax.lax.dynamic_update_slice(row, n, (at,)))(rows, new, lengths)
-    return rows.at[jnp.arange(batch), positions].set(token)
+    return rows.at[jnp.arange(ids.shape[0]), positions].set(token)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "mode", "use_adapters", "mesh", "split_vocab"))
