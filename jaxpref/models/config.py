@@ -10,15 +10,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from jaxpref.errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+#: Phi-3's RoPE types ("su" and "yarn" are old spellings transformers reads as "longrope").
+PHI3_ROPE_TYPES = ("default", "longrope")
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -27,7 +30,12 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+
+#: transformers' Phi3Config default of ``original_max_position_embeddings`` (it wins over the value
+#: inside ``rope_parameters``; see ``_parse_phi3_rope``).
+PHI3_ORIGINAL_MAX_POSITIONS = 4096
 
 # MLP activations: config.json name -> what ``jaxpref.models.layers.MLP`` computes on the gate.
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -85,6 +93,13 @@ class ModelConfig:
     "sandwich" norms around attention and MLP (``sandwich_norms``), embeddings scaled by
     sqrt(hidden_size) (``embed_scale``); ``hidden_act`` names the MLP activation.
 
+    ``partial_rotary_factor`` (Phi-3/Phi-4-mini): RoPE rotates only the first ``rotary_dim`` dims of
+    each head and passes the rest through. ``rope_scaling`` of type "longrope" (Phi-3) holds
+    ``short_factor`` / ``long_factor`` (``rotary_dim // 2`` each), ``original_max_position_embeddings``
+    and the resolved ``attention_factor`` (see ``jaxpref.models.rope.longrope_inverse_frequencies``).
+    ``fused_projections`` (Phi-3): q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj``, as in
+    the checkpoint.
+
     ``attention_bias`` means bias on q/k/v (and on o_proj too except for Qwen2, see ``o_proj_bias``).
     ``hf_config`` keeps the original ``config.json`` content so that saving writes back every field
     jaxpref does not interpret.
@@ -116,6 +131,7 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0
 
     def __hash__(self) -> int:
         # Models keep their config as a static attribute, which NNX/jit need hashable.
@@ -143,6 +159,16 @@ class ModelConfig:
     def embed_scale(self) -> float | None:
         """Factor on the token embeddings (Gemma: sqrt(hidden_size), rounded to the compute dtype), or None."""
         return self.hidden_size**0.5 if self.model_type in GEMMA_MODEL_TYPES else None
+
+    @property
+    def fused_projections(self) -> bool:
+        """Whether q/k/v and gate/up are fused projections (``qkv_proj``, ``gate_up_proj``), as Phi-3 stores them."""
+        return self.model_type == "phi3"
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones): ``int(head_dim * partial_rotary_factor)``."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def attention_scale(self) -> float:
@@ -213,13 +239,16 @@ class ModelConfig:
                 f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        if model_type == "gemma3_text":
+        partial_rotary_factor = 1.0
+        if model_type == "phi3":
+            rope_theta, rope_scaling, partial_rotary_factor = _parse_phi3_rope(d, int(head_dim))
+        elif model_type == "gemma3_text":
             rope_theta, rope_scaling = _gemma3_rope(d, "full_attention")
         else:
             rope_theta, rope_scaling = _parse_rope(d)
         if model_type == "qwen2":
             attention_bias = True
-        elif model_type == "mistral":
+        elif model_type in ("mistral", "phi3"):
             attention_bias = False
         else:
             attention_bias = bool(d.get("attention_bias", False))
@@ -244,6 +273,7 @@ class ModelConfig:
             hf_config=hf_config,
             layer_types=layer_types,
             sliding_window=window,
+            partial_rotary_factor=partial_rotary_factor,
             hidden_act=_activation(d, model_type),
             **_gemma_fields(d, model_type),
         )
@@ -286,6 +316,8 @@ class ModelConfig:
         else:
             d["rope_theta"] = self.rope_theta
             d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        if self.model_type == "phi3":
+            _phi3_rope_to_hf(self, d)
         return d
 
     def _write_gemma_fields(self, d: dict) -> None:
@@ -336,7 +368,7 @@ def _check_unsupported(d: dict, model_type: str) -> None:
         if d.get(key):
             raise ModelError(f"config.json {key}={d[key]!r}: mixture-of-experts models are not supported")
     prf = d.get("partial_rotary_factor", 1.0)
-    if prf not in (None, 1, 1.0):
+    if prf not in (None, 1, 1.0) and model_type != "phi3":
         raise ModelError(f"config.json partial_rotary_factor={prf} is not supported (only 1.0)")
 
 
@@ -366,6 +398,9 @@ def _attention_layers(d: dict, model_type: str) -> tuple[tuple[str, ...], int | 
             return (), None
         first = d.get("max_window_layers", 28)
         types = given or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif model_type == "phi3":
+        # transformers' Phi3 masks every layer with sliding_window when it is set (Phi-3-mini-4k: 2047).
+        types = ["sliding_attention"] * n if window is not None else ["full_attention"] * n
     elif model_type == "llama":
         return (), None
     elif model_type == "gemma2":  # alternating, sliding first
@@ -475,6 +510,72 @@ def _parse_rope(d: dict) -> tuple[float, dict | None]:
             raise ModelError(f"config.json {field}.{key} is required for rope_type={rope_type!r}")
         scaling[key] = value
     return float(theta), scaling
+
+
+def _parse_phi3_rope(d: dict, head_dim: int) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) as transformers' Phi3Config reads them.
+
+    RoPE comes from ``rope_parameters`` or ``rope_scaling`` (types "default" and "longrope"; "su" and
+    "yarn" mean "longrope"); ``partial_rotary_factor`` from there or the top level. For longrope,
+    ``original_max_position_embeddings`` is the top-level field (default 4096), which transformers
+    puts over any value inside the RoPE dict, and ``attention_factor`` defaults to
+    ``sqrt(1 + log(factor) / log(original_max))`` with ``factor = max_position_embeddings /
+    original_max`` unless ``factor`` is given (1 when ``factor <= 1``).
+    """
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict) or (params and all(isinstance(v, dict) for v in params.values())):
+        raise ModelError(f"config.json {field} must be one mapping (Phi-3 has one global RoPE), got {params!r}")
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    prf = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    prf = 1.0 if prf is None else float(prf)
+    if not 0.0 < prf <= 1.0:
+        raise ModelError(f"config.json partial_rotary_factor={prf} must be in (0, 1]")
+    rotary_dim = int(head_dim * prf)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ModelError(f"config.json partial_rotary_factor={prf} gives an odd or empty rotary dim {rotary_dim}")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+    if rope_type not in PHI3_ROPE_TYPES:
+        raise ModelError(
+            f"config.json {field}.rope_type={rope_type!r} is not supported for phi3; jaxpref implements "
+            f"{', '.join(PHI3_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return theta, None, prf
+    original = d.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX_POSITIONS)
+    scaling: dict[str, Any] = {"rope_type": "longrope", "original_max_position_embeddings": int(original)}
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if not (isinstance(value, list) and len(value) == rotary_dim // 2):
+            raise ModelError(
+                f"config.json {field}.{key} must list {rotary_dim // 2} numbers (rotary dim {rotary_dim} / 2), "
+                f"got {value!r}"
+            )
+        scaling[key] = [float(x) for x in value]
+    factor = params.get("factor")
+    if factor is None:
+        factor = d.get("max_position_embeddings", PHI3_ORIGINAL_MAX_POSITIONS) / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    scaling["attention_factor"] = float(attention_factor)
+    return theta, scaling, prf
+
+
+def _phi3_rope_to_hf(config: ModelConfig, d: dict) -> None:
+    """Phi-3's RoPE fields in ``d`` (``to_hf_dict``), so that transformers reads back the same RoPE.
+
+    The resolved ``attention_factor`` stays in the RoPE dict (transformers then uses it as is), and
+    ``original_max_position_embeddings`` goes to the top level, where transformers' Phi3Config reads it.
+    """
+    key = "rope_parameters" if "rope_parameters" in d else "rope_scaling"
+    if config.rope_scaling is not None:
+        d["original_max_position_embeddings"] = config.rope_scaling["original_max_position_embeddings"]
+    if key == "rope_parameters":
+        d[key]["partial_rotary_factor"] = config.partial_rotary_factor
+    if "partial_rotary_factor" in d or config.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = config.partial_rotary_factor
 
 
 def load_model_config(path_or_repo_id: str | os.PathLike) -> ModelConfig:

@@ -18,7 +18,7 @@ from jaxpref.errors import ModelError
 from jaxpref.models.attention import ATTENTION_IMPLS
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.layers import Block, Embed, LMHead, Ropes, rms_norm
-from jaxpref.models.rope import inverse_frequencies, rope_cos_sin
+from jaxpref.models.rope import inverse_frequencies, longrope_cos_sin, rope_cos_sin, sequence_lengths
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
@@ -131,7 +131,7 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self._embed(input_ids, use_adapters)
-        ropes = self._rope(positions)
+        ropes = self._rope(positions, sequence_lengths(positions, segment_ids))
         layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
         x = self._run_layers(x, ropes, segment_ids, layer_keys, use_adapters)
         return self.norm(x)
@@ -141,10 +141,20 @@ class CausalLM(nnx.Module):
         frozen_table = self.lora_config is not None and (not use_adapters or self.embed_tokens.embedding_copy is None)
         return self.embed_tokens(input_ids, use_adapters=use_adapters, frozen=frozen_table)
 
-    def _rope(self, positions: jax.Array) -> Ropes:
-        """(cos, sin) [B, T, D] per ``config.rope_variants`` entry, for int positions [B, T]."""
-        d = self.config.head_dim
-        return tuple(rope_cos_sin(positions, inverse_frequencies(d, t, s)) for t, s in self.config.rope_variants)
+    def _rope(self, positions: jax.Array, seq_lengths: jax.Array) -> Ropes:
+        """(cos, sin) [B, T, rotary_dim] per ``config.rope_variants`` entry, for int positions [B, T].
+
+        ``seq_lengths``: int [B, T] (or broadcastable), the length of the sequence each token belongs
+        to; only LongRoPE reads it (long factors for sequences longer than its original context)."""
+        r = self.config.rotary_dim
+        tables = []
+        for theta, scaling in self.config.rope_variants:
+            if scaling is not None and scaling["rope_type"] == "longrope":
+                lengths = jnp.broadcast_to(seq_lengths, positions.shape)
+                tables.append(longrope_cos_sin(positions, lengths, r, theta, scaling))
+            else:
+                tables.append(rope_cos_sin(positions, inverse_frequencies(r, theta, scaling)))
+        return tuple(tables)
 
     def _layer_kinds(self) -> jax.Array:
         """int32 [layers]: each layer's index into ``config.attention_kinds``."""
@@ -183,7 +193,7 @@ class CausalLM(nnx.Module):
         batch, length = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self._embed(input_ids, use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
-        ropes = self._rope(positions)
+        ropes = self._rope(positions, lengths.astype(jnp.int32)[:, None])
         x, cache = self._run_layers_cached(x, ropes, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return self.norm(last), cache
@@ -202,7 +212,7 @@ class CausalLM(nnx.Module):
         ``embeddings``: [B, 1, H] the tokens' embeddings, as in ``prefill``."""
         positions = positions.astype(jnp.int32)
         x = self._embed(tokens[:, None], use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
-        ropes = self._rope(positions[:, None])
+        ropes = self._rope(positions[:, None], positions[:, None] + 1)
         x, cache = self._run_layers_cached(x, ropes, cache, positions, use_adapters)
         return self.norm(x[:, 0]), cache
 

@@ -202,7 +202,8 @@ def per_kind(kinds: Sequence[AttentionKind], kind: jax.Array | int, fn: Any, *ar
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3, Gemma 3) and q/k/v(/o) bias."""
+    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3, Gemma 3) and q/k/v(/o) bias;
+    q/k/v as one ``qkv_proj`` for Phi-3 (``config.fused_projections``)."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
         h, n, k, d = (
@@ -213,9 +214,15 @@ class Attention(nnx.Module):
         )
         lin = partial(Linear, init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = config.attention_bias
-        self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
-        self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
-        self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+        self.qkv_split = (n, n + k) if config.fused_projections else None
+        if config.fused_projections:
+            # Phi-3's one projection: N query heads, then K key heads, then K value heads. Its head axis
+            # is "qkv_heads", not split over `tensor` (see jaxpref.sharding.DEFAULT_RULES).
+            self.qkv_proj = lin((h,), (n + 2 * k, d), ("embed",), ("qkv_heads", "head_dim"), use_bias=qkv_bias)
+        else:
+            self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
+            self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+            self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
         self.o_proj = lin((n, d), (h,), ("heads", "head_dim"), ("embed",), use_bias=config.o_proj_bias)
         if config.qk_norm:
             norm = partial(rms_norm, config, d, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype)
@@ -258,9 +265,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed, not yet rotated)."""
         kw = dict(use_adapters=use_adapters)
-        q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
-        k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
-        v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
+        if self.qkv_split is not None:
+            qkv = self.qkv_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
+            q, k, v = jnp.split(qkv, self.qkv_split, axis=-2)
+        else:
+            q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
+            k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
+            v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -324,7 +335,10 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, ap
 
 
 class MLP(nnx.Module):
-    """Gated feed-forward: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or GELU-tanh (Gemma's GeGLU)."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or GELU-tanh (Gemma's GeGLU).
+
+    Phi-3 (``config.fused_projections``): one ``gate_up_proj`` with output [2, I] (gate, then up: the
+    checkpoint's [2I, H] rows), so its I axis shards over ``tensor`` like ``down_proj``'s."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
@@ -336,15 +350,23 @@ class MLP(nnx.Module):
             use_bias=False,
             rngs=rngs,
         )
-        self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
-        self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
+        self.fused = config.fused_projections
+        if self.fused:
+            self.gate_up_proj = lin((h,), (2, i), ("embed",), ("gate_up", "mlp"))
+        else:
+            self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
+            self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
         self.down_proj = lin((i,), (h,), ("mlp",), ("embed",))
         self.act = config.hidden_act
 
     def __call__(self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None) -> jax.Array:
         kw = dict(use_adapters=use_adapters)
-        gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
-        up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
+        if self.fused:
+            gate_up = self.gate_up_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
+            up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
         return self.down_proj(ACTIVATIONS[self.act](gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
 
 

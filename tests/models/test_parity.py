@@ -21,7 +21,9 @@ def test_logits_match_transformers(case, hf_checkpoint):
 
 
 @pytest.mark.parametrize(
-    "case", ["llama3_rope", "qwen2", "qwen3", "mistral_window", "qwen2_window", "gemma2", "gemma2_window", "gemma3"]
+    "case",
+    ["llama3_rope", "qwen2", "qwen3", "mistral_window", "qwen2_window", "phi3_partial", "phi3_window"]
+    + ["gemma2", "gemma2_window", "gemma3"],
 )
 def test_packed_segments_equal_separate_sequences(case, hf_checkpoint):
     path, hf = hf_checkpoint(case)
@@ -49,8 +51,8 @@ def test_packed_segments_equal_separate_sequences(case, hf_checkpoint):
 
 @pytest.mark.parametrize(
     "case",
-    ["llama_tied", "qwen2", "qwen3", "llama3_rope", "qwen2_window", "mistral_window"]
-    + ["gemma2", "gemma3", "gemma3_pattern3"],
+    ["llama_tied", "qwen2", "qwen3", "llama3_rope", "qwen2_window", "mistral_window", "phi3_longrope", "phi3_partial",
+     "phi3_window", "gemma2", "gemma3", "gemma3_pattern3"],
 )
 def test_hf_round_trip(case, hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint(case)

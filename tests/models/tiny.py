@@ -18,6 +18,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -43,6 +45,14 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 16,
 }
 
+# Phi-3: head_dim 8 (hidden 32 / 4 heads); longrope factors are per rotary frequency (rotary_dim / 2).
+PHI3 = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.3, 2.1, 3.7],
+    "long_factor": [1.5, 2.7, 4.9, 11.0],
+}
+
 # name -> (config class, model class, overrides of TINY)
 CASES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -60,6 +70,18 @@ CASES = {
         Qwen3Config, Qwen3ForCausalLM,
         {"head_dim": 16, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0},
     ),
+    "phi3": (Phi3Config, Phi3ForCausalLM, PHI3),
+    # original context 16 of 64: sequences longer than 16 use the long factors (attention factor
+    # sqrt(1 + ln 4 / ln 16))
+    "phi3_longrope": (
+        Phi3Config, Phi3ForCausalLM,
+        {**PHI3, "original_max_position_embeddings": 16, "rope_scaling": PHI3_LONGROPE},
+    ),
+    "phi3_partial": (
+        Phi3Config, Phi3ForCausalLM,
+        {**PHI3, "partial_rotary_factor": 0.5, "tie_word_embeddings": True, "rope_theta": 500.0},
+    ),
+    "phi3_window": (Phi3Config, Phi3ForCausalLM, {**PHI3, "sliding_window": 5, "num_key_value_heads": 1}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
     "qwen3_tied": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 12, "tie_word_embeddings": True}),
