@@ -219,3 +219,17 @@ def test_phi3_mini_plans_its_published_size():
     # per layer: qkv_proj [3072, 96 heads x 96] split by fsdp only, the rest by fsdp and tensor
     qkv, norms = 32 * 3072 * 9216, 65 * 3072
     assert r["param_bytes_per_device"] == 2 * ((3_821_079_552 - qkv - norms) // 16 + qkv // 8 + norms)
+
+
+def test_activation_estimate_counts_gemma_norms_and_phi3_unsplit_qkv():
+    """Gemma's two extra norms add 2H per token and layer when nothing is recomputed; Phi-3's fused
+    q/k/v stay whole over tensor, so tensor=4 divides only the MLP there."""
+    shapes = dict(rows_per_device=1, sequence_len=8, hidden_size=64, intermediate_size=256, num_layers=1,
+                  num_heads=8, num_kv_heads=4, head_dim=16, tensor=4, remat_policy="none", compute_bytes=1,
+                  xla_attention=False)  # fmt: skip
+    base = memory.activation_bytes(**shapes)
+    gemma = memory.activation_bytes(**shapes, extra_norms=2)
+    phi3 = memory.activation_bytes(**shapes, split_qkv=False)
+    assert gemma.elements_per_token_layer - base.elements_per_token_layer == 2 * 64
+    # 3Q + 3KV with Q = 8 x 16 and KV = 4 x 16 whole instead of a quarter each
+    assert phi3.elements_per_token_layer - base.elements_per_token_layer == 3 * (128 + 64) * (1 - 1 / 4)
