@@ -37,7 +37,16 @@ from jaxpref.sharding import Rules, logical_to_spec
 
 logger = logging.getLogger(__name__)
 
+#: The block's linear projections in Llama-family models (Llama, Mistral, Qwen2/3) ...
 PEFT_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: ... and in Phi-3, whose checkpoints fuse q/k/v and gate/up (PEFT's names for Phi-3 too).
+FUSED_TARGET_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+KNOWN_TARGET_NAMES = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"
+)  # fmt: skip
+#: ``lora_target_modules: all-linear`` / ``lora_target_linear: true``: every linear projection of the
+#: blocks, resolved against the model by ``apply_lora`` (as PEFT resolves "all-linear").
+ALL_LINEAR = "all-linear"
 SAVEABLE_MODULES = ("embed_tokens", "lm_head")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,26 +62,55 @@ class ModulesToSaveParam(nnx.LoRAParam):
 
 
 def resolve_target_modules(target_modules: str | Iterable[str] | None, target_linear: bool = False) -> tuple[str, ...]:
-    """PEFT target names from ``lora_target_modules`` / ``lora_target_linear``.
+    """PEFT target names from ``lora_target_modules`` / ``lora_target_linear``, in a fixed order.
 
-    ``target_linear=True`` or "all-linear" selects every linear projection of the blocks.
+    ``target_linear=True`` or "all-linear" gives ``(ALL_LINEAR,)``: every linear projection of the
+    blocks, which ``apply_lora`` resolves for the model's family. Names are checked against the
+    model's own projections there too (``model_target_modules``).
     """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     names = list(target_modules or ())
-    if target_linear or "all-linear" in names:
-        return PEFT_TARGET_NAMES
-    unknown = sorted(set(names) - set(PEFT_TARGET_NAMES))
+    if target_linear or ALL_LINEAR in names:
+        return (ALL_LINEAR,)
+    unknown = sorted(set(names) - set(KNOWN_TARGET_NAMES))
     if unknown:
         raise ModelError(
-            f"lora_target_modules: {unknown} not supported; use names from {list(PEFT_TARGET_NAMES)}"
+            f"lora_target_modules: {unknown} not supported; use names from {list(KNOWN_TARGET_NAMES)}"
             " or lora_target_linear: true"
         )
     if not names:
         raise ModelError(
             "lora_target_modules is empty: list projections (e.g. [q_proj, v_proj]) or set lora_target_linear: true"
         )
-    return tuple(n for n in PEFT_TARGET_NAMES if n in names)
+    return tuple(n for n in KNOWN_TARGET_NAMES if n in names)
+
+
+def model_target_modules(config: Any, targets: Sequence[str]) -> tuple[str, ...]:
+    """``targets`` (from ``resolve_target_modules``) for a model of ``config`` (a ``ModelConfig``):
+    ``ALL_LINEAR`` becomes the family's projections; a name the family lacks is a ``ModelError``.
+
+    Phi-3's checkpoints fuse q/k/v (``qkv_proj``) and gate/up (``gate_up_proj``), and PEFT names its
+    LoRA layers by those modules, so ``q_proj`` etc. are rejected rather than mapped: a LoRA on
+    ``q_proj`` alone has no PEFT equivalent for Phi-3 (PEFT adapts whole modules).
+    """
+    fused = config.fused_projections
+    family = FUSED_TARGET_NAMES if fused else PEFT_TARGET_NAMES
+    if ALL_LINEAR in targets:
+        return family
+    absent = [n for n in targets if n not in family]
+    if absent and fused:
+        raise ModelError(
+            f"lora_target_modules: {absent} do not exist in {config.model_type} models, which fuse q/k/v into "
+            "qkv_proj and gate/up into gate_up_proj (as their checkpoints and PEFT do); use names from "
+            f"{list(FUSED_TARGET_NAMES)}, e.g. lora_target_modules: [qkv_proj, o_proj, gate_up_proj, down_proj]"
+        )
+    if absent:
+        raise ModelError(
+            f"lora_target_modules: {absent} are Phi-3's fused projections; this {config.model_type} model has "
+            f"separate ones: use names from {list(PEFT_TARGET_NAMES)}"
+        )
+    return tuple(targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +172,7 @@ def apply_lora(
     """
     if model.lora_config is not None:
         raise ModelError("model already has LoRA adapters")
+    cfg = dataclasses.replace(cfg, target_modules=model_target_modules(model.config, cfg.target_modules))
     n_layers = model.config.num_hidden_layers
     pdt = ADAPTER_DTYPE  # float32 whatever the base's dtype, as PEFT's autocast_adapter_dtype
     for _, lin in _lora_linears(model, cfg.target_modules):
@@ -324,7 +363,10 @@ def load_peft_adapter(
     cfg = read_peft_config(adapter_dir)
     if model.lora_config is None:
         apply_lora(model, cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)
-    elif (model.lora_config.r, model.lora_config.target_modules) != (cfg.r, cfg.target_modules):
+    elif (model.lora_config.r, model.lora_config.target_modules) != (
+        cfg.r,
+        model_target_modules(model.config, cfg.target_modules),
+    ):
         raise ModelError(
             f"{adapter_dir}: adapter (r={cfg.r}, targets={cfg.target_modules}) does not match the "
             f"model's LoRA (r={model.lora_config.r}, targets={model.lora_config.target_modules})"

@@ -13,13 +13,15 @@ another, so it does not add):
     kv_heads, I = intermediate_size / tensor, H = hidden_size):
       none                     4H + 3Q + 3KV + 4I   (layer input, 2 norms, attention output, q/k/v
                                                      before and after RoPE, gate, up, silu, product)
+                               + 2H for Gemma's 2 extra norms (post-attention, post-feedforward)
       dots                     2H + 2Q + 2KV + 2I   (every matmul output is kept)
       dots_with_no_batch_dims  2H +  Q + 2KV + 2I   (projection outputs; attention is recomputed)
       full                      H                   (only the layer input; the layer is recomputed)
     plus, for XLA attention (CPU, TPU, GPU without cuDNN flash attention), per token and layer
     P = heads / tensor x sequence_len float32 values of attention probabilities: ``none`` keeps
     2P (scores and probabilities), ``dots`` keeps the scores (P in the compute dtype), the others
-    recompute them;
+    recompute them. Phi-3's fused ``qkv_proj`` is not split over ``tensor`` (its q/k/v boundaries do
+    not fall on shard boundaries), so there Q and KV are not divided by ``tensor``;
     with a remat policy the layer being recomputed holds what was not kept again: the ``none``
     set minus the kept set, plus P.
 
@@ -70,8 +72,11 @@ def activation_bytes(
     remat_policy: str,
     compute_bytes: int,
     xla_attention: bool = True,
+    extra_norms: int = 0,
+    split_qkv: bool = True,
 ) -> ActivationEstimate:
-    """The module docstring's formula. ``tensor`` divides the head and MLP dimensions (when it can)."""
+    """The module docstring's formula. ``tensor`` divides the head and MLP dimensions (when it can;
+    q/k/v only with ``split_qkv``); ``extra_norms`` norm outputs [H] per layer beyond the two."""
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy {remat_policy!r} is not one of {REMAT_POLICIES}")
 
@@ -79,16 +84,17 @@ def activation_bytes(
         return n / tensor if n % tensor == 0 else float(n)
 
     h = float(hidden_size)
-    q, kv = split(num_heads) * head_dim, split(num_kv_heads) * head_dim
+    heads = (split(num_heads), split(num_kv_heads)) if split_qkv else (float(num_heads), float(num_kv_heads))
+    q, kv = heads[0] * head_dim, heads[1] * head_dim
     i = split(intermediate_size)
-    none = 4 * h + 3 * q + 3 * kv + 4 * i
+    none = (4 + extra_norms) * h + 3 * q + 3 * kv + 4 * i
     kept = {
         "none": none,
         "dots": 2 * h + 2 * q + 2 * kv + 2 * i,
         "dots_with_no_batch_dims": 2 * h + q + 2 * kv + 2 * i,
         "full": h,
     }[remat_policy]
-    p = split(num_heads) * sequence_len if xla_attention else 0.0
+    p = heads[0] * sequence_len if xla_attention else 0.0
     attention = {"none": 2 * p * 4.0, "dots": p * compute_bytes}.get(remat_policy, 0.0)
     recompute = 0.0 if remat_policy == "none" else (none - kept) * compute_bytes + p * 4.0
     tokens = rows_per_device * sequence_len

@@ -94,6 +94,8 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
         tensor=mesh.shape["tensor"],
         remat_policy=remat_policy(cfg),
         compute_bytes=jnp.dtype(DTYPES[cfg.compute_dtype]).itemsize,
+        extra_norms=2 if mcfg.sandwich_norms else 0,
+        split_qkv=not mcfg.fused_projections,
     )
     # Only XLA attention keeps the [heads, T, T] probabilities; the default kernels (blocked on CPU, splash
     # on TPU, cuDNN on GPU in bfloat16) do not. XLA is what attention_impl auto falls back to on a GPU

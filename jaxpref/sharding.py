@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # The logical axis names model parameters carry.
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "lora_rank", "nf4")
+LOGICAL_AXES = (
+    "vocab", "embed", "heads", "kv_heads", "qkv_heads", "head_dim", "mlp", "gate_up", "layers", "norm", "lora_rank",
+    "nf4",
+)
 
 Rules = Sequence[Sequence[Any]]
 """(logical name, mesh axis | tuple/list of mesh axes | None) pairs; they override the defaults by name."""
@@ -39,6 +42,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    # Phi-3's fused qkv_proj output [N + 2K heads, head_dim]: an even split over `tensor` would cut
+    # across the q/k/v boundaries (device 0 would hold only query heads), so it stays whole there
+    # (still split over fsdp by its input axis). gate_up_proj's [2, I] output shards by I ("mlp").
+    ("qkv_heads", None),
+    ("gate_up", None),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),

@@ -125,6 +125,7 @@ class TeacherRunner:
         from flax import nnx
 
         from jaxpref import sharding as shd
+        from jaxpref.models.softcap import final_softcap
         from jaxpref.teacher_topk import topk_logprobs
 
         self.mesh = mesh
@@ -133,11 +134,12 @@ class TeacherRunner:
         self.sharding = shd.batch_sharding(mesh)
         graphdef, state = nnx.split(model)
         self.state = state
+        softcap = final_softcap(model)
 
         def forward(state: Any, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array):
             m = nnx.merge(graphdef, state)
             hidden = m(ids, positions=positions, segment_ids=segment_ids, deterministic=True)
-            return topk_logprobs(hidden, m.lm_head_weight(), k, temperature=temperature)
+            return topk_logprobs(hidden, m.lm_head_weight(), k, temperature=temperature, softcap=softcap)
 
         self._forward = jax.jit(forward)
 

@@ -101,6 +101,7 @@ class Scorer:
         from flax import nnx
 
         from jaxpref import sharding as shd
+        from jaxpref.models.softcap import final_softcap
         from jaxpref.teacher_topk import topk_and_token_logprobs
 
         self.mesh, self.k = mesh, k
@@ -109,11 +110,12 @@ class Scorer:
         self.sharding = shd.batch_sharding(mesh)
         graphdef, self.state = nnx.split(model)
         self.shapes: set[tuple[int, int]] = set()  # compiled [B, T] buckets
+        softcap = final_softcap(model)
 
         def forward(state: Any, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, nxt: jax.Array):
             m = nnx.merge(graphdef, state)
             hidden = m(ids, positions=positions, segment_ids=segment_ids, deterministic=True)
-            return topk_and_token_logprobs(hidden, m.lm_head_weight(), nxt, k)
+            return topk_and_token_logprobs(hidden, m.lm_head_weight(), nxt, k, softcap=softcap)
 
         self._forward = jax.jit(forward)
 

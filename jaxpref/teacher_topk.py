@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
+from jaxpref.pallas import soft_cap
+
 
 def topk_logprobs(
     hidden: ArrayLike,
@@ -20,9 +22,12 @@ def topk_logprobs(
     k: int,
     *,
     temperature: float = 1.0,
+    softcap: float | None = None,
     block_rows: int = 256,
 ) -> tuple[Array, Array]:
-    """Top-k ids and log-probs of ``softmax(hidden @ lm_head_weight / temperature)``.
+    """Top-k ids and log-probs of ``softmax(logits / temperature)``, ``logits = hidden @ lm_head_weight``
+    soft-capped first when ``softcap`` is set (``cap * tanh(logits / cap)``, the model's
+    ``jaxpref.models.softcap.final_softcap``).
 
     Args:
       hidden: ``[..., H]`` final hidden states; lm_head_weight: ``[H, V]``.
@@ -50,7 +55,7 @@ def topk_logprobs(
     w = weight.astype(dtype)
 
     def one(h: Array) -> tuple[Array, Array]:
-        z = jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32) / temperature
+        z = soft_cap(jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32), softcap) / temperature
         values, ids = jax.lax.top_k(z, k)
         return ids.astype(jnp.int32), values - jax.nn.logsumexp(z, axis=-1, keepdims=True)
 
@@ -66,6 +71,7 @@ def topk_and_token_logprobs(
     next_ids: ArrayLike,
     k: int,
     *,
+    softcap: float | None = None,
     block_rows: int = 256,
 ) -> tuple[Array, Array, Array, Array]:
     """:func:`topk_logprobs` at temperature 1 plus the log-prob and rank of a given next token.
@@ -75,7 +81,7 @@ def topk_and_token_logprobs(
 
     Args:
       hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; next_ids: ``[...]`` int, the token each position
-        is scored against (clipped into the vocabulary); k, block_rows: as :func:`topk_logprobs`.
+        is scored against (clipped into the vocabulary); k, softcap, block_rows: as :func:`topk_logprobs`.
 
     Returns:
       ``(ids [..., k] int32, logprobs [..., k] f32, next_logprob [...] f32, next_rank [...] int32)``;
@@ -99,7 +105,7 @@ def topk_and_token_logprobs(
 
     def one(args: tuple[Array, Array]) -> tuple[Array, Array, Array, Array]:
         h, t = args
-        z = jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32)
+        z = soft_cap(jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32), softcap)
         values, ids = jax.lax.top_k(z, k)
         lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
         z_next = jnp.take_along_axis(z, t[:, None], axis=-1)

@@ -11,12 +11,16 @@ Design:
   row b's i-th new token sits at position and slot ``len_b + i``, so decoding overwrites a row's
   padding slots before they become visible (each query sees slots 0..its own).
 * Logits are only ever [B, V]: prefill returns each row's last prompt hidden state, multiplied by
-  ``model.lm_head_weight()``.
+  ``model.lm_head_weight()`` (and soft-capped, before the temperature, when the model has a
+  ``final_logit_softcapping``).
 * The decode steps run in one ``jax.lax.while_loop`` that stops when every row has emitted a stop
   token or ``max_new_tokens`` tokens are out. Finished rows keep running (their outputs are ignored).
 * Sampling: temperature, then top-k, then top-p, as transformers' warpers in that order; greedy
   (temperature 0) is argmax. Keys: ``key`` (default ``jax.random.key(0)``) folded with the group
   index, then split once per step.
+* Phi-3 LongRoPE: a row whose decode token reaches position ``original_max_position_embeddings``
+  re-encodes its whole sequence (a prefill over prompt + new tokens, under ``lax.cond``), as
+  transformers' Phi-3 generation drops its cache there: every earlier key moves to the long factors.
 * On a mesh (``generate(..., mesh=)``): rows over the batch axes, the KV cache over batch and KV heads,
   tensor-sharded weights never gathered, every process passing its own prompts; see
   ``jaxpref.generation.placement``. Group g's rows are each process's g-th ``batch_size`` prompts in
@@ -40,6 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpref import platform
 from jaxpref.generation import placement
+from jaxpref.models.softcap import final_softcap
+from jaxpref.pallas import soft_cap
 
 PROMPT_BUCKET = 64
 
@@ -136,8 +142,10 @@ def sample_logits(
 
 
 def _logits(model: Any, hidden: jax.Array, use_adapters: bool) -> jax.Array:
+    """Last-token logits float32 [B, V], soft-capped when the model has a final logit cap (before the
+    sampling temperature, as transformers does)."""
     w = model.lm_head_weight(use_adapters=use_adapters)
-    return jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32)
+    return soft_cap(jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32), final_softcap(model))
 
 
 def _constrain(x: Any, mesh: Mesh | None, spec: PartitionSpec) -> Any:
@@ -145,6 +153,24 @@ def _constrain(x: Any, mesh: Mesh | None, spec: PartitionSpec) -> Any:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, jax.tree.map(lambda _: NamedSharding(mesh, spec), x))
+
+
+def longrope_restart_position(config: Any) -> int | None:
+    """The position whose decode step re-encodes the whole sequence, or None: for Phi-3 LongRoPE, the
+    first token past ``original_max_position_embeddings`` (transformers switches to the long factors
+    there and recomputes the cache; jaxpref's forward picks the factors per sequence the same way)."""
+    scaling = config.rope_scaling
+    if config.model_type != "phi3" or not scaling or scaling.get("rope_type") != "longrope":
+        return None
+    return int(scaling["original_max_position_embeddings"])
+
+
+def _sequences(ids: jax.Array, lengths: jax.Array, out: jax.Array, token: jax.Array, positions: jax.Array) -> jax.Array:
+    """int32 [B, P + N]: each row's prompt, its new tokens so far and ``token`` at ``positions`` (junk after)."""
+    new = jnp.maximum(out, 0)
+    rows = jnp.concatenate([ids, jnp.zeros_like(new)], axis=1)
+    rows = jax.vmap(lambda row, n, at: jax.lax.dynamic_update_slice(row, n, (at,)))(rows, new, lengths)
+    return rows.at[jnp.arange(ids.shape[0]), positions].set(token)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "mode", "use_adapters", "mesh", "split_vocab"))
@@ -205,11 +231,34 @@ def _generate_group(
         step, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
+    def decode(token, cache, positions):
+        return model.decode(token, positions, cache, use_adapters=use_adapters, embeddings=embeddings(token[:, None]))
+
+    restart = longrope_restart_position(model.config)
+
     def body(carry):
         step, token, cache, out, done, key = carry
-        hidden, cache = model.decode(
-            token, lengths + step - 1, cache, use_adapters=use_adapters, embeddings=embeddings(token[:, None])
-        )
+        positions = lengths + step - 1
+        if restart is None:
+            hidden, cache = decode(token, cache, positions)
+        else:
+            # Rows whose token sits at the restart position re-encode their whole sequence, as transformers'
+            # Phi3ForCausalLM.prepare_inputs_for_generation drops its cache there (LongRoPE's long factors
+            # then apply to every earlier token too).
+            crossing = positions == restart
+
+            def reencode(token, cache):
+                hidden, stepped = decode(token, cache, positions)
+                seqs = _sequences(ids, lengths, out, token, positions)
+                full, recomputed = model.prefill(
+                    seqs, positions + 1, cache, use_adapters=use_adapters, embeddings=embeddings(seqs)
+                )
+                hidden = jnp.where(crossing[:, None], full, hidden)
+                pick = crossing[None, :, None, None, None]
+                return hidden, tuple(jnp.where(pick, r, c) for r, c in zip(recomputed, stepped))
+
+            step_on = lambda token, cache: decode(token, cache, positions)  # noqa: E731
+            hidden, cache = jax.lax.cond(jnp.any(crossing), reencode, step_on, token, cache)
         cache = _constrain(cache, mesh, kv)
         key, sub = jax.random.split(key)
         token = _constrain(sample(_logits(model, hidden, use_adapters), sub), mesh, rows_1d)

@@ -9,6 +9,12 @@ ids). Values and gradients equal the full-logits losses (``kd_loss``, ``cross_en
 
 Hidden states may carry leading dims ``[..., H]``; they are flattened here. Ids outside the vocabulary
 (e.g. -100 label padding) are clipped into it, exactly as ``gather_logits`` does; mask those positions.
+
+``softcap`` (every function; static float or None): final logit soft-capping as Gemma 2 applies it in the
+model, ``logits = softcap * tanh(hidden @ lm_head_weight / softcap)``, *before* any temperature. The
+kernels cap each vocabulary tile (the gathered logits are capped in-kernel too), so the values and
+gradients equal the full-logits losses on the capped logits. ``jaxpref.models.softcap.final_softcap``
+reads a model's cap.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def _lse_and_gathered(
     lm_head_weight: ArrayLike,
     ids: Array,
     temperatures: tuple[float, ...],
+    softcap: float | None,
     impl: str,
     block_n: int | None,
     block_v: int | None,
@@ -44,8 +51,9 @@ def _lse_and_gathered(
     hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
     h, flat_ids = _flat_ids(hidden, ids, weight.shape[1])
     lse, gathered = linear_logsumexp_gather(
-        h, weight, flat_ids, temperatures=temperatures, impl=impl, block_n=block_n, block_v=block_v
-    )
+        h, weight, flat_ids, temperatures=temperatures, softcap=softcap, impl=impl, block_n=block_n,
+        block_v=block_v,
+    )  # fmt: skip
     return lse.reshape((len(temperatures),) + hidden.shape[:-1]), gathered.reshape(ids.shape)
 
 
@@ -65,6 +73,7 @@ def fused_kd_loss(
     normalize_topk: bool = False,
     zscore_base_temp: float | None = None,
     num_items: ArrayLike | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -78,10 +87,11 @@ def fused_kd_loss(
         target_mask: ``[..., K]`` or ``[...]``; labels: ``[...]`` int next tokens.
       kd_alpha, kd_ce_alpha, loss_mask, temperature, beta, normalize_topk, zscore_base_temp, num_items:
         as :func:`jaxpref.losses.kd_loss` (temperature is a static Python float).
+      softcap: the student's final logit soft-cap (module docstring); None: none.
       impl, block_n, block_v: kernel choice and tile overrides (see ``linear_logsumexp_gather``).
 
     Returns:
-      ``(loss, metrics)`` equal to ``kd_loss(hidden @ lm_head_weight, ...)``.
+      ``(loss, metrics)`` equal to ``kd_loss(logits, ...)``, ``logits = hidden @ lm_head_weight`` (capped).
     """
     t = float(temperature)
     hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
@@ -114,7 +124,7 @@ def fused_kd_loss(
     temps = (t,) if t == 1.0 else (t, 1.0)
     total, lse, gathered = linear_logsumexp_gather_loss(
         h, weight, flat_ids, lambda lse, g, inp: terms(lse, g, inp, 1.0)[0], inputs,
-        temperatures=temps, impl=impl, block_n=block_n, block_v=block_v,
+        temperatures=temps, softcap=softcap, impl=impl, block_n=block_n, block_v=block_v,
     )  # fmt: skip
     loss = total / n
     _, metrics = terms(lse, gathered, inputs, n)  # from the kernel's (gradient-free) lse and gathered
@@ -128,6 +138,7 @@ def fused_cross_entropy(
     *,
     mask: ArrayLike | None = None,
     num_items: ArrayLike | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -137,6 +148,7 @@ def fused_cross_entropy(
     Args:
       hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; labels: ``[...]`` int.
       mask: optional ``[...]`` bool trainable tokens; num_items: divisor N (default: their number).
+      softcap: final logit soft-cap (module docstring); None: none.
       impl, block_n, block_v: see ``linear_logsumexp_gather_loss``.
 
     Returns:
@@ -151,7 +163,7 @@ def fused_cross_entropy(
         return cross_entropy_from_gathered(gathered[:, 0], lse[0], mask=row_mask, num_items=1.0)[0]
 
     total, _, _ = linear_logsumexp_gather_loss(
-        h, weight, flat_ids, nll_sum, m.reshape(-1), impl=impl, block_n=block_n, block_v=block_v
+        h, weight, flat_ids, nll_sum, m.reshape(-1), softcap=softcap, impl=impl, block_n=block_n, block_v=block_v
     )
     loss = total / n
     return loss, {"ce_loss": metric(loss)}
@@ -164,6 +176,7 @@ def fused_token_logps(
     *,
     mask: ArrayLike | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -173,7 +186,8 @@ def fused_token_logps(
     Args:
       hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; labels: ``[...]`` int.
       mask: optional ``[...]`` bool; masked positions return 0.
-      temperature: softmax temperature (static Python float).
+      temperature: softmax temperature (static Python float); it divides the capped logits.
+      softcap: final logit soft-cap (module docstring); None: none.
       impl, block_n, block_v: see ``linear_logsumexp_gather``.
 
     Returns:
@@ -181,7 +195,7 @@ def fused_token_logps(
     """
     t = float(temperature)
     ids = jnp.asarray(labels).astype(jnp.int32)[..., None]
-    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, (t,), impl, block_n, block_v)
+    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, (t,), softcap, impl, block_n, block_v)
     return token_logps_from_gathered(gathered[..., 0], lse[0], mask=mask, temperature=t)
 
 
@@ -192,6 +206,7 @@ def fused_token_logps_and_log_sum_sq_probs(
     *,
     mask: ArrayLike | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -208,7 +223,7 @@ def fused_token_logps_and_log_sum_sq_probs(
     """
     t = float(temperature)
     ids = jnp.asarray(labels).astype(jnp.int32)[..., None]
-    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, (t, t / 2.0), impl, block_n, block_v)
+    lse, gathered = _lse_and_gathered(hidden, lm_head_weight, ids, (t, t / 2.0), softcap, impl, block_n, block_v)
     logps = token_logps_from_gathered(gathered[..., 0], lse[0], mask=mask, temperature=t)
     sq = log_sum_sq_probs_from_gathered(jax.lax.stop_gradient(lse[0]), jax.lax.stop_gradient(lse[1]), mask=mask)
     return logps, sq
@@ -220,6 +235,7 @@ def fused_token_entropy(
     *,
     mask: ArrayLike | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -234,7 +250,7 @@ def fused_token_entropy(
 
     Args:
       hidden: ``[..., H]``; lm_head_weight: ``[H, V]``; mask: optional ``[...]`` bool (0 where False).
-      temperature: static Python float.
+      temperature: static Python float; softcap: final logit soft-cap (module docstring), None: none.
 
     Returns:
       ``[...]`` float32.
@@ -242,7 +258,7 @@ def fused_token_entropy(
     hidden, weight = jnp.asarray(hidden), jnp.asarray(lm_head_weight)
     xla = impl in ("xla", "xla_chunked")
     ent = linear_softmax_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, temperature=float(temperature),
+        hidden.reshape(-1, hidden.shape[-1]), weight, temperature=float(temperature), softcap=softcap,
         impl="reference" if impl == "reference" else "xla_chunked",
         block_n=block_n if xla else None, block_v=block_v if xla else None,
     ).reshape(hidden.shape[:-1])  # fmt: skip

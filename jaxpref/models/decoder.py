@@ -17,8 +17,8 @@ from jaxpref import platform
 from jaxpref.errors import ModelError
 from jaxpref.models.attention import ATTENTION_IMPLS
 from jaxpref.models.config import ModelConfig
-from jaxpref.models.layers import Block, Embed, LMHead, RMSNorm
-from jaxpref.models.rope import inverse_frequencies, rope_cos_sin
+from jaxpref.models.layers import Block, Embed, LMHead, Ropes, rms_norm
+from jaxpref.models.rope import inverse_frequencies, longrope_cos_sin, rope_cos_sin, sequence_lengths
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
@@ -60,7 +60,7 @@ def _frozen_as_bits(state: Any, frozen_base: bool) -> tuple[Any, Any]:
 
 
 class CausalLM(nnx.Module):
-    """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) returning final hidden states.
+    """Causal decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) returning final hidden states.
 
     Args:
       config: architecture, usually from ``ModelConfig.from_hf_dict``.
@@ -99,7 +99,7 @@ class CausalLM(nnx.Module):
             return Block(config, attention_impl=attention_impl, rngs=rngs, **kw)
 
         self.layers = make_blocks(rngs)
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.norm = rms_norm(config, config.hidden_size, **kw)
         self.lm_head = None if config.tie_word_embeddings else LMHead(config, rngs=rngs, **kw)
         self.quantization = None  # an nf4.NF4Config once jaxpref.models.quantize has quantized the blocks
         # Set by jaxpref.lora.apply_lora.
@@ -132,9 +132,9 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self._embed(input_ids, use_adapters)
-        cos, sin = self._rope(positions)
+        ropes = self._rope(positions, sequence_lengths(positions, segment_ids))
         layer_keys = self._layer_dropout_keys(use_adapters, deterministic, dropout_key)
-        x = self._run_layers(x, cos, sin, segment_ids, layer_keys, use_adapters)
+        x = self._run_layers(x, ropes, segment_ids, layer_keys, use_adapters)
         return self.norm(x)
 
     def _embed(self, input_ids: jax.Array, use_adapters: bool) -> jax.Array:
@@ -142,9 +142,24 @@ class CausalLM(nnx.Module):
         frozen_table = self.lora_config is not None and (not use_adapters or self.embed_tokens.embedding_copy is None)
         return self.embed_tokens(input_ids, use_adapters=use_adapters, frozen=frozen_table)
 
-    def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        cfg = self.config
-        return rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    def _rope(self, positions: jax.Array, seq_lengths: jax.Array) -> Ropes:
+        """(cos, sin) [B, T, rotary_dim] per ``config.rope_variants`` entry, for int positions [B, T].
+
+        ``seq_lengths``: int [B, T] (or broadcastable), the length of the sequence each token belongs
+        to; only LongRoPE reads it (long factors for sequences longer than its original context)."""
+        r = self.config.rotary_dim
+        tables = []
+        for theta, scaling in self.config.rope_variants:
+            if scaling is not None and scaling["rope_type"] == "longrope":
+                lengths = jnp.broadcast_to(seq_lengths, positions.shape)
+                tables.append(longrope_cos_sin(positions, lengths, r, theta, scaling))
+            else:
+                tables.append(rope_cos_sin(positions, inverse_frequencies(r, theta, scaling)))
+        return tuple(tables)
+
+    def _layer_kinds(self) -> jax.Array:
+        """int32 [layers]: each layer's index into ``config.attention_kinds``."""
+        return jnp.asarray(self.config.layer_kind_ids, jnp.int32)
 
     # --- generation: a KV cache [layers, B, S, kv_heads, head_dim] for k and v, compute dtype ---
 
@@ -170,16 +185,17 @@ class CausalLM(nnx.Module):
             its keys land in slots that decoding overwrites before they become visible).
           lengths: int [B] prompt lengths (at least 1).
           cache: (k, v) from ``init_cache`` with max_len >= T.
-          embeddings: [B, T, H] the prompts' token embeddings (compute dtype) when the caller looked
-            them up (generation on a mesh: ``jaxpref.generation.placement.embed``); None: here.
+          embeddings: [B, T, H] the prompts' embedding-table rows (compute dtype) when the caller looked
+            them up (generation on a mesh: ``jaxpref.generation.placement.embed``); None: here. Either
+            way they are scaled here (``Embed.scaled``).
         Returns:
           (final hidden state [B, H] at each row's last prompt token (after the norm), cache).
         """
         batch, length = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = self._embed(input_ids, use_adapters) if embeddings is None else embeddings
-        cos, sin = self._rope(positions)
-        x, cache = self._run_layers_cached(x, cos, sin, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
+        x = self._embed(input_ids, use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
+        ropes = self._rope(positions, lengths.astype(jnp.int32)[:, None])
+        x, cache = self._run_layers_cached(x, ropes, cache, jnp.zeros((batch,), jnp.int32), use_adapters)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return self.norm(last), cache
 
@@ -196,12 +212,12 @@ class CausalLM(nnx.Module):
         slots 0..positions[b]. Returns (final hidden state [B, H], cache with the new keys/values).
         ``embeddings``: [B, 1, H] the tokens' embeddings, as in ``prefill``."""
         positions = positions.astype(jnp.int32)
-        x = self._embed(tokens[:, None], use_adapters) if embeddings is None else embeddings
-        cos, sin = self._rope(positions[:, None])
-        x, cache = self._run_layers_cached(x, cos, sin, cache, positions, use_adapters)
+        x = self._embed(tokens[:, None], use_adapters) if embeddings is None else self.embed_tokens.scaled(embeddings)
+        ropes = self._rope(positions[:, None], positions[:, None] + 1)
+        x, cache = self._run_layers_cached(x, ropes, cache, positions, use_adapters)
         return self.norm(x[:, 0]), cache
 
-    def _run_layers_cached(self, x, cos, sin, cache, slots, use_adapters: bool):
+    def _run_layers_cached(self, x, ropes, cache, slots, use_adapters: bool):
         # The cache goes through the layer scan as its scanned input and output: each layer gets its
         # [B, S, K, D] slices, writes its new tokens' keys/values (prefill: slots 0..T-1; decode: one
         # slot per row) and hands them back stacked. (Carrying the whole cache and updating layer i in
@@ -210,12 +226,12 @@ class CausalLM(nnx.Module):
         state, restore = _frozen_as_bits(state, self.lora_config is not None)
 
         def body(x, xs):
-            layer_state, k_layer, v_layer = xs
+            layer_state, kind, k_layer, v_layer = xs
             block = nnx.merge(graphdef, restore(layer_state))
-            x, k_layer, v_layer = block.cached(x, cos, sin, k_layer, v_layer, slots, use_adapters=use_adapters)
+            x, k_layer, v_layer = block.cached(x, ropes, kind, k_layer, v_layer, slots, use_adapters=use_adapters)
             return x, (k_layer, v_layer)
 
-        return jax.lax.scan(body, x, (state, *cache))
+        return jax.lax.scan(body, x, (state, self._layer_kinds(), *cache))
 
     def _layer_dropout_keys(
         self, use_adapters: bool, deterministic: bool, dropout_key: jax.Array | None
@@ -228,7 +244,7 @@ class CausalLM(nnx.Module):
             dropout_key = self.dropout_rngs.dropout()
         return jax.random.split(dropout_key, self.config.num_hidden_layers)
 
-    def _run_layers(self, x, cos, sin, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
+    def _run_layers(self, x, ropes, segment_ids, layer_keys, use_adapters: bool) -> jax.Array:
         # A plain lax.scan over the split layer state (not nnx.scan): every block is re-merged from
         # arrays inside the scan, so the forward also works when callers hand in a model merged from
         # state of an outer trace (nnx transforms reject Variables from a different trace level).
@@ -236,15 +252,16 @@ class CausalLM(nnx.Module):
         state, restore = _frozen_as_bits(state, self.lora_config is not None and self.scan_layers)
 
         def body(x, xs):
-            layer_state, key = xs
+            layer_state, kind, key = xs
             block = nnx.merge(graphdef, restore(layer_state))
-            return block(x, cos, sin, segment_ids, key, use_adapters=use_adapters), None
+            return block(x, ropes, kind, segment_ids, key, use_adapters=use_adapters), None
 
         if self.remat_policy != "none":
             # Inside scan the CSE barrier is unnecessary (and costs fusion opportunities).
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+        kinds = self._layer_kinds()
         if self.scan_layers:
-            return jax.lax.scan(body, x, (state, layer_keys))[0]
+            return jax.lax.scan(body, x, (state, kinds, layer_keys))[0]
         # Unstack each stacked parameter once: its gradient is then one stack of the L layer
         # gradients (indexing a[i] per layer would pad-and-add every layer's gradient to [L, ...]).
         n = self.config.num_hidden_layers
@@ -252,7 +269,7 @@ class CausalLM(nnx.Module):
         per_layer = [jnp.unstack(leaf, axis=0) for leaf in leaves]
         for i in range(n):
             layer_state = jax.tree.unflatten(treedef, [layer[i] for layer in per_layer])
-            x, _ = body(x, (layer_state, None if layer_keys is None else layer_keys[i]))
+            x, _ = body(x, (layer_state, kinds[i], None if layer_keys is None else layer_keys[i]))
         return x
 
     def construction_kwargs(self) -> dict[str, Any]:
@@ -274,6 +291,11 @@ class CausalLM(nnx.Module):
         return w.astype(self.dtype)
 
     def logits(self, hidden: jax.Array, *, use_adapters: bool = True) -> jax.Array:
-        """Full logits float32 [B, T, V] from hidden [B, T, H]; tests and generation only."""
+        """Full logits float32 [B, T, V] from hidden [B, T, H] (soft-capped when the config says so);
+        tests and generation only."""
+        from jaxpref.models.softcap import final_softcap
+        from jaxpref.pallas import soft_cap
+
         w = self.lm_head_weight(use_adapters=use_adapters)
-        return jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+        z = jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return soft_cap(z, final_softcap(self))

@@ -1,5 +1,5 @@
 """Building blocks of the decoder: projections (with optional LoRA), embedding, RMSNorm, attention,
-MLP and the transformer block.
+MLP and the transformer block (Llama family and Gemma 2/3, see ``ModelConfig``).
 
 Every parameter is created with logical axis names in its ``out_sharding`` metadata and with eager
 sharding off, so construction never needs a mesh; ``partitioning`` places arrays later.
@@ -21,8 +21,11 @@ from flax import nnx
 from jaxpref import platform
 from jaxpref.models import nf4
 from jaxpref.models.attention import attention, decode_attention
-from jaxpref.models.config import ModelConfig
+from jaxpref.models.config import AttentionKind, ModelConfig
 from jaxpref.models.rope import apply_rope
+
+#: (cos, sin) tables [B, T, D] float32, one pair per ``ModelConfig.rope_variants`` entry.
+Ropes = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def make_param(value: jax.Array, axes: Sequence[str], cls: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
@@ -120,7 +123,10 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module."""
+    """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module.
+
+    Rows are multiplied by ``config.embed_scale`` (Gemma) after the lookup; a tied LM head reads the
+    unscaled table."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         table = _normal(rngs, (config.vocab_size, config.hidden_size), config.initializer_range, param_dtype)
@@ -129,6 +135,7 @@ class Embed(nnx.Module):
         self.embedding = make_param(table, ("vocab", "embed"))
         self.embedding_copy = nnx.data(None)
         self.dtype = dtype
+        self.scale = config.embed_scale
 
     def table(self, use_adapters: bool = True) -> jax.Array:
         """The [V, H] table in use (the trainable copy when present and adapters are on)."""
@@ -145,8 +152,18 @@ class Embed(nnx.Module):
         table = self.table(use_adapters)
         if frozen and table.dtype.itemsize == 2 and platform.kernel_platform() == "cpu":
             bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
-            return jax.lax.bitcast_convert_type(bits, table.dtype).astype(self.dtype)
-        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
+            return self.scaled(jax.lax.bitcast_convert_type(bits, table.dtype).astype(self.dtype))
+        return self.scaled(jnp.take(table, input_ids, axis=0).astype(self.dtype))
+
+    def scaled(self, rows: jax.Array) -> jax.Array:
+        """Table rows [..., H] in the compute dtype -> the embeddings the blocks take.
+
+        Gemma multiplies by sqrt(hidden_size) rounded to the compute dtype (as transformers'
+        ``Gemma2TextScaledWordEmbedding`` rounds it to the weights' dtype: 55.5, not 55.4256, for
+        3072 in bfloat16); other families pass the rows through."""
+        if self.scale is None:
+            return rows
+        return rows * jnp.asarray(self.scale, rows.dtype)
 
 
 class LMHead(nnx.Module):
@@ -165,24 +182,56 @@ class LMHead(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMS normalisation over the last dim, in float32 (as transformers), then scaled."""
+    """RMS normalisation over the last dim, in float32 (as transformers), then scaled.
 
-    def __init__(self, dim: int, *, eps: float, axes: Sequence[str] = ("norm",), dtype: Any, param_dtype: Any):
-        self.scale = make_param(jnp.ones((dim,), param_dtype), axes)
-        self.eps, self.dtype = eps, dtype
+    Llama: ``w * x_hat`` with x_hat cast to the compute dtype first (``scale`` initialised to ones).
+    ``unit_offset`` (Gemma): ``x_hat * (1 + w)`` all in float32, then cast (``scale`` holds w,
+    initialised to zeros), as transformers' ``Gemma2RMSNorm`` / ``Gemma3RMSNorm``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        axes: Sequence[str] = ("norm",),
+        dtype: Any,
+        param_dtype: Any,
+        unit_offset: bool = False,
+    ):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = make_param(init((dim,), param_dtype), axes)
+        self.eps, self.dtype, self.unit_offset = eps, dtype, unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+def rms_norm(config: ModelConfig, dim: int, **kwargs: Any) -> RMSNorm:
+    """An RMSNorm of ``dim`` in the config's flavour (eps, Gemma's unit offset)."""
+    return RMSNorm(dim, eps=config.rms_norm_eps, unit_offset=config.rms_norm_unit_offset, **kwargs)
 
 
 def _key(keys: jax.Array | None, i: int) -> jax.Array | None:
     return None if keys is None else keys[i]
 
 
+def per_kind(kinds: Sequence[AttentionKind], kind: jax.Array | int, fn: Any, *args: Any) -> Any:
+    """``fn(kinds[kind], *args)``: directly when every layer is of one kind, else by ``lax.switch``
+    on ``kind`` (a layer's traced index under the layer scan), so each branch keeps its window and
+    RoPE static for the attention kernels."""
+    if len(kinds) == 1:
+        return fn(kinds[0], *args)
+    return jax.lax.switch(kind, [partial(fn, k) for k in kinds], *args)
+
+
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and q/k/v(/o) bias."""
+    """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3, Gemma 3) and q/k/v(/o) bias;
+    q/k/v as one ``qkv_proj`` for Phi-3 (``config.fused_projections``)."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
         h, n, k, d = (
@@ -193,51 +242,78 @@ class Attention(nnx.Module):
         )
         lin = partial(Linear, init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = config.attention_bias
-        self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
-        self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
-        self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+        self.qkv_split = (n, n + k) if config.fused_projections else None
+        if config.fused_projections:
+            # Phi-3's one projection: N query heads, then K key heads, then K value heads. Its head axis
+            # is "qkv_heads", not split over `tensor` (see jaxpref.sharding.DEFAULT_RULES).
+            self.qkv_proj = lin((h,), (n + 2 * k, d), ("embed",), ("qkv_heads", "head_dim"), use_bias=qkv_bias)
+        else:
+            self.q_proj = lin((h,), (n, d), ("embed",), ("heads", "head_dim"), use_bias=qkv_bias)
+            self.k_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
+            self.v_proj = lin((h,), (k, d), ("embed",), ("kv_heads", "head_dim"), use_bias=qkv_bias)
         self.o_proj = lin((n, d), (h,), ("heads", "head_dim"), ("embed",), use_bias=config.o_proj_bias)
         if config.qk_norm:
-            norm = partial(
-                RMSNorm, d, eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype
-            )
+            norm = partial(rms_norm, config, d, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype)
             self.q_norm, self.k_norm = norm(), norm()
         else:
             self.q_norm = self.k_norm = None
         self.attention_impl = attention_impl
+        self.kinds = config.attention_kinds
+        self.softcap = config.attn_logit_softcapping
+        # None when it is the default 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar usually is head_dim),
+        # which leaves the kernels their default path.
+        default = config.query_pre_attn_scalar in (None, config.head_dim)
+        self.scale = None if default else config.attention_scale
 
     def __call__(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         segment_ids: jax.Array | None,
         *,
         use_adapters: bool,
         dropout_keys: jax.Array | None,
     ) -> jax.Array:
-        """x [B, T, H], cos/sin [B, T, D] -> [B, T, H]."""
-        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=dropout_keys)
-        out = attention(q, k, v, segment_ids=segment_ids, impl=self.attention_impl)
+        """x [B, T, H] -> [B, T, H]; ``kind``: this layer's index into ``config.attention_kinds``."""
+        q, k, v = self._qkv(x, use_adapters=use_adapters, dropout_keys=dropout_keys)
+
+        def attend(kind: AttentionKind, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            q, k = self._rotate(kind, ropes, q, k)
+            return attention(
+                q, k, v, segment_ids=segment_ids, impl=self.attention_impl, window=kind.window,
+                softcap=self.softcap, scale=self.scale,
+            )  # fmt: skip
+
+        out = per_kind(self.kinds, kind, attend, q, k, v)
         return self.o_proj(out, dropout_key=_key(dropout_keys, 3), use_adapters=use_adapters)
 
     def _qkv(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None
+        self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed and rotated)."""
+        """Queries [B, T, N, D], keys and values [B, T, K, D] (q/k normed, not yet rotated)."""
         kw = dict(use_adapters=use_adapters)
-        q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
-        k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
-        v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
+        if self.qkv_split is not None:
+            qkv = self.qkv_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
+            q, k, v = jnp.split(qkv, self.qkv_split, axis=-2)
+        else:
+            q = self.q_proj(x, dropout_key=_key(dropout_keys, 0), **kw)
+            k = self.k_proj(x, dropout_key=_key(dropout_keys, 1), **kw)
+            v = self.v_proj(x, dropout_key=_key(dropout_keys, 2), **kw)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return q, k, v
+
+    @staticmethod
+    def _rotate(kind: AttentionKind, ropes: Ropes, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cos, sin = ropes[kind.rope]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def cached(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         k_cache: jax.Array,
         v_cache: jax.Array,
         slots: jax.Array,
@@ -255,28 +331,42 @@ class Attention(nnx.Module):
           to cache slots 0..slots[b] (its own new key included): a plain einsum with GQA grouping.
 
         Args:
+          ropes, kind: as in ``__call__``.
           k_cache, v_cache: [B, S, K, D] this layer's cache before the step (compute dtype).
           slots: int [B] the decode token's slot (ignored in prefill).
         Returns:
           (out [B, T, H], k_cache, v_cache): the cache with this step's keys and values written.
         """
-        q, k, v = self._qkv(x, cos, sin, use_adapters=use_adapters, dropout_keys=None)
-        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-        if x.shape[1] > 1:
-            out = attention(q, k, v, impl=self.attention_impl)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
-        else:
+        q, k, v = self._qkv(x, use_adapters=use_adapters, dropout_keys=None)
+        opts = dict(softcap=self.softcap, scale=self.scale)
+
+        def attend(kind: AttentionKind, q, k, v, k_cache, v_cache):
+            q, k = self._rotate(kind, ropes, q, k)
+            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+            if x.shape[1] > 1:
+                out = attention(q, k, v, impl=self.attention_impl, window=kind.window, **opts)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, 0, 0))
+                return out, k_cache, v_cache
             # Row b's slot, written per row (a scatter with a batch dimension: on a mesh every device
             # writes its own rows, where explicit row indices made XLA gather the new keys of all rows).
             write = jax.vmap(lambda cache, new, slot: jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=0))
             k_cache, v_cache = write(k_cache, k, slots), write(v_cache, v, slots)
-            out = decode_attention(q, k_cache, v_cache, slots)
+            return decode_attention(q, k_cache, v_cache, slots, window=kind.window, **opts), k_cache, v_cache
+
+        out, k_cache, v_cache = per_kind(self.kinds, kind, attend, q, k, v, k_cache, v_cache)
         return self.o_proj(out, use_adapters=use_adapters), k_cache, v_cache
 
 
+#: MLP activations by ``ModelConfig.hidden_act`` (transformers' ACT2FN names).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or GELU-tanh (Gemma's GeGLU).
+
+    Phi-3 (``config.fused_projections``): one ``gate_up_proj`` with output [2, I] (gate, then up: the
+    checkpoint's [2I, H] rows), so its I axis shards over ``tensor`` like ``down_proj``'s."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
@@ -288,54 +378,89 @@ class MLP(nnx.Module):
             use_bias=False,
             rngs=rngs,
         )
-        self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
-        self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
+        self.fused = config.fused_projections
+        if self.fused:
+            self.gate_up_proj = lin((h,), (2, i), ("embed",), ("gate_up", "mlp"))
+        else:
+            self.gate_proj = lin((h,), (i,), ("embed",), ("mlp",))
+            self.up_proj = lin((h,), (i,), ("embed",), ("mlp",))
         self.down_proj = lin((i,), (h,), ("mlp",), ("embed",))
+        self.act = config.hidden_act
 
     def __call__(self, x: jax.Array, *, use_adapters: bool, dropout_keys: jax.Array | None) -> jax.Array:
         kw = dict(use_adapters=use_adapters)
-        gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
-        up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
-        return self.down_proj(jax.nn.silu(gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
+        if self.fused:
+            gate_up = self.gate_up_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = self.gate_proj(x, dropout_key=_key(dropout_keys, 4), **kw)
+            up = self.up_proj(x, dropout_key=_key(dropout_keys, 5), **kw)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up, dropout_key=_key(dropout_keys, 6), **kw)
 
 
 NUM_DROPOUT_SITES = 7  # one LoRA dropout key per projection of a block
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)).
+
+    With ``config.sandwich_norms`` (Gemma) the attention and MLP outputs are normalised too:
+    x + post_attention_layernorm(attn(input_layernorm(x))), then
+    + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(.))).
+    """
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, attention_impl: str, rngs: nnx.Rngs):
-        norm = partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = partial(rms_norm, config, config.hidden_size, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(
             config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
         )
         self.post_attention_layernorm = norm()
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _add_attention(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        if self.pre_feedforward_layernorm is None:
+            return x + attn
+        return x + self.post_attention_layernorm(attn)
+
+    def _mlp_input(self, x: jax.Array) -> jax.Array:
+        if self.pre_feedforward_layernorm is None:
+            return self.post_attention_layernorm(x)
+        return self.pre_feedforward_layernorm(x)
+
+    def _add_mlp(self, x: jax.Array, out: jax.Array) -> jax.Array:
+        if self.post_feedforward_layernorm is None:
+            return x + out
+        return x + self.post_feedforward_layernorm(out)
 
     def __call__(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         segment_ids: jax.Array | None,
         dropout_key: jax.Array | None,
         *,
         use_adapters: bool,
     ) -> jax.Array:
-        """x [B, T, H] -> [B, T, H]; dropout_key (or None) seeds this layer's LoRA dropout."""
+        """x [B, T, H] -> [B, T, H]; ``kind`` as in ``Attention``; dropout_key (or None) seeds this
+        layer's LoRA dropout."""
         keys = None if dropout_key is None else jax.random.split(dropout_key, NUM_DROPOUT_SITES)
-        x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, segment_ids, use_adapters=use_adapters, dropout_keys=keys
+        attn = self.self_attn(
+            self.input_layernorm(x), ropes, kind, segment_ids, use_adapters=use_adapters, dropout_keys=keys
         )
-        return x + self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=keys)
+        x = self._add_attention(x, attn)
+        return self._add_mlp(x, self.mlp(self._mlp_input(x), use_adapters=use_adapters, dropout_keys=keys))
 
     def cached(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        ropes: Ropes,
+        kind: jax.Array | int,
         k_cache: jax.Array,
         v_cache: jax.Array,
         slots: jax.Array,
@@ -344,8 +469,8 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The block for generation (see ``Attention.cached``): (x [B, T, H], updated k and v cache)."""
         attn, k_cache, v_cache = self.self_attn.cached(
-            self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, use_adapters=use_adapters
+            self.input_layernorm(x), ropes, kind, k_cache, v_cache, slots, use_adapters=use_adapters
         )
-        x = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(x), use_adapters=use_adapters, dropout_keys=None)
-        return x + mlp, k_cache, v_cache
+        x = self._add_attention(x, attn)
+        mlp = self.mlp(self._mlp_input(x), use_adapters=use_adapters, dropout_keys=None)
+        return self._add_mlp(x, mlp), k_cache, v_cache

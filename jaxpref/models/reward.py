@@ -38,6 +38,9 @@ ARCHITECTURES = {
     "mistral": "MistralForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification",
     "qwen3": "Qwen3ForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
 }
 
 

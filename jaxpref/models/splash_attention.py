@@ -10,7 +10,11 @@ the blocks the mask rules out (above the diagonal: about half of the score matri
   earlier padding, as in ``blocked_attention``.
 * Lengths that are not a multiple of the block are padded with segment -1 (which nothing real
   attends to) and cut off again.
-* Queries are scaled by ``1/sqrt(D)`` before the kernel (splash does not scale).
+* Queries are scaled by ``scale`` (default ``1/sqrt(D)``) before the kernel (splash does not scale).
+* Sliding windows: ``LocalMask`` with ``window_size=(window - 1, 0)`` (causal, and key j visible
+  from query i iff ``i - window < j``), whose block tables let the kernel skip key blocks outside
+  every query's window. Soft-capping: the kernel's ``attn_logits_soft_cap`` (``c * tanh(s / c)`` on
+  the scaled scores, before masking; its backward differentiates through the cap).
 * On a mesh of more than one device the kernel runs under ``shard_map`` (Mosaic kernels cannot be
   partitioned by XLA): batch over the mesh's batch axes, heads over ``tensor`` where they divide.
 
@@ -38,13 +42,23 @@ _LANES = 128  # splash blocks are multiples of the TPU lane width
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Causal attention with splash attention; same contract as ``attention.attention``.
 
     Args:
       q: [B, T, N, D] queries (RoPE applied); k, v: [B, T, K, D], N a multiple of K.
       segment_ids: int [B, T] packed-sequence ids (0 = padding) or None.
+      window: static; query i sees keys ``i - window < j <= i`` (None: all ``j <= i``).
+      softcap: static c; scores become ``c * tanh(s / c)`` after scaling, before masking.
+      scale: static factor on q.k; None means ``1 / sqrt(D)``.
     Returns:
       [B, T, N, D] in q's dtype.
     """
@@ -53,14 +67,20 @@ def splash_attention(
     if n % kv:
         raise ValueError(f"query heads {n} must be a multiple of key/value heads {kv}")
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    local = functools.partial(
+        _splash_local,
+        window=None if window is None or window >= t else int(window),
+        softcap=None if softcap is None else float(softcap),
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+    )
     mesh = platform.mesh_for_kernels()
     if mesh is None:
-        return _splash_local(q, k, v, seg)
+        return local(q, k, v, seg)
     batch = platform.spec_entry(platform.dividing_axes(mesh, BATCH_AXES, b))
     heads = platform.spec_entry(platform.dividing_axes(mesh, ("tensor",), math.gcd(n, kv)))
     qkv_spec = PartitionSpec(batch, None, heads, None)
     return jax.shard_map(
-        _splash_local,
+        local,
         mesh=mesh,
         in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(batch, None)),
         out_specs=qkv_spec,
@@ -68,7 +88,16 @@ def splash_attention(
     )(q, k, v, seg)
 
 
-def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+def _splash_local(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    seg: jax.Array,
+    *,
+    window: int | None,
+    softcap: float | None,
+    scale: float,
+) -> jax.Array:
     """Splash attention on one device's [B, T, N, D] / [B, T, K, D] blocks."""
     b, t, n, d = q.shape
     kv = k.shape[2]
@@ -79,9 +108,9 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> j
         pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
         seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)), constant_values=-1)
-    kernel = _kernel(t_pad, n // kv, block, interpret)
+    kernel = _kernel(t_pad, n // kv, block, interpret, window, softcap)
     # [B, T, N, D] -> [B, K, G, T, D]; [B, T, K, D] -> [B, K, T, D]
-    qh = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t_pad, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t_pad, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def one_kv_head(q_g, k_h, v_h, s):  # [G, T, D], [T, D], [T, D], [T]
@@ -93,17 +122,23 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> j
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(t: int, groups: int, block: int, interpret: bool):
-    """A splash MQA kernel for ``groups`` query heads per KV head over ``t`` positions (the causal mask
-    is static; segments come per call)."""
+def _kernel(t: int, groups: int, block: int, interpret: bool, window: int | None, softcap: float | None):
+    """A splash MQA kernel for ``groups`` query heads per KV head over ``t`` positions (the causal or
+    sliding-window mask is static; segments come per call)."""
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )  # fmt: skip
-    mask = splash.MultiHeadMask([splash.CausalMask((t, t)) for _ in range(groups)])
+    if window is None:
+        head_mask = splash.CausalMask((t, t))
+    else:  # keys i - (window - 1) .. i + 0
+        head_mask = splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+    mask = splash.MultiHeadMask([head_mask for _ in range(groups)])
     with jax.ensure_compile_time_eval():  # called while tracing a step: build the tables concretely
-        kernel = splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+        kernel = splash.make_splash_mqa_single_device(
+            mask, block_sizes=sizes, attn_logits_soft_cap=softcap, interpret=interpret
+        )
     # The block-mask tables as numpy: they are embedded in the module as literals. As jax arrays they
     # would be captured constants, which XLA takes as extra arguments and jax.export cannot carry.
     return jax.tree.map(np.asarray, kernel)

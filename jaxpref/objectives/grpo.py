@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses import grpo_count, grpo_loss
 from jaxpref.losses.fused import fused_token_entropy, fused_token_logps
+from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
@@ -84,8 +85,9 @@ def token_logps(
     hidden = _hidden(model, batch, use_adapters=use_adapters, train=False)
     weight = model.lm_head_weight(use_adapters=use_adapters)
     logps = fused_token_logps(
-        hidden, weight, batch["labels"], mask=batch["loss_mask"], temperature=temperature, **dict(kopts or {})
-    )
+        hidden, weight, batch["labels"], mask=batch["loss_mask"], temperature=temperature,
+        softcap=final_softcap(model), **dict(kopts or {}),
+    )  # fmt: skip
     return jax.lax.stop_gradient(logps)
 
 
@@ -118,10 +120,14 @@ def build_grpo(cfg: Any) -> Objective:
         mask = batch["loss_mask"].astype(bool)
         hidden = _hidden(model, batch, use_adapters=True, train=train)
         weight = model.lm_head_weight(use_adapters=True)
-        logps = fused_token_logps(hidden, weight, batch["labels"], mask=mask, temperature=temperature, **kopts)
-        entropies = fused_token_entropy(
-            jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight), mask=mask, temperature=temperature, **kopts
+        softcap = final_softcap(model)
+        logps = fused_token_logps(
+            hidden, weight, batch["labels"], mask=mask, temperature=temperature, softcap=softcap, **kopts
         )
+        entropies = fused_token_entropy(
+            jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight), mask=mask, temperature=temperature,
+            softcap=softcap, **kopts,
+        )  # fmt: skip
         ref = None
         if mode == "adapter_off":
             ref = token_logps(model, batch, temperature=temperature, use_adapters=False, kopts=kopts)

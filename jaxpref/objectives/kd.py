@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses.fused import fused_cross_entropy, fused_kd_loss
 from jaxpref.losses.kd import kd_trainable_positions
+from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import forward_hidden, kernel_options, trainable_tokens
@@ -48,7 +49,9 @@ def online_teacher_targets(
     pipeline makes from a stored top-k generated at that temperature.
     """
     hidden = forward_hidden(teacher, batch, train=False)
-    ids, logprobs = topk_logprobs(hidden, teacher.lm_head_weight(), k, temperature=temperature)
+    ids, logprobs = topk_logprobs(
+        hidden, teacher.lm_head_weight(), k, temperature=temperature, softcap=final_softcap(teacher)
+    )
     logprobs = jax.nn.log_softmax(logprobs, axis=-1)
     mask = jnp.broadcast_to(batch["loss_mask"][..., None], ids.shape)
     return jax.lax.stop_gradient(ids), jax.lax.stop_gradient(logprobs), mask
@@ -119,7 +122,14 @@ def build_kd(cfg: Any) -> Objective:
         else:
             ids, logprobs, mask = (batch[k] for k in keys.KD_TARGETS)
         weight = model.lm_head_weight()
+        softcap = final_softcap(model)
         if scheduled:
+            if softcap is not None:
+                # The scheduled path scales hidden by 1/T, exact only for logits linear in hidden.
+                raise ValueError(
+                    "kd_temperature_min (a scheduled KD temperature) does not support a student with "
+                    f"final_logit_softcapping ({softcap}); set kd_temperature_min: null (a fixed kd_temperature)"
+                )
             t = batch[KD_TEMPERATURE]
             return scheduled_kd_loss(hidden, weight, ids, logprobs, mask, batch, num_items, t, options, kopts)
         return fused_kd_loss(
@@ -131,6 +141,7 @@ def build_kd(cfg: Any) -> Objective:
             batch["labels"],
             loss_mask=batch["loss_mask"],
             num_items=num_items,
+            softcap=softcap,
             **options,
             **kopts,
         )

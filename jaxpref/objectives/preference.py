@@ -35,10 +35,11 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss, wpo_weights
 from jaxpref.losses.fused import fused_token_logps, fused_token_logps_and_log_sum_sq_probs
+from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Metrics, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
-from jaxpref.pallas.linear_lse.xla import vocabulary_mean
+from jaxpref.pallas import linear_mean_logit
 
 REFERENCE_MODES = ("none", "precomputed", "adapter_off", "model")
 
@@ -109,17 +110,20 @@ def sequence_stats(
         deterministic=not train,
     )
     weight = model.lm_head_weight(use_adapters=use_adapters)
+    softcap = final_softcap(model)
     mask = seqs["loss_mask"].astype(bool)
     if wpo:
-        token_logps, sq = fused_token_logps_and_log_sum_sq_probs(hidden, weight, seqs["labels"], **kopts)
+        token_logps, sq = fused_token_logps_and_log_sum_sq_probs(
+            hidden, weight, seqs["labels"], softcap=softcap, **kopts
+        )
         aligned_logps = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(token_logps) - sq, 0.0), axis=-1)
     else:
-        token_logps = fused_token_logps(hidden, weight, seqs["labels"], **kopts)  # [N, T] float32
+        token_logps = fused_token_logps(hidden, weight, seqs["labels"], softcap=softcap, **kopts)  # [N, T] f32
     logps = jnp.sum(jnp.where(mask, token_logps, 0.0), axis=-1)
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
-    # Mean logit over the vocabulary at each position = h . mean_v W[:, v]: no [N, T, V] logits.
-    w_mean = vocabulary_mean(jax.lax.stop_gradient(weight))  # [H] float32
-    mean_logits = jnp.einsum("nth,h->nt", jax.lax.stop_gradient(hidden).astype(jnp.float32), w_mean)
+    # Mean (capped) logit over the vocabulary at each position, no [N, T, V] logits.
+    mean_logits = linear_mean_logit(hidden.reshape(-1, hidden.shape[-1]), weight, softcap=softcap)
+    mean_logits = mean_logits.reshape(hidden.shape[:-1])
     logit_sums = jnp.sum(jnp.where(mask, mean_logits, 0.0), axis=-1)
     if full_nll:
         predicts = _prediction_mask(seqs["segment_ids"])

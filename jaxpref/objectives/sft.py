@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxpref.losses.fused import fused_cross_entropy
+from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 
@@ -44,8 +45,9 @@ def build_sft(cfg: Any) -> Objective:
     def loss(model: Any, batch: Batch, num_items: jnp.ndarray, *, train: bool):
         hidden = forward_hidden(model, batch, train=train)
         nll, _ = fused_cross_entropy(
-            hidden, model.lm_head_weight(), batch["labels"], mask=batch["loss_mask"], num_items=num_items, **kopts
-        )
+            hidden, model.lm_head_weight(), batch["labels"], mask=batch["loss_mask"], num_items=num_items,
+            softcap=final_softcap(model), **kopts,
+        )  # fmt: skip
         return nll, {}
 
     return Objective(name="sft", count=trainable_tokens, loss=loss)

@@ -9,16 +9,22 @@ from .linear_lse import (
     IMPLS,
     BlockSizes,
     PallasUnsupportedError,
+    check_softcap,
     linear_logsumexp_gather,
     linear_logsumexp_gather_loss,
+    linear_mean_logit,
     linear_softmax_entropy,
+    soft_cap,
 )
 
 __all__ = [
     "IMPLS",
     "BlockSizes",
     "PallasUnsupportedError",
+    "check_softcap",
     "linear_logsumexp_gather",
     "linear_logsumexp_gather_loss",
+    "linear_mean_logit",
     "linear_softmax_entropy",
+    "soft_cap",
 ]

@@ -57,7 +57,14 @@ def _check_greedy_parity(model, hf, prompts):
     assert got.finished == [stop in r for r in refs]
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3"])
+# phi3_longrope: prompt + completion cross its original context (16), so decoding switches from the
+# short to the long factors mid-way, with the prompt's keys cached under the short ones, as in transformers.
+# The window cases: prompts (up to 11 tokens) plus 12 new tokens run past their windows (4 to 6), in
+# prefill and in decoding; Gemma with soft-caps, scaled embeddings and per-layer-type RoPE.
+@pytest.mark.parametrize(
+    "case", ["llama", "mistral", "qwen2", "qwen3", "phi3_longrope", "phi3_window", "mistral_window", "qwen3_window",
+             "gemma2_window", "gemma3", "gemma3_pattern3"],
+)  # fmt: skip
 def test_greedy_equals_transformers(case, tmp_path):
     hf = build_hf(case)
     hf.save_pretrained(tmp_path)

@@ -47,7 +47,16 @@ def test_defaults_and_derived_fields():
     qwen3 = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen3", "head_dim": 16, "attention_bias": True})
     assert qwen3.qk_norm and qwen3.o_proj_bias and qwen3.head_dim == 16
     mistral = ModelConfig.from_hf_dict({**BASE, "model_type": "mistral", "sliding_window": 64})
-    assert not mistral.attention_bias  # a window covering max_position_embeddings never matters
+    assert not mistral.attention_bias and mistral.sliding_window == 64
+    assert mistral.layer_types == ("sliding_attention",) * 2 and mistral.attention_kinds[0].window == 64
+    assert qwen2.sliding_window is None and qwen2.layer_types == ()  # use_sliding_window false: full
+    qwen2_window = ModelConfig.from_hf_dict(
+        {**BASE, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    )
+    assert qwen2_window.layer_types == ("full_attention", "sliding_attention")
+    assert qwen2_window.layer_kind_ids == (0, 1) and [k.window for k in qwen2_window.attention_kinds] == [None, 8]
+    llama = ModelConfig.from_hf_dict({**BASE, "sliding_window": 4})  # Llama has no windows
+    assert llama.sliding_window is None and len(llama.attention_kinds) == 1
     assert hash(cfg) == hash(ModelConfig.from_hf_dict({**BASE, "num_key_value_heads": None, "head_dim": None}))
 
 
@@ -74,9 +83,9 @@ def test_old_spelling_checkpoint_matches_transformers(hf_checkpoint):
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"num_experts": 8}, "num_experts"),
-        ({"model_type": "mistral", "sliding_window": 16}, "sliding_window"),
-        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
-        ({"model_type": "qwen3", "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["full_attention"]}, "layer_types"),
+        ({"model_type": "qwen3", "layer_types": ["chunked_attention", "full_attention"]}, "layer_types"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
         ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
@@ -92,7 +101,8 @@ def test_unsupported_config_names_the_field(overrides, field):
 
 def test_unsupported_checkpoint_fails_at_load(hf_checkpoint):
     path, _ = hf_checkpoint("mistral", sliding_window=8)
-    with pytest.raises(ModelError, match="sliding_window"):
+    _rewrite_config(path, lambda d: d.update(layer_types=["chunked_attention"] * 2))
+    with pytest.raises(ModelError, match="layer_types"):
         from_pretrained(path)
 
 

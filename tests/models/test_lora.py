@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from jaxpref.errors import ModelError
 from jaxpref.lora import (
+    ALL_LINEAR,
     BASE_PARAMS,
+    FUSED_TARGET_NAMES,
     PEFT_TARGET_NAMES,
     LoraConfig,
     ModulesToSaveParam,
@@ -62,7 +64,11 @@ EXPORT_CASES = [
     ("qwen3", PEFT_TARGET_NAMES, ("lm_head",)),
     ("qwen3_tied", ("q_proj", "down_proj"), ("embed_tokens",)),
     ("qwen2", ("k_proj", "o_proj", "up_proj"), ()),
+    # Phi-3's fused projections: lora_B of qkv_proj is [(N + 2K) * D, r], of gate_up_proj [2I, r].
+    ("phi3_longrope", FUSED_TARGET_NAMES, ("lm_head",)),
+    ("phi3_partial", ("qkv_proj", "gate_up_proj"), ("embed_tokens",)),
 ]
+MERGE_CASES = EXPORT_CASES[1:4] + EXPORT_CASES[5:]
 
 
 @pytest.mark.parametrize(("case", "targets", "saved"), EXPORT_CASES)
@@ -80,7 +86,7 @@ def test_peft_export_loads_in_peft_with_same_logits(case, targets, saved, hf_che
     assert np.abs(lora_logits - hf_logits(hf, ids)).max() > 1e-3
 
 
-@pytest.mark.parametrize(("case", "targets", "saved"), EXPORT_CASES[1:4])
+@pytest.mark.parametrize(("case", "targets", "saved"), MERGE_CASES)
 def test_merge_and_adapter_reload(case, targets, saved, hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint(case)
     cfg = LoraConfig(r=2, alpha=16.0, dropout=0.0, target_modules=targets, modules_to_save=saved)
@@ -170,15 +176,17 @@ def _snapshot(model, filt):
     return jax.tree.map(np.array, nnx.state(model, filt))
 
 
-@pytest.mark.parametrize("case", ["qwen3", "llama3_rope"])
+@pytest.mark.parametrize("case", ["qwen3", "llama3_rope", "phi3_longrope"])
 def test_train_step_then_export_both_formats(case, hf_checkpoint, tmp_path):
     """The issue's done-when: load, match, train a LoRA step, export PEFT and merged, read back."""
     path, hf = hf_checkpoint(case)
     model = from_pretrained(path)
     ids = jnp.asarray(random_ids((2, 12)))
     np.testing.assert_allclose(jax_logits(model, ids), hf_logits(hf, np.asarray(ids)), rtol=0, atol=ATOL)
-    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=PEFT_TARGET_NAMES, modules_to_save=("lm_head",))
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=(ALL_LINEAR,), modules_to_save=("lm_head",))
     apply_lora(model, cfg, rngs=nnx.Rngs(0))
+    family = FUSED_TARGET_NAMES if case.startswith("phi3") else PEFT_TARGET_NAMES
+    assert model.lora_config.target_modules == family
     filt = trainable_filter(model)
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=filt)
     base_before, adapters_before = _snapshot(model, BASE_PARAMS), _snapshot(model, nnx.LoRAParam)
@@ -250,11 +258,12 @@ def test_fresh_adapters_do_not_change_the_model(hf_checkpoint):
 
 
 def test_target_resolution_and_validation():
-    assert resolve_target_modules(None, target_linear=True) == PEFT_TARGET_NAMES
-    assert resolve_target_modules("all-linear") == PEFT_TARGET_NAMES
+    assert resolve_target_modules(None, target_linear=True) == (ALL_LINEAR,)
+    assert resolve_target_modules("all-linear") == (ALL_LINEAR,)
     assert resolve_target_modules(["v_proj", "q_proj"]) == ("q_proj", "v_proj")
+    assert resolve_target_modules(["gate_up_proj", "qkv_proj"]) == ("qkv_proj", "gate_up_proj")
     with pytest.raises(ModelError, match="lora_target_modules"):
-        resolve_target_modules(["qkv_proj"])
+        resolve_target_modules(["wqkv"])
     with pytest.raises(ModelError, match="lora_target_modules"):
         resolve_target_modules([])
     with pytest.raises(ModelError, match="lora_modules_to_save"):

@@ -20,7 +20,11 @@ def test_logits_match_transformers(case, hf_checkpoint):
     np.testing.assert_allclose(jax_logits(model, ids), hf_logits(hf, ids), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("case", ["llama3_rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "case",
+    ["llama3_rope", "qwen2", "qwen3", "mistral_window", "qwen2_window", "phi3_partial", "phi3_window"]
+    + ["gemma2", "gemma2_window", "gemma3"],
+)
 def test_packed_segments_equal_separate_sequences(case, hf_checkpoint):
     path, hf = hf_checkpoint(case)
     model = from_pretrained(path)
@@ -45,7 +49,11 @@ def test_packed_segments_equal_separate_sequences(case, hf_checkpoint):
             start += n
 
 
-@pytest.mark.parametrize("case", ["llama_tied", "qwen2", "qwen3", "llama3_rope"])
+@pytest.mark.parametrize(
+    "case",
+    ["llama_tied", "qwen2", "qwen3", "llama3_rope", "qwen2_window", "mistral_window", "phi3_longrope", "phi3_partial",
+     "phi3_window", "gemma2", "gemma3", "gemma3_pattern3"],
+)
 def test_hf_round_trip(case, hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint(case)
     out = tmp_path / "saved"

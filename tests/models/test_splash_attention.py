@@ -72,8 +72,8 @@ def test_auto_chooses_per_platform():
         assert not platform.interpret_kernels()
     with platform.lowering_for("cuda"):
         assert resolve_impl("auto", bf16) == "cudnn"
-        assert resolve_impl("auto", f32) == "xla"  # cuDNN takes bfloat16/float16 only
-        assert resolve_impl("auto", wide) == "xla"  # head_dim over 128
+        assert resolve_impl("auto", f32) == "blocked"  # cuDNN takes bfloat16/float16 only
+        assert resolve_impl("auto", wide) == "blocked"  # head_dim over 128 (Gemma's 256)
     assert platform.kernel_platform() == "cpu" and platform.interpret_kernels()
     with pytest.raises(ValueError, match="attention impl"):
         attention(f32, f32, f32, impl="flash")

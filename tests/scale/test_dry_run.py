@@ -187,3 +187,49 @@ def test_activation_estimate_tracks_xla_buffers():
     ), (xla, est)
     for policy in memory.REMAT_POLICIES:
         assert 1 / 2.5 <= xla[policy] / est[policy] <= 2.5, (policy, xla, est)
+
+
+def test_phi3_fused_projections_shard_by_hand(tmp_path):
+    """tiny-llama's shapes as a Phi-3 (fused qkv_proj [128, 8 heads x 32], gate_up_proj [128, 2 x 384],
+    LongRoPE): the same parameter count; qkv_proj's fused head axis stays whole over tensor (split 4
+    ways by fsdp only), every other weight 8 ways. LoRA on all-linear means Phi-3's four projections."""
+    import json
+
+    d = json.loads((REPO / "demo" / "tiny-llama" / "config.json").read_text())
+    d.update(model_type="phi3", architectures=["Phi3ForCausalLM"], original_max_position_embeddings=128,
+             rope_scaling={"type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16})  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    phi3 = f"base_model_config={tmp_path}"
+    r = dry_run(cfg("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2", phi3), processes=2)
+    assert r["parameters"] == PARAMS
+    qkv = 4 * 128 * 256
+    assert r["param_bytes_per_device"] == 4 * ((PARAMS - NORMS - qkv) // 8 + qkv // 4 + NORMS)
+    r = dry_run(cfg("mesh.fsdp=8", "mesh.data=1", "adapter=lora", "lora_r=8", "lora_target_linear=true", phi3))
+    # A [4, 128 or 384, 8], B [4, 8, out]: qkv 256, o 128, gate_up 2 x 384, down 128
+    lora = 4 * 8 * ((128 + 256) + (128 + 128) + (128 + 768) + (384 + 128))
+    assert r["trainable_parameters"] == lora
+
+
+def test_phi3_mini_plans_its_published_size():
+    """Phi-3-mini-4k-instruct's config.json (fused projections, sliding window 2047): 3,821,079,552
+    parameters, the count Microsoft publishes; bfloat16 over fsdp 8 x tensor 2."""
+    phi3 = f"base_model_config={REPO / 'configs' / 'models' / 'Phi-3-mini-4k-instruct'}"
+    r = dry_run(cfg("mesh.data=1", "mesh.fsdp=8", "mesh.tensor=2", "bfloat16=true", phi3))
+    assert r["parameters"] == 3_821_079_552
+    # per layer: qkv_proj [3072, 96 heads x 96] split by fsdp only, the rest by fsdp and tensor
+    qkv, norms = 32 * 3072 * 9216, 65 * 3072
+    assert r["param_bytes_per_device"] == 2 * ((3_821_079_552 - qkv - norms) // 16 + qkv // 8 + norms)
+
+
+def test_activation_estimate_counts_gemma_norms_and_phi3_unsplit_qkv():
+    """Gemma's two extra norms add 2H per token and layer when nothing is recomputed; Phi-3's fused
+    q/k/v stay whole over tensor, so tensor=4 divides only the MLP there."""
+    shapes = dict(rows_per_device=1, sequence_len=8, hidden_size=64, intermediate_size=256, num_layers=1,
+                  num_heads=8, num_kv_heads=4, head_dim=16, tensor=4, remat_policy="none", compute_bytes=1,
+                  xla_attention=False)  # fmt: skip
+    base = memory.activation_bytes(**shapes)
+    gemma = memory.activation_bytes(**shapes, extra_norms=2)
+    phi3 = memory.activation_bytes(**shapes, split_qkv=False)
+    assert gemma.elements_per_token_layer - base.elements_per_token_layer == 2 * 64
+    # 3Q + 3KV with Q = 8 x 16 and KV = 4 x 16 whole instead of a quarter each
+    assert phi3.elements_per_token_layer - base.elements_per_token_layer == 3 * (128 + 64) * (1 - 1 / 4)

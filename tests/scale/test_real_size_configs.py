@@ -1,6 +1,6 @@
-"""The real-size configs (``configs/real/``: Qwen3-0.6B and Llama-3.2-1B shapes, LoRA KD and LoRA DPO,
-2048 tokens per micro-batch, remat) validate, plan and lower; running them takes minutes per step on
-2 cores, so that lives in ``scripts/bench_real_size.py``, not here."""
+"""The real-size configs (``configs/real/``: Qwen3-0.6B, Llama-3.2-1B, Gemma-3-1B and Phi-3-mini
+shapes, LoRA KD and LoRA DPO, 2048 tokens per micro-batch, remat) validate, plan and lower; running
+them takes minutes per step on 2 cores, so that lives in ``scripts/bench_real_size.py``, not here."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ EXPECTED = {
     "qwen3_0.6b_dpo_lora.yaml": (596_049_920, 10_092_544),
     "llama3.2_1b_kd_lora.yaml": (1_235_814_400, 11_272_192),
     "llama3.2_1b_dpo_lora.yaml": (1_235_814_400, 11_272_192),
+    # transformers' own counts for gemma-3-1b-it and Phi-3-mini-4k-instruct (meta-device models);
+    # LoRA by hand: Gemma 3 26 x 16 x (2 x (1152 + 1024) + 2 x (1152 + 256) + 3 x (1152 + 6912)),
+    # Phi-3 (fused) 32 x 16 x ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))
+    "gemma3_1b_kd_lora.yaml": (999_885_952, 13_045_760),
+    "phi3_mini_dpo_lora.yaml": (3_821_079_552, 25_165_824),
 }
 
 
@@ -46,3 +51,13 @@ def test_the_llama_kd_step_lowers_for_tpu(tmp_path):
     kernels = report["tpu"]["kernels"]
     assert {"linear_lse_fwd", "linear_lse_dh", "splash_mqa_fwd_segmented_residuals"} <= set(kernels)
     assert report["batch"]["input_ids"] == "int32[1, 1, 2048]"
+
+
+@pytest.mark.slow
+def test_the_gemma3_kd_step_lowers_for_tpu_with_windows_and_q_k_norms(tmp_path):
+    """Gemma-3-1B from shapes: sliding (512) and global layers under one layer scan, both through splash."""
+    cfg = load_config(REAL / "gemma3_1b_kd_lora.yaml", [f"output_dir={tmp_path}"])
+    report = lower_train_step(cfg, ("tpu",))
+    kernels = report["tpu"]["kernels"]
+    assert {"linear_lse_fwd", "linear_lse_dh", "splash_mqa_fwd_segmented_residuals"} <= set(kernels)
+    assert set(report["tpu"]["custom_calls"]) == {"tpu_custom_call"}

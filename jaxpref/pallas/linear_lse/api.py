@@ -18,7 +18,8 @@ from .onepass import RowLoss, linear_logsumexp_gather_loss_onepass
 from .pallas_gpu import PallasUnsupportedError, linear_logsumexp_gather_pallas_gpu
 from .pallas_tpu import linear_logsumexp_gather_pallas_tpu
 from .reference import linear_logsumexp_gather_reference
-from .xla import linear_logsumexp_gather_xla, linear_softmax_entropy_xla
+from .softcap import check_softcap, soft_cap
+from .xla import linear_logsumexp_gather_xla, linear_mean_logit_xla, linear_softmax_entropy_xla, vocabulary_mean
 
 IMPLS = ("auto", "reference", "xla_chunked", "xla", "xla_onepass", "pallas", "pallas_gpu", "pallas_tpu")
 _PALLAS = {"pallas_gpu": linear_logsumexp_gather_pallas_gpu, "pallas_tpu": linear_logsumexp_gather_pallas_tpu}
@@ -36,6 +37,7 @@ def linear_logsumexp_gather(
     *,
     bias: jax.Array | None = None,
     temperatures: Sequence[float] = (1.0,),
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -54,6 +56,10 @@ def linear_logsumexp_gather(
         [0, V): callers clip or replace padding ids (e.g. -100) and mask those entries themselves.
       bias: optional [V] LM-head bias.
       temperatures: static positive floats; output row t is ``logsumexp(logits / temperatures[t])``.
+      softcap: static positive float or None: final logit soft-capping (Gemma 2), ``logits = softcap *
+        tanh(raw / softcap)`` with ``raw = hidden @ weight (+ bias)``, applied inside every vocabulary
+        tile before the temperature; both outputs are of the capped logits and the VJP goes through
+        the cap (``softcap.py``).
       impl: "auto" (Pallas on GPU/TPU, falling back to xla_chunked with a one-line warning when the
         kernel cannot compile for the shape; xla_chunked on CPU), "reference", "xla_chunked" (alias
         "xla"), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic), "pallas" (the one for this backend;
@@ -64,17 +70,21 @@ def linear_logsumexp_gather(
         (``block_h`` is used by pallas_gpu only).
 
     Returns:
-      (logsumexp [len(temperatures), N] float32, gathered [N, K'] float32 raw logits at ``ids``).
+      (logsumexp [len(temperatures), N] float32, gathered [N, K'] float32 logits at ``ids``, capped
+      when ``softcap`` is set, never divided by a temperature).
     """
     temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
+    cap = check_softcap(softcap)
     ids = ids.astype(jnp.int32)
     backend = _backend()
     name = _resolve(impl, backend)
     if name == "reference":
-        return linear_logsumexp_gather_reference(hidden, weight, ids, bias=bias, temperatures=temps)
+        return linear_logsumexp_gather_reference(hidden, weight, ids, bias=bias, temperatures=temps, softcap=cap)
     if name in _PALLAS:
         sizes = resolve_block_sizes(backend, name, block_n=block_n, block_v=block_v, block_h=block_h)
-        opts = dict(temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v, interpret=backend == "cpu")
+        opts = dict(
+            temperatures=temps, softcap=cap, block_n=sizes.block_n, block_v=sizes.block_v, interpret=backend == "cpu"
+        )
         if name == "pallas_gpu":
             opts["block_h"] = sizes.block_h
         kernel = functools.partial(_over_mesh, functools.partial(_PALLAS[name], **opts))
@@ -96,8 +106,9 @@ def linear_logsumexp_gather(
         block_n = block_v = None  # Pallas tile overrides are not meaningful for the XLA version
     sizes = resolve_block_sizes(backend, "xla_chunked", block_n=block_n, block_v=block_v)
     return linear_logsumexp_gather_xla(
-        hidden, weight, ids, bias=bias, temperatures=temps, block_n=sizes.block_n, block_v=sizes.block_v
-    )
+        hidden, weight, ids, bias=bias, temperatures=temps, softcap=cap, block_n=sizes.block_n,
+        block_v=sizes.block_v,
+    )  # fmt: skip
 
 
 def linear_logsumexp_gather_loss(
@@ -109,6 +120,7 @@ def linear_logsumexp_gather_loss(
     *,
     bias: jax.Array | None = None,
     temperatures: Sequence[float] = (1.0,),
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -124,7 +136,8 @@ def linear_logsumexp_gather_loss(
     ``impl`` gives the same value and gradients (up to float32 rounding).
 
     Args:
-      hidden, weight, ids, bias, temperatures, block_n, block_v, block_h: as ``linear_logsumexp_gather``.
+      hidden, weight, ids, bias, temperatures, softcap, block_n, block_v, block_h: as
+        ``linear_logsumexp_gather``.
       row_loss: ``(lse [T, n], gathered [n, K'], row_inputs) -> float32 scalar``; a static Python
         callable (it must not close over traced values: pass those through ``row_inputs``).
       row_inputs: pytree of arrays with leading dim N (masks, targets); not differentiated.
@@ -135,6 +148,7 @@ def linear_logsumexp_gather_loss(
       gathered are for metrics).
     """
     temps = _check_args(hidden, weight, ids, bias, temperatures, impl)
+    cap = check_softcap(softcap)
     backend = _backend()
     # On CPU a 16-bit LM head goes to xla_chunked: XLA:CPU multiplies bfloat16 in float32, and with the
     # whole vocabulary per row chunk it hoists a float32 copy of the head (in both layouts: 1.2 GiB at
@@ -144,12 +158,13 @@ def linear_logsumexp_gather_loss(
         sizes = resolve_block_sizes(backend, "xla_onepass", block_n=block_n)
         chunked = default_block_sizes(backend, "xla_chunked")
         return linear_logsumexp_gather_loss_onepass(
-            hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, block_n=sizes.block_n,
+            hidden, weight, ids, row_loss, row_inputs, bias=bias, temperatures=temps, softcap=cap,
+            block_n=sizes.block_n,
             forward_blocks=(chunked.block_n, chunked.block_v),
         )  # fmt: skip
     lse, gathered = linear_logsumexp_gather(
-        hidden, weight, ids, bias=bias, temperatures=temps, impl=impl, block_n=block_n, block_v=block_v,
-        block_h=block_h,
+        hidden, weight, ids, bias=bias, temperatures=temps, softcap=cap, impl=impl, block_n=block_n,
+        block_v=block_v, block_h=block_h,
     )  # fmt: skip
     value = row_loss(lse, gathered, row_inputs).astype(jnp.float32)
     return value, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(gathered)
@@ -161,6 +176,7 @@ def linear_softmax_entropy(
     *,
     bias: jax.Array | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     block_n: int | None = None,
     block_v: int | None = None,
@@ -176,6 +192,8 @@ def linear_softmax_entropy(
     Args:
       hidden: [N, H]; weight: [H, V]; bias: optional [V].
       temperature: static positive float.
+      softcap: static positive float or None: the logits are ``softcap * tanh(logits / softcap)``
+        before the temperature (as ``linear_logsumexp_gather``).
       impl, block_n, block_v: "reference", or anything else for the blocked XLA pass; tile overrides.
 
     Returns:
@@ -183,16 +201,41 @@ def linear_softmax_entropy(
     """
     _check_args(hidden, weight, jnp.zeros((hidden.shape[0], 1), jnp.int32), bias, (temperature,), impl)
     t = float(temperature)
+    cap = check_softcap(softcap)
     if impl == "reference":
         z = jnp.dot(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight), preferred_element_type=jnp.float32)
         if bias is not None:
             z = z + jax.lax.stop_gradient(bias).astype(jnp.float32)
+        z = soft_cap(z, cap)
         logp = jax.nn.log_softmax(z / t, axis=-1)
         return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     sizes = resolve_block_sizes(_backend(), "xla_chunked", block_n=block_n, block_v=block_v)
     return linear_softmax_entropy_xla(
-        hidden, weight, bias=bias, temperature=t, block_n=sizes.block_n, block_v=sizes.block_v
+        hidden, weight, bias=bias, temperature=t, softcap=cap, block_n=sizes.block_n, block_v=sizes.block_v
     )
+
+
+def linear_mean_logit(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    softcap: float | None = None,
+    block_n: int | None = None,
+    block_v: int | None = None,
+) -> jax.Array:
+    """Mean over the vocabulary of ``hidden @ weight`` (soft-capped when ``softcap`` is set) per row,
+    float32 [N], without [N, V]; no gradient (a metric). Uncapped: ``hidden . mean_v W[:, v]``, one
+    [H, V] reduction; capped: one blocked forward pass (``linear_mean_logit_xla``, xla_chunked tiles).
+
+    Args:
+      hidden: [N, H]; weight: [H, V]; softcap: static positive float or None; block_n, block_v: tiles.
+    """
+    cap = check_softcap(softcap)
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    if cap is None:
+        return jnp.dot(hidden.astype(jnp.float32), vocabulary_mean(weight))
+    sizes = resolve_block_sizes(_backend(), "xla_chunked", block_n=block_n, block_v=block_v)
+    return linear_mean_logit_xla(hidden, weight, softcap=cap, block_n=sizes.block_n, block_v=sizes.block_v)
 
 
 def _over_mesh(kernel, hidden, weight, ids, bias):

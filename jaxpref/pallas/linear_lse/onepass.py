@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal
 
+from .softcap import soft_cap, soft_cap_grad
 from .xla import linear_logsumexp_gather_xla
 
 _F32 = jnp.float32
@@ -49,6 +50,7 @@ def linear_logsumexp_gather_loss_onepass(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
+    softcap: float | None = None,
     block_n: int,
     forward_blocks: tuple[int, int],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -57,19 +59,23 @@ def linear_logsumexp_gather_loss_onepass(
     ``block_n``: rows per chunk (capped by ``chunk_rows``); ``forward_blocks``: (block_n, block_v) of
     the forward-only path (not differentiated: evaluation), which is ``xla_chunked``."""
     temps = tuple(float(t) for t in temperatures)
+    cap = None if softcap is None else float(softcap)
     rows = chunk_rows(hidden.shape[0], weight.shape[1], int(block_n))
     value, lse, gathered = _onepass(
-        hidden, weight, bias, ids.astype(jnp.int32), row_inputs, row_loss, temps, rows, tuple(forward_blocks)
+        hidden, weight, bias, ids.astype(jnp.int32), row_inputs, row_loss, temps, cap, rows, tuple(forward_blocks)
     )
     return value, lax.stop_gradient(lse), lax.stop_gradient(gathered)
 
 
-def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, ...], head_grads: bool = True):
+def _chunk(
+    h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, ...], cap: float | None, head_grads=True
+):
     """One row chunk: (value, lse [T, n], gathered [n, K'], grad_h [n, H] f32, grad_w [H, V] f32, grad_b);
     grad_w and grad_b are None without ``head_grads``."""
     z = jnp.dot(h, weight, preferred_element_type=_F32)
     if bias is not None:
         z = z + bias.astype(_F32)[None, :]
+    z = soft_cap(z, cap)
     z_max = jnp.max(z, axis=1)  # max(z / t) == max(z) / t exactly: rounding is monotonic
     probs, sums, lses = [], [], []
     for t in temps:
@@ -89,6 +95,8 @@ def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, 
         dz = term if dz is None else dz + term
     rows = jnp.arange(h.shape[0], dtype=jnp.int32)[:, None]
     dz = dz.at[rows, ids].add(g_gathered.astype(_F32), mode="promise_in_bounds")
+    if cap is not None:  # chain rule through the cap
+        dz = dz * soft_cap_grad(z, cap)
     grad_h = lax.dot_general(dz, weight, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
     if not head_grads:
         return value.astype(_F32), lse, gathered, grad_h, None, None
@@ -97,12 +105,14 @@ def _chunk(h, weight, bias, ids, inputs, row_loss: RowLoss, temps: tuple[float, 
     return value.astype(_F32), lse, gathered, grad_h, grad_w, grad_b
 
 
-def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows, head_grads=True):
+def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, cap, rows, head_grads=True):
     """Full chunks under a scan (the first one outside it seeds the gradient sums), then a static tail.
     Without ``head_grads`` no [H, V] gradient is formed (a frozen LM head: LoRA, a teacher)."""
     n = hidden.shape[0]
     num_full, tail = divmod(n, rows)
-    run = functools.partial(_chunk, weight=weight, bias=bias, row_loss=row_loss, temps=temps, head_grads=head_grads)
+    run = functools.partial(
+        _chunk, weight=weight, bias=bias, row_loss=row_loss, temps=temps, cap=cap, head_grads=head_grads
+    )
     add = lambda a, b: None if a is None else a + b  # noqa: E731
 
     first = run(hidden[:rows], ids=ids[:rows], inputs=jax.tree.map(lambda x: x[:rows], inputs))
@@ -138,17 +148,17 @@ def _value_and_grads(hidden, weight, bias, ids, inputs, row_loss, temps, rows, h
     return value, cat(lse_parts, 1), cat(gathered_parts), (cat(gh_parts), gw, gb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _onepass(hidden, weight, bias, ids, inputs, row_loss, temps, rows, forward_blocks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _onepass(hidden, weight, bias, ids, inputs, row_loss, temps, cap, rows, forward_blocks):
     # Not differentiated (eval): the plain forward, no gradient work.
     block_n, block_v = forward_blocks
     lse, gathered = linear_logsumexp_gather_xla(
-        hidden, weight, ids, bias=bias, temperatures=temps, block_n=block_n, block_v=block_v
+        hidden, weight, ids, bias=bias, temperatures=temps, softcap=cap, block_n=block_n, block_v=block_v
     )
     return row_loss(lse, gathered, inputs).astype(_F32), lse, gathered
 
 
-def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows, forward_blocks):
+def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, cap, rows, forward_blocks):
     # symbolic_zeros: each differentiable input comes as CustomVJPPrimal(value, perturbed), so a frozen
     # LM head (LoRA, tied embeddings not trained) costs neither the dW GEMM nor an [H, V] float32 sum.
     head_grads = weight.perturbed or (bias is not None and bias.perturbed)
@@ -156,13 +166,13 @@ def _onepass_fwd(hidden, weight, bias, ids, inputs, row_loss, temps, rows, forwa
         lambda p: p.value, (hidden, weight, bias, ids, inputs), is_leaf=lambda x: isinstance(x, CustomVJPPrimal)
     )
     value, lse, gathered, grads = _value_and_grads(
-        hidden, weight, bias, ids, inputs, row_loss, temps, rows, head_grads=head_grads
+        hidden, weight, bias, ids, inputs, row_loss, temps, cap, rows, head_grads=head_grads
     )
     dtypes = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), weight.dtype))  # residuals must be arrays
     return (value, lse, gathered), (grads, dtypes)
 
 
-def _onepass_bwd(row_loss, temps, rows, forward_blocks, res, cotangents):
+def _onepass_bwd(row_loss, temps, cap, rows, forward_blocks, res, cotangents):
     (gh, gw, gb), (h_like, w_like) = res
     g = cotangents[0]  # lse and gathered leave the op through stop_gradient
     g = jnp.zeros((), _F32) if isinstance(g, jax.custom_derivatives.SymbolicZero) else g.astype(_F32)

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .padding import row_padded_lse_gather
+from .softcap import soft_cap, soft_cap_grad
 
 _F32 = jnp.float32
 _TARGET_PROGRAMS = 1024  # forward grid size to aim for (a few waves on a 100+ SM GPU)
@@ -53,6 +54,7 @@ class _Config:
     num_splits: int
     has_bias: bool
     interpret: bool
+    softcap: float | None = None
     num_warps: int = 4
     num_stages: int = 2
 
@@ -99,7 +101,7 @@ def check_supported(hidden, weight, ids, *, block_n: int, block_v: int, block_h:
 
 
 def _logits_tile(h_ref, w_ref, b_ref, r0, v0, cfg: _Config):
-    """float32 logits for rows [r0, r0+bn) x columns [v0, v0+bv); -inf beyond the vocabulary."""
+    """float32 (soft-capped) logits for rows [r0, r0+bn) x columns [v0, v0+bv); -inf beyond the vocabulary."""
     bn, bv, bh = cfg.block_n, cfg.block_v, cfg.block_h
     cols = v0 + jnp.arange(bv, dtype=jnp.int32)
     in_vocab = cols < cfg.v
@@ -113,11 +115,12 @@ def _logits_tile(h_ref, w_ref, b_ref, r0, v0, cfg: _Config):
     z = lax.fori_loop(0, cfg.h // bh, h_step, jnp.zeros((bn, bv), _F32))
     if b_ref is not None:
         z = z + plgpu.load(b_ref.at[pl.ds(v0, bv)], mask=in_vocab, other=0).astype(_F32)[None, :]
-    return jnp.where(in_vocab[None, :], z, -jnp.inf), cols, in_vocab
+    return jnp.where(in_vocab[None, :], soft_cap(z, cfg.softcap), -jnp.inf), cols, in_vocab
 
 
 def _dlogits_tile(z, cols, r0, ids_ref, lse_ref, glse_ref, gg_ref, cfg: _Config):
-    """d loss / d logits on one tile: sum_t g_lse_t / T_t * softmax_t + one-hot(ids) * g_gathered."""
+    """d loss / d raw logits on one tile: sum_t g_lse_t / T_t * softmax_t + one-hot(ids) * g_gathered,
+    times ``1 - (z / cap)^2`` with a soft cap (0 on the -inf columns beyond the vocabulary)."""
     rows = pl.ds(r0, cfg.block_n)
     dz = jnp.zeros(z.shape, _F32)
     for t, temp in enumerate(cfg.temps):
@@ -129,7 +132,8 @@ def _dlogits_tile(z, cols, r0, ids_ref, lse_ref, glse_ref, gg_ref, cfg: _Config)
         idk = ids_ref[rows, k]
         return dz + jnp.where(cols[None, :] == idk[:, None], gg_ref[rows, k][:, None], 0.0)
 
-    return lax.fori_loop(0, cfg.k, k_step, dz)
+    dz = lax.fori_loop(0, cfg.k, k_step, dz)
+    return dz if cfg.softcap is None else dz * soft_cap_grad(z, cfg.softcap)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,6 +303,7 @@ def linear_logsumexp_gather_pallas_gpu(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
+    softcap: float | None = None,
     block_n: int,
     block_v: int,
     block_h: int,
@@ -331,5 +336,6 @@ def linear_logsumexp_gather_pallas_gpu(
         num_splits=num_splits,
         has_bias=bias is not None,
         interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
+        softcap=None if softcap is None else float(softcap),
     )
     return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), cfg)

@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .padding import row_padded_lse_gather
 from .pallas_gpu import PallasUnsupportedError
+from .softcap import soft_cap, soft_cap_grad
 
 _F32 = jnp.float32
 
@@ -44,6 +45,7 @@ class _Config:
     has_bias: bool
     interpret: bool
     vmem_limit_bytes: int | None
+    softcap: float | None = None
 
     @property
     def row_blocks(self) -> int:
@@ -79,11 +81,11 @@ def _weight_tile(w_ref, valid):
     return jnp.where(valid, w_ref[...], jnp.zeros((), w_ref.dtype))
 
 
-def _logits(h_ref, w, b_ref, valid):
+def _logits(h_ref, w, b_ref, valid, cfg: _Config):
     z = jnp.dot(h_ref[...], w, preferred_element_type=_F32)
     if b_ref is not None:
         z = z + b_ref[...].astype(_F32)
-    return jnp.where(valid, z, -jnp.inf)
+    return jnp.where(valid, soft_cap(z, cfg.softcap), -jnp.inf)  # cap first: tanh(-inf) would be -cap
 
 
 def _dlogits(z, cols, ids_ref, lse_ref, glse_ref, gg_ref, cfg: _Config):
@@ -94,7 +96,7 @@ def _dlogits(z, cols, ids_ref, lse_ref, glse_ref, gg_ref, cfg: _Config):
         dz = dz + coef * jnp.exp(zt - lse_ref[:, t : t + 1])
     for k in range(ids_ref.shape[1]):  # duplicates add up, like the transpose of a gather
         dz = dz + jnp.where(cols == ids_ref[:, k : k + 1], gg_ref[:, k : k + 1], 0.0)
-    return dz
+    return dz if cfg.softcap is None else dz * soft_cap_grad(z, cfg.softcap)
 
 
 def _unpack(refs, has_bias: bool, n_in: int):
@@ -123,7 +125,7 @@ def _fwd_kernel(*refs, cfg: _Config):
         g_ref[...] = jnp.zeros(g_ref.shape, _F32)
 
     cols, valid = _columns(j, cfg)
-    z = _logits(h_ref, w_ref[...], b_ref, valid)  # garbage columns are replaced by -inf
+    z = _logits(h_ref, w_ref[...], b_ref, valid, cfg)  # garbage columns are replaced by -inf
     z_max = jnp.max(z, axis=1, keepdims=True)
     for t, temp in enumerate(cfg.temps):
         zt = z if temp == 1.0 else z / temp
@@ -152,7 +154,7 @@ def _dh_kernel(*refs, cfg: _Config):
 
     cols, valid = _columns(j, cfg)
     w = _weight_tile(w_ref, valid)
-    z = _logits(h_ref, w, b_ref, valid)
+    z = _logits(h_ref, w, b_ref, valid, cfg)
     dz = _dlogits(z, cols, ids_ref, lse_ref, glse_ref, gg_ref, cfg).astype(w.dtype)
     gh_ref[...] += lax.dot_general(dz, w, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
@@ -169,7 +171,7 @@ def _dw_kernel(*refs, cfg: _Config):
             gb_ref[...] = jnp.zeros(gb_ref.shape, _F32)
 
     cols, valid = _columns(j, cfg)
-    z = _logits(h_ref, w_ref[...], b_ref, valid)
+    z = _logits(h_ref, w_ref[...], b_ref, valid, cfg)
     dz = _dlogits(z, cols, ids_ref, lse_ref, glse_ref, gg_ref, cfg)
     h = h_ref[...]
     gw_ref[...] += lax.dot_general(h, dz.astype(h.dtype), (((0,), (0,)), ((), ())), preferred_element_type=_F32)
@@ -267,6 +269,7 @@ def linear_logsumexp_gather_pallas_tpu(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
+    softcap: float | None = None,
     block_n: int,
     block_v: int,
     vmem_limit_bytes: int | None = None,
@@ -288,5 +291,6 @@ def linear_logsumexp_gather_pallas_tpu(
         has_bias=bias is not None,
         interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
         vmem_limit_bytes=vmem_limit_bytes,
+        softcap=None if softcap is None else float(softcap),
     )
     return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), cfg)

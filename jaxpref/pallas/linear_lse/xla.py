@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .padding import pad_rows
+from .softcap import soft_cap, soft_cap_grad
 
 _F32 = jnp.float32
 
@@ -33,12 +34,14 @@ def linear_logsumexp_gather_xla(
     *,
     bias: jax.Array | None = None,
     temperatures: tuple[float, ...] = (1.0,),
+    softcap: float | None = None,
     block_n: int,
     block_v: int,
 ) -> tuple[jax.Array, jax.Array]:
     """See ``jaxpref.pallas.linear_logsumexp_gather``. hidden [N, H], weight [H, V], ids int [N, K']."""
     temps = tuple(float(t) for t in temperatures)
-    return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), temps, int(block_n), int(block_v))
+    cap = None if softcap is None else float(softcap)
+    return _lse_gather(hidden, weight, bias, ids.astype(jnp.int32), temps, cap, int(block_n), int(block_v))
 
 
 def vocabulary_mean(weight: jax.Array, *, block_v: int = 8192) -> jax.Array:
@@ -58,10 +61,12 @@ def linear_softmax_entropy_xla(
     *,
     bias: jax.Array | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
     block_n: int,
     block_v: int,
 ) -> jax.Array:
-    """Entropy (nats) of ``softmax((hidden @ weight (+ bias)) / temperature)`` per row: float32 [N].
+    """Entropy (nats) of ``softmax((hidden @ weight (+ bias)) / temperature)`` per row: float32 [N];
+    the logits soft-capped first when ``softcap`` is set (``softcap.py``).
 
     Forward only (no VJP: a metric), the same blocking as the forward of ``linear_logsumexp_gather_xla``:
     rows in chunks of ``block_n``, a loop over vocabulary blocks of ``block_v`` with one matmul each,
@@ -73,25 +78,61 @@ def linear_softmax_entropy_xla(
     ``H = lse(z) - E_p[z] = log s - u / s``. [N, V] never exists.
     """
     t = float(temperature)
+    cap = None if softcap is None else float(softcap)
     hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
     n = hidden.shape[0]
     rows, num = _chunking(n, int(block_n))
     if num == 1:
-        return _entropy_chunk(hidden, weight, bias, t, int(block_v))
+        return _entropy_chunk(hidden, weight, bias, t, cap, int(block_v))
     h = pad_rows(hidden, rows * num).reshape(num, rows, -1)
-    out = lax.map(lambda x: _entropy_chunk(x, weight, bias, t, int(block_v)), h)
+    out = lax.map(lambda x: _entropy_chunk(x, weight, bias, t, cap, int(block_v)), h)
     return out.reshape(rows * num)[:n]
 
 
-def _entropy_chunk(h: jax.Array, weight: jax.Array, bias: jax.Array | None, t: float, bv: int) -> jax.Array:
+def linear_mean_logit_xla(
+    hidden: jax.Array,
+    weight: jax.Array,
+    *,
+    softcap: float | None = None,
+    block_n: int,
+    block_v: int,
+) -> jax.Array:
+    """Mean over the vocabulary of the (soft-capped) logits ``hidden @ weight`` per row: float32 [N].
+
+    Forward only, under ``stop_gradient`` (a metric: TRL's ``logits/chosen``), blocked like
+    :func:`linear_softmax_entropy_xla`. Without a cap the mean is ``hidden . vocabulary_mean(weight)``
+    (cheaper); with one it is not linear in ``hidden``, hence this pass.
+    """
+    cap = None if softcap is None else float(softcap)
+    hidden, weight = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight)
+    w_bits = _to_bits(weight)
+
+    def chunk(h):
+        def body(total, v0, width):
+            z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), None, v0, width, cap)
+            return total + jnp.sum(z, axis=1)
+
+        return _vocab_loop(weight.shape[1], int(block_v), body, jnp.zeros((h.shape[0],), _F32))
+
+    n = hidden.shape[0]
+    rows, num = _chunking(n, int(block_n))
+    if num == 1:
+        return chunk(hidden) / weight.shape[1]
+    out = lax.map(chunk, pad_rows(hidden, rows * num).reshape(num, rows, -1))
+    return out.reshape(rows * num)[:n] / weight.shape[1]
+
+
+def _entropy_chunk(
+    h: jax.Array, weight: jax.Array, bias: jax.Array | None, t: float, cap: float | None, bv: int
+) -> jax.Array:
     """One row chunk of :func:`linear_softmax_entropy_xla`: [n] float32."""
     n = h.shape[0]
     w_bits = _to_bits(weight)
 
     def body(carry, v0, width):
         m, s, u = carry
-        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width)
+        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width, cap)
         z = z if t == 1.0 else z / t
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         e = jnp.exp(z - new_m[:, None])
@@ -142,12 +183,14 @@ def _weight_block(weight_bits: jax.Array, dtype, v0, width: int) -> jax.Array:
     return _from_bits(lax.optimization_barrier(w_blk), dtype)
 
 
-def _block_logits(h: jax.Array, w_blk: jax.Array, bias: jax.Array | None, v0, width: int) -> jax.Array:
-    """float32 logits [n, width] for the weight block of vocabulary columns [v0, v0 + width)."""
+def _block_logits(
+    h: jax.Array, w_blk: jax.Array, bias: jax.Array | None, v0, width: int, cap: float | None
+) -> jax.Array:
+    """float32 (soft-capped) logits [n, width] for the weight block of vocabulary columns [v0, v0 + width)."""
     z = jnp.dot(h, w_blk, preferred_element_type=_F32)
     if bias is not None:
         z = z + lax.dynamic_slice_in_dim(bias, v0, width).astype(_F32)[None, :]
-    return z
+    return soft_cap(z, cap)
 
 
 def _local_ids(ids: jax.Array, v0, width: int) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +201,13 @@ def _local_ids(ids: jax.Array, v0, width: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _fwd_chunk(
-    h: jax.Array, weight: jax.Array, bias: jax.Array | None, ids: jax.Array, temps: tuple[float, ...], bv: int
+    h: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    ids: jax.Array,
+    temps: tuple[float, ...],
+    cap: float | None,
+    bv: int,
 ) -> tuple[jax.Array, jax.Array]:
     """One row chunk: (lse [T, n], gathered [n, K'])."""
     n = h.shape[0]
@@ -166,7 +215,7 @@ def _fwd_chunk(
 
     def body(carry, v0, width):
         m, s, gathered = carry
-        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width)
+        z = _block_logits(h, _weight_block(w_bits, weight.dtype, v0, width), bias, v0, width, cap)
         z_max = jnp.max(z, axis=1)  # max(z / t) == max(z) / t exactly: rounding is monotonic
         new_m, new_s = [], []
         for i, t in enumerate(temps):
@@ -198,6 +247,7 @@ def _bwd_chunk(
     gw: jax.Array,
     gb: jax.Array | None,
     temps: tuple[float, ...],
+    cap: float | None,
     bv: int,
     accumulate: bool,
 ):
@@ -215,7 +265,7 @@ def _bwd_chunk(
     def body(carry, v0, width):
         gh, gw, gb = carry
         w_blk = _weight_block(w_bits, weight.dtype, v0, width)
-        z = _block_logits(h, w_blk, bias, v0, width)
+        z = _block_logits(h, w_blk, bias, v0, width, cap)
         dz = None
         for i, t in enumerate(temps):
             zt = z if t == 1.0 else z / t
@@ -224,6 +274,8 @@ def _bwd_chunk(
         col, inside = _local_ids(ids, v0, width)
         # Scatter-add: duplicate ids in a row accumulate, as the gradient of a gather must.
         dz = dz.at[rows, col].add(jnp.where(inside, g_gathered, 0.0), mode="promise_in_bounds")
+        if cap is not None:  # chain rule through the cap: d/d z_raw = d/d z * (1 - tanh^2)
+            dz = dz * soft_cap_grad(z, cap)
         gh = gh + lax.dot_general(dz, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
         gw_blk = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
         if accumulate:  # float32 accumulator over row chunks
@@ -256,29 +308,29 @@ def _chunking(n: int, block_n: int) -> tuple[int, int]:
     return rows, -(-n // rows)
 
 
-def _forward(hidden, weight, bias, ids, temps, block_n, block_v):
+def _forward(hidden, weight, bias, ids, temps, cap, block_n, block_v):
     n = hidden.shape[0]
     rows, num = _chunking(n, block_n)
     if num == 1:
-        return _fwd_chunk(hidden, weight, bias, ids, temps, block_v)
+        return _fwd_chunk(hidden, weight, bias, ids, temps, cap, block_v)
     h = pad_rows(hidden, rows * num).reshape(num, rows, -1)
     i = pad_rows(ids, rows * num).reshape(num, rows, -1)
-    lse, gathered = lax.map(lambda xs: _fwd_chunk(xs[0], weight, bias, xs[1], temps, block_v), (h, i))
+    lse, gathered = lax.map(lambda xs: _fwd_chunk(xs[0], weight, bias, xs[1], temps, cap, block_v), (h, i))
     lse = jnp.moveaxis(lse, 0, 1).reshape(len(temps), rows * num)[:, :n]
     return lse, gathered.reshape(rows * num, -1)[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _lse_gather(hidden, weight, bias, ids, temps, block_n, block_v):
-    return _forward(hidden, weight, bias, ids, temps, block_n, block_v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _lse_gather(hidden, weight, bias, ids, temps, cap, block_n, block_v):
+    return _forward(hidden, weight, bias, ids, temps, cap, block_n, block_v)
 
 
-def _lse_gather_fwd(hidden, weight, bias, ids, temps, block_n, block_v):
-    lse, gathered = _forward(hidden, weight, bias, ids, temps, block_n, block_v)
+def _lse_gather_fwd(hidden, weight, bias, ids, temps, cap, block_n, block_v):
+    lse, gathered = _forward(hidden, weight, bias, ids, temps, cap, block_n, block_v)
     return (lse, gathered), (hidden, weight, bias, ids, lse)
 
 
-def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
+def _lse_gather_bwd(temps, cap, block_n, block_v, res, cotangents):
     hidden, weight, bias, ids, lse = res
     g_lse, g_gathered = (c.astype(_F32) for c in cotangents)
     n, v = hidden.shape[0], weight.shape[1]
@@ -288,7 +340,7 @@ def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
             hidden, weight, bias, ids, lse, g_lse, g_gathered,
             _to_bits(jnp.zeros(weight.shape, weight.dtype)),
             None if bias is None else jnp.zeros((v,), _F32),
-            temps, block_v, accumulate=False,
+            temps, cap, block_v, accumulate=False,
         )  # fmt: skip
         gw = _from_bits(gw, weight.dtype)
     else:
@@ -304,7 +356,7 @@ def _lse_gather_bwd(temps, block_n, block_v, res, cotangents):
         def step(carry, x):
             h, i, lse_c, gl, gg = x
             gw, gb = carry
-            gh, gw, gb = _bwd_chunk(h, weight, bias, i, lse_c.T, gl.T, gg, gw, gb, temps, block_v, True)
+            gh, gw, gb = _bwd_chunk(h, weight, bias, i, lse_c.T, gl.T, gg, gw, gb, temps, cap, block_v, True)
             return (gw, gb), gh
 
         init = (jnp.zeros(weight.shape, _F32), None if bias is None else jnp.zeros((v,), _F32))
