@@ -398,3 +398,22 @@ def test_quantized_load_never_holds_the_float_weights(tmp_path):
     quantized, full = run("nf4")["load_delta"], run("float")["load_delta"]
     assert full > float_bytes, (quantized, full, float_bytes)  # the float load holds the weights
     assert quantized < 0.5 * float_bytes, (quantized, full, float_bytes)
+
+
+@pytest.mark.parametrize("case", ["phi3", "gemma2", "gemma3"])
+def test_qlora_on_the_other_families(case, hf_checkpoint):
+    """Phi-3's fused qkv/gate_up projections and Gemma's blocks: every stored weight's codes are bitsandbytes'
+    of the transformers tensor, and the forward equals the float model holding the dequantized weights."""
+    from jaxpref.models.hf_io import hf_module_name, iter_modules
+    from jaxpref.models.layers import Linear
+
+    path, hf = hf_checkpoint(case)
+    q = from_pretrained(path, quantization=nf4.NF4Config())
+    weights = hf.state_dict()
+    for mod_path, lin in iter_modules(q):
+        if isinstance(lin, Linear) and mod_path[0] == "layers":
+            w = weights[hf_module_name(mod_path, 1) + ".weight"]
+            codes, _ = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+            np.testing.assert_array_equal(np.asarray(lin.nf4_codes[...][1]), codes.numpy().reshape(-1))
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(jax_logits(q, ids), jax_logits(_float_twin(q, path), ids), rtol=0, atol=1e-5)
