@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxpref.errors import ModelError
 from jaxpref.models.decoder import CausalLM
 from jaxpref.models.hf_io import abstract_model, hf_module_name, hf_sort_key, iter_modules, place, to_host
-from jaxpref.models.layers import Linear, make_param
+from jaxpref.models.layers import Linear, NF4Table, make_param
 from jaxpref.models.nf4 import NF4Weight
 from jaxpref.models.quantize import dequantized_kernel
 from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
@@ -196,6 +196,12 @@ def apply_lora(
         lin.lora_b = make_param(zeros, b_axes, nnx.LoRAParam)
         lin.lora_scaling, lin.lora_dropout = cfg.scaling, cfg.dropout
     saved = set(cfg.modules_to_save)
+    if saved and model.embed_tokens.nf4_codes is not None:
+        raise ModelError(
+            f"modules_to_save {sorted(saved)} with NF4 embeddings (qlora_quantize_embeddings): a trainable copy "
+            "of the table would hold it in full precision (plus its optimizer state), undoing the saving; "
+            "remove them from lora_modules_to_save or set qlora_quantize_embeddings: false"
+        )
     if model.lm_head is None and saved:
         if saved != {"embed_tokens"}:
             logger.warning(
@@ -422,6 +428,10 @@ def merge_lora(model: CausalLM) -> CausalLM:
         if isinstance(orig, Linear) and name == "kernel" and orig.nf4_codes is not None:
             # float32 when the delta follows: one rounding, of the sum
             value = dequantized_kernel(orig, jnp.float32 if orig.lora_a is not None else out_dtype)
+        elif isinstance(orig, NF4Table) and orig.nf4_codes is not None:
+            # an NF4 embedding / LM head (qlora_quantize_embeddings), stored [V, H]; the LM head's kernel is [H, V]
+            table = orig.dequantized(out_dtype)
+            value = table if name == "embedding" else table.T
         else:
             value = getattr(orig, name)[...]
         if isinstance(orig, Linear) and name == "kernel" and orig.lora_a is not None:

@@ -32,7 +32,7 @@ from jaxpref.errors import ModelError
 from jaxpref.models import nf4
 from jaxpref.models.config import ModelConfig, load_model_config, resolve_checkpoint_dir
 from jaxpref.models.decoder import CausalLM
-from jaxpref.models.layers import Embed, Linear, LMHead, RMSNorm
+from jaxpref.models.layers import Embed, Linear, LMHead, NF4Table, RMSNorm
 from jaxpref.models.quantize import quantize_model
 from jaxpref.models.safetensors_io import SafetensorsReader, write_safetensors
 from jaxpref.sharding import Rules, state_shardings, variable_sharding
@@ -56,9 +56,13 @@ class TensorSpec:
     num_layers: int | None
     in_ndim: int = 0
     nf4: Linear | None = None
+    nf4_table: NF4Table | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
+        if self.nf4_table is not None:
+            v, half = self.variable.shape
+            return (v, 2 * half)
         if self.nf4 is not None:
             return self.nf4.in_shape + self.nf4.out_shape
         shape = tuple(self.variable.shape)
@@ -122,6 +126,8 @@ def tensor_specs(model: CausalLM) -> list[TensorSpec]:
             specs.append(TensorSpec(path, "weight", mod.kernel, stacked, in_ndim=len(mod.in_shape)))
             if mod.bias is not None:
                 specs.append(TensorSpec(path, "bias", mod.bias, stacked))
+        elif isinstance(mod, NF4Table) and mod.nf4_codes is not None:
+            specs.append(TensorSpec(path, "weight", mod.nf4_codes, None, nf4_table=mod))
         elif isinstance(mod, LMHead):
             specs.append(TensorSpec(path, "weight", mod.kernel, None, in_ndim=1))
         elif isinstance(mod, Embed):
@@ -200,6 +206,9 @@ def load_specs(
         if spec.nf4 is not None:
             _load_nf4(spec, names, read, mesh, rules)
             continue
+        if spec.nf4_table is not None:
+            _load_nf4_table(spec.nf4_table, read(spec, names[0]), mesh, rules)
+            continue
         if mesh is None:
             # Waiting for each update bounds the tensors in flight to one (dispatch is asynchronous).
             if spec.num_layers is None:
@@ -253,6 +262,24 @@ def _load_nf4(spec: TensorSpec, names: list[str], read: Any, mesh: Mesh | None, 
             var.set_value(value)
 
 
+def _load_nf4_table(table: NF4Table, t: np.ndarray, mesh: Mesh | None, rules: Rules | None) -> None:
+    """Quantize an embedding / LM-head tensor [V, H] as read into the table's NF4 arrays (in chunks of rows:
+    beyond the tensor as read, no float32 copy of it is made)."""
+    cfg = nf4.NF4Config(double_quant=table.nf4_absmax2 is not None)
+    values = _quantize_table_hf(jax.device_put(t, may_alias=True), cfg)
+    jax.block_until_ready(values)
+    del t
+    variables = (table.nf4_codes, table.nf4_absmax, table.nf4_absmax2, table.nf4_offset)
+    for var, value in zip(variables, values):
+        if var is not None:
+            var.set_value(value if mesh is None else place(np.asarray(jax.device_get(value)), var, mesh, rules))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_table_hf(t: jax.Array, cfg: nf4.NF4Config) -> nf4.NF4Arrays:
+    return nf4.quantize_table(t, cfg)
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
 def _quantize_hf(t: jax.Array, cfg: nf4.NF4Config) -> nf4.NF4Arrays:
     return nf4.quantize(t, cfg)
@@ -301,7 +328,8 @@ def from_pretrained(
       dtype: compute dtype. param_dtype: storage dtype; None means float32 (full-precision weights).
       mesh, rules: when a mesh is given each parameter is placed into the sharding that its logical
         axes and ``rules`` (default ``jaxpref.sharding.DEFAULT_RULES``) give.
-      quantization: QLoRA: the block projections are quantized to NF4 as they are read, one layer at a time.
+      quantization: QLoRA: the block projections are quantized to NF4 as they are read, one layer at a time
+        (and the embedding / LM head, one tensor at a time, with ``quantize_embeddings``).
     """
     path = resolve_checkpoint_dir(path_or_repo_id)
     config = load_model_config(path)

@@ -122,11 +122,44 @@ class Linear(nnx.Module):
         return y.reshape(lead + self.out_shape)
 
 
-class Embed(nnx.Module):
+class NF4Table(nnx.Module):
+    """A [V, H] table (the embedding, or an LM head) that ``set_nf4`` can store as frozen NF4 arrays
+    (``qlora_quantize_embeddings``): ``nf4.quantize_table`` of transformers' [V, H] tensor, rows kept
+    (codes [V, H / 2], absmax [V, H / 64]), in place of the float variable named ``_float_name``."""
+
+    _float_name = ""
+
+    def _init_nf4(self) -> None:
+        self.nf4_codes = self.nf4_absmax = self.nf4_absmax2 = self.nf4_offset = nnx.data(None)
+
+    def set_nf4(self, arrays: nf4.NF4Arrays) -> None:
+        """Replace the float table by ``arrays`` (``nf4.quantize_table`` or its placeholders)."""
+        setattr(self, self._float_name, nnx.data(None))
+        for name, value, axes in zip(arrays._fields, arrays, nf4.NF4_TABLE_AXES, strict=True):
+            var = nnx.data(None) if value is None else make_param(value, axes, nf4.NF4Weight)
+            setattr(self, f"nf4_{name}", var)
+
+    def nf4_arrays(self) -> nf4.NF4Arrays | None:
+        """The NF4 arrays of the table, or None when it is a float variable."""
+        if self.nf4_codes is None:
+            return None
+        fields = (self.nf4_codes, self.nf4_absmax, self.nf4_absmax2, self.nf4_offset)
+        return nf4.NF4Arrays(*(None if v is None else v[...] for v in fields))
+
+    def dequantized(self, dtype: Any) -> jax.Array:
+        """The whole NF4 table [V, H] in ``dtype`` (float32 products, one cast)."""
+        q = self.nf4_arrays()
+        v, half = q.codes.shape
+        return nf4.dequantize(nf4.flat(q), (v, 2 * half), dtype)
+
+
+class Embed(NF4Table):
     """Token embedding [V, H]; ``embedding_copy`` is the trainable copy when LoRA saves this module.
 
     Rows are multiplied by ``config.embed_scale`` (Gemma) after the lookup; a tied LM head reads the
-    unscaled table."""
+    unscaled table. Stored as NF4 (``set_nf4``), a lookup dequantizes only the gathered rows."""
+
+    _float_name = "embedding"
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         table = _normal(rngs, (config.vocab_size, config.hidden_size), config.initializer_range, param_dtype)
@@ -136,11 +169,15 @@ class Embed(nnx.Module):
         self.embedding_copy = nnx.data(None)
         self.dtype = dtype
         self.scale = config.embed_scale
+        self._init_nf4()
 
     def table(self, use_adapters: bool = True) -> jax.Array:
-        """The [V, H] table in use (the trainable copy when present and adapters are on)."""
+        """The [V, H] table in use (the trainable copy when present and adapters are on); an NF4 table
+        dequantized to the compute dtype (the whole table: the LM head's use)."""
         if use_adapters and self.embedding_copy is not None:
             return self.embedding_copy[...]
+        if self.nf4_codes is not None:
+            return self.dequantized(self.dtype)
         return self.embedding[...]
 
     def __call__(self, input_ids: jax.Array, *, use_adapters: bool = True, frozen: bool = False) -> jax.Array:
@@ -149,6 +186,8 @@ class Embed(nnx.Module):
         ``frozen``: the table takes no gradient here. On CPU a 16-bit table is then gathered as uint16
         bit patterns: XLA:CPU would otherwise gather from a float32 copy of the whole table (0.6 GiB for
         a 152k x 1024 vocabulary)."""
+        if self.nf4_codes is not None and not (use_adapters and self.embedding_copy is not None):
+            return self.scaled(nf4.dequantize_rows(self.nf4_arrays(), input_ids, self.dtype))
         table = self.table(use_adapters)
         if frozen and table.dtype.itemsize == 2 and platform.kernel_platform() == "cpu":
             bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
@@ -166,18 +205,25 @@ class Embed(nnx.Module):
         return rows * jnp.asarray(self.scale, rows.dtype)
 
 
-class LMHead(nnx.Module):
-    """Untied output projection, kernel [H, V]; ``kernel_copy`` as in ``Embed``."""
+class LMHead(NF4Table):
+    """Untied output projection, kernel [H, V]; ``kernel_copy`` as in ``Embed``. Stored as NF4
+    (``set_nf4``) in transformers' [V, H] layout of ``lm_head.weight``."""
+
+    _float_name = "kernel"
 
     def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         shape = (config.hidden_size, config.vocab_size)
         self.kernel = make_param(_normal(rngs, shape, config.initializer_range, param_dtype), ("embed", "vocab"))
         self.kernel_copy = nnx.data(None)
         self.dtype = dtype
+        self._init_nf4()
 
     def weight(self, use_adapters: bool = True) -> jax.Array:
+        """The [H, V] weight in use; an NF4 one dequantized to the compute dtype."""
         if use_adapters and self.kernel_copy is not None:
             return self.kernel_copy[...]
+        if self.nf4_codes is not None:
+            return self.dequantized(self.dtype).T
         return self.kernel[...]
 
 

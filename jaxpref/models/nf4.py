@@ -122,6 +122,15 @@ def check_size(n: int, blocksize: int = BLOCKSIZE) -> None:
         raise ModelError(f"NF4: a weight of {n} values is not a multiple of the block size {blocksize}")
 
 
+def check_row_size(h: int, blocksize: int = BLOCKSIZE) -> None:
+    """ModelError unless a table's rows of h values are whole blocks (each token's own codes and scales)."""
+    if h % blocksize:
+        raise ModelError(
+            f"NF4 embeddings: hidden_size {h} is not a multiple of the NF4 block size {blocksize}, so a token's "
+            "row would share quantization blocks with its neighbours; set qlora_quantize_embeddings: false"
+        )
+
+
 def quantized_bytes(n: int, cfg: NF4Config) -> int:
     """Bytes of one NF4 weight of n values (codes + scales)."""
     blocks = n // cfg.blocksize
@@ -143,6 +152,11 @@ def quantize(w: jax.Array, cfg: NF4Config) -> NF4Arrays:
     codes = (q[0::2] << 4) | q[1::2]
     if not cfg.double_quant:
         return NF4Arrays(codes, absmax, None, None)
+    return NF4Arrays(codes, *double_quantize(absmax))
+
+
+def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 block absmaxes [nb] -> (uint8 codes [nb], float32 absmax2 [ceil(nb / 256)], float32 offset [])."""
     offset = jnp.mean(absmax)
     centred = absmax - offset
     nb = centred.size
@@ -150,7 +164,7 @@ def quantize(w: jax.Array, cfg: NF4Config) -> NF4Arrays:
     absmax2 = jnp.max(jnp.abs(padded), axis=-1)
     normed = (padded / jnp.where(absmax2 > 0, absmax2, 1.0)[:, None]).reshape(-1)[:nb]
     q8 = jnp.searchsorted(jnp.asarray(_midpoints(dynamic_map())), normed, side="left").astype(jnp.uint8)
-    return NF4Arrays(codes, q8, absmax2, offset)
+    return q8, absmax2, offset
 
 
 def block_absmax(q: NF4Arrays) -> jax.Array:
@@ -161,6 +175,54 @@ def block_absmax(q: NF4Arrays) -> jax.Array:
     values = jnp.take(jnp.asarray(dynamic_map()), q.absmax.astype(jnp.int32), axis=0)
     values = jnp.pad(values, (0, -nb % ABSMAX_BLOCKSIZE)).reshape(-1, ABSMAX_BLOCKSIZE)
     return (values * q.absmax2[:, None]).reshape(-1)[:nb] + q.offset
+
+
+def rows_absmax(absmax_rows: jax.Array, rows: jax.Array, q: NF4Arrays) -> jax.Array:
+    """The first-level absmax of whole rows of a table: float32 [..., H / blocksize].
+
+    absmax_rows: [..., H / blocksize] the rows' absmax entries (gathered from ``q.absmax`` stored
+    [V, H / blocksize]); rows: int [...] their row indices (to find each block's second-level scale).
+    The same float32 arithmetic as ``block_absmax``, for the gathered blocks only."""
+    if q.absmax2 is None:
+        return absmax_rows.astype(jnp.float32)
+    per_row = absmax_rows.shape[-1]
+    block = rows.astype(jnp.int32)[..., None] * per_row + jnp.arange(per_row, dtype=jnp.int32)
+    values = jnp.take(jnp.asarray(dynamic_map()), absmax_rows.astype(jnp.int32), axis=0)
+    return values * jnp.take(q.absmax2, block // ABSMAX_BLOCKSIZE, axis=0) + q.offset
+
+
+def dequantize_rows(q: NF4Arrays, rows: jax.Array, dtype: Any) -> jax.Array:
+    """Rows of a table quantized as [V, H] (codes stored [V, H / 2], absmax [V, H / blocksize], H a multiple
+    of the block size, so a row's codes and blocks are its own): rows int [...] -> [..., H] in ``dtype``.
+
+    Only the gathered rows are dequantized (an embedding lookup), equal to the rows of ``dequantize``."""
+    codes = jnp.take(q.codes, rows, axis=0)
+    absmax = rows_absmax(jnp.take(q.absmax, rows, axis=0), rows, q)
+    values = jnp.take(jnp.asarray(NF4_CODE), jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32), axis=0)
+    lead, per_row = absmax.shape[:-1], absmax.shape[-1]
+    values = values.reshape(*lead, per_row, -1) * absmax[..., None]
+    return values.reshape(*lead, -1).astype(dtype)
+
+
+def flat(q: NF4Arrays) -> NF4Arrays:
+    """The arrays with codes and absmax flattened (a table's [V, ...] storage -> ``dequantize``'s layout)."""
+    return q._replace(codes=q.codes.reshape(-1), absmax=q.absmax.reshape(-1))
+
+
+def quantize_table(table: jax.Array, cfg: NF4Config, rows_per_chunk: int = 1024) -> NF4Arrays:
+    """Quantize a [V, H] table (transformers' layout: the embedding, or ``lm_head.weight``) as ``quantize``
+    of the whole tensor, returned as codes [V, H / 2] and absmax [V, H / blocksize] (a row's blocks are its
+    own: H must be a multiple of the block size). The first level runs over chunks of rows, so no float32
+    copy of the whole table is made; the double quantization then takes all block absmaxes (as one tensor).
+    """
+    v, h = table.shape
+    check_row_size(h, cfg.blocksize)
+    first = dataclasses.replace(cfg, double_quant=False)
+    codes, absmax, _, _ = jax.lax.map(lambda row: quantize(row, first), table, batch_size=rows_per_chunk)
+    if not cfg.double_quant:
+        return NF4Arrays(codes, absmax, None, None)
+    q8, absmax2, offset = double_quantize(absmax.reshape(-1))
+    return NF4Arrays(codes, q8.reshape(v, -1), absmax2, offset)
 
 
 def dequantize(q: NF4Arrays, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -189,6 +251,19 @@ class NF4Weight(nnx.Variable):
 #: and absmax codes split like any flat weight (``nf4`` -> the fsdp mesh axis), the few second-level scales
 #: and the offset replicated.
 NF4_AXES = NF4Arrays(codes=("nf4",), absmax=("nf4",), absmax2=(None,), offset=())
+#: ... and of a quantized table (embedding / LM head, rows kept: codes [V, H / 2], absmax [V, H / 64]): the
+#: vocabulary as the float table's, the flat row contents over fsdp.
+NF4_TABLE_AXES = NF4Arrays(codes=("vocab", "nf4"), absmax=("vocab", "nf4"), absmax2=(None,), offset=())
+
+
+def abstract_table(v: int, h: int, cfg: NF4Config) -> NF4Arrays:
+    """Placeholders of ``quantize_table``'s arrays for a [v, h] table."""
+    check_row_size(h, cfg.blocksize)
+    flat_arrays = abstract_arrays(v * h, cfg)
+    per_row = lambda a, n: jax.ShapeDtypeStruct((v, n), a.dtype)  # noqa: E731
+    return flat_arrays._replace(
+        codes=per_row(flat_arrays.codes, h // 2), absmax=per_row(flat_arrays.absmax, h // cfg.blocksize)
+    )
 
 
 def abstract_arrays(n: int, cfg: NF4Config, lead: tuple[int, ...] = ()) -> NF4Arrays:

@@ -1,7 +1,8 @@
 """QLoRA base models: the decoder layers' projection kernels stored as frozen NF4 (``jaxpref.models.nf4``).
 
 As bitsandbytes/PEFT QLoRA: every linear projection of the blocks is quantized; the token embedding,
-the LM head and the norms stay in ``param_dtype``. Each weight is quantized per layer in transformers'
+the LM head and the norms stay in ``param_dtype`` unless ``NF4Config.quantize_embeddings`` (jaxpref's
+opt-in) stores the embedding and an untied LM head as NF4 too. Each weight is quantized per layer in transformers'
 [out, in] layout (so its codes equal bitsandbytes' for the same tensor), one layer at a time under
 ``lax.map``: beyond the quantized arrays, one layer's float32 weight is live.
 """
@@ -63,8 +64,6 @@ def quantize_model(model: CausalLM, cfg: nf4.NF4Config) -> None:
         raise ModelError("quantize_model: the model is already quantized")
     if model.lora_config is not None:
         raise ModelError("quantize_model: quantize the base model before attaching LoRA")
-    if cfg.quantize_embeddings:
-        raise ModelError("NF4 embeddings (qlora_quantize_embeddings) are not implemented")
     n_layers = model.config.num_hidden_layers
     for lin in block_linears(model):
         d_in, d_out = _dims(lin)
@@ -74,7 +73,30 @@ def quantize_model(model: CausalLM, cfg: nf4.NF4Config) -> None:
         else:
             arrays = quantize_layers(value, d_in, cfg)
         lin.set_nf4(arrays, ("layers",))
+    if cfg.quantize_embeddings:
+        quantize_tables(model, cfg)
     model.quantization = cfg
+
+
+def quantize_tables(model: CausalLM, cfg: nf4.NF4Config) -> None:
+    """The token embedding (and an untied LM head) as NF4 too (``qlora_quantize_embeddings``), each quantized
+    as transformers' [V, H] tensor; a concrete table in chunks of rows (``nf4.quantize_table``)."""
+    tables = [(model.embed_tokens, model.embed_tokens.embedding, False)]
+    if model.lm_head is not None:
+        tables.append((model.lm_head, model.lm_head.kernel, True))
+    for module, var, transposed in tables:
+        value = var.get_value()
+        v, h = model.config.vocab_size, model.config.hidden_size
+        if isinstance(value, jax.ShapeDtypeStruct):
+            arrays = nf4.abstract_table(v, h, cfg)
+        else:
+            arrays = _quantize_table(value, transposed, cfg)
+        module.set_nf4(arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_table(value: jax.Array, transposed: bool, cfg: nf4.NF4Config) -> nf4.NF4Arrays:
+    return nf4.quantize_table(value.T if transposed else value, cfg)
 
 
 def base_weight_bytes(model: CausalLM) -> dict[str, int]:

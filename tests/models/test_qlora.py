@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
+from jaxpref.errors import ModelError
 from jaxpref.lora import BASE_PARAMS, LoraConfig, apply_lora, export_peft_adapter, merge_lora, trainable_filter
 from jaxpref.models import ModelConfig, from_config, from_pretrained, nf4, save_pretrained
 from jaxpref.models.quantize import base_weight_bytes, block_linears, dequantized_kernel, quantize_model
@@ -417,3 +418,96 @@ def test_qlora_on_the_other_families(case, hf_checkpoint):
             np.testing.assert_array_equal(np.asarray(lin.nf4_codes[...][1]), codes.numpy().reshape(-1))
     ids = random_ids((2, 12))
     np.testing.assert_allclose(jax_logits(q, ids), jax_logits(_float_twin(q, path), ids), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ NF4 embeddings (qlora_quantize_embeddings)
+
+EMB = nf4.NF4Config(quantize_embeddings=True)
+
+
+def test_table_rows_dequantize_as_the_whole_tensor():
+    """quantize_table (chunks of rows) = quantize of the whole [V, H] tensor; dequantize_rows of gathered ids
+    = those rows of dequantize (600 blocks: more than one second-level block)."""
+    t = jax.random.normal(jax.random.key(0), (300, 128)) * 0.02
+    for cfg in (nf4.NF4Config(), nf4.NF4Config(double_quant=False)):
+        whole, table = nf4.quantize(t, cfg), nf4.quantize_table(t, cfg, rows_per_chunk=64)
+        for a, b in zip(whole, table, strict=True):
+            np.testing.assert_array_equal(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1))
+        ids = jnp.array([[0, 5, 299], [17, 17, 3]])
+        np.testing.assert_array_equal(
+            np.asarray(nf4.dequantize_rows(table, ids, jnp.float32)),
+            np.asarray(nf4.dequantize(whole, (300, 128), jnp.float32)[ids]),
+        )
+
+
+def _float_twin_with_tables(qmodel, path):
+    """The float twin with the dequantized embedding and (untied) LM head too."""
+    twin = _float_twin(qmodel, path)
+    twin.embed_tokens.embedding.set_value(qmodel.embed_tokens.dequantized(jnp.float32))
+    if twin.lm_head is not None:
+        twin.lm_head.kernel.set_value(qmodel.lm_head.dequantized(jnp.float32).T)
+    return twin
+
+
+@pytest.mark.parametrize("case", ["llama", "llama_tied", "gemma2"])
+def test_nf4_embeddings_forward_equals_the_float_model_with_dequantized_tables(case, hf_checkpoint):
+    """Tied and untied heads, and Gemma's embedding scale on the dequantized rows; the codes are those of
+    the HF [V, H] tensors (bitsandbytes' order, checked against bitsandbytes above)."""
+    path, hf = hf_checkpoint(case, hidden_size=64)
+    q = from_pretrained(path, quantization=EMB)
+    assert q.embed_tokens.embedding is None and q.embed_tokens.nf4_codes[...].shape == (128, 32)
+    want = nf4.quantize(jnp.asarray(hf.model.embed_tokens.weight.detach().numpy()), nf4.NF4Config())
+    np.testing.assert_array_equal(np.asarray(q.embed_tokens.nf4_codes[...]).reshape(-1), np.asarray(want.codes))
+    if q.lm_head is not None:
+        assert q.lm_head.kernel is None
+        want = nf4.quantize(jnp.asarray(hf.lm_head.weight.detach().numpy()), nf4.NF4Config())
+        np.testing.assert_array_equal(np.asarray(q.lm_head.nf4_absmax[...]).reshape(-1), np.asarray(want.absmax))
+    twin = _float_twin_with_tables(q, path)
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(jax_logits(q, ids), jax_logits(twin, ids), rtol=0, atol=1e-5)
+    # quantizing after loading gives the same arrays
+    after = from_pretrained(path)
+    quantize_model(after, EMB)
+    for x, y in zip(q.embed_tokens.nf4_arrays(), after.embed_tokens.nf4_arrays(), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nf4_embeddings_merge_dequantizes_and_reject_modules_to_save(hf_checkpoint):
+    path, _ = hf_checkpoint("llama", hidden_size=64)
+    q = from_pretrained(path, quantization=EMB)
+    with pytest.raises(ModelError, match="modules_to_save.*qlora_quantize_embeddings"):
+        apply_lora(q, LoraConfig(r=2, alpha=2, dropout=0.0, target_modules=("q_proj",), modules_to_save=("lm_head",)),
+                   rngs=nnx.Rngs(0))  # fmt: skip
+    apply_lora(q, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("o_proj",)), rngs=nnx.Rngs(0))
+    _randomize_adapters(q, 2)
+    merged = merge_lora(q)
+    np.testing.assert_array_equal(
+        np.asarray(merged.embed_tokens.embedding[...]), np.asarray(q.embed_tokens.dequantized(jnp.float32))
+    )
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(jax_logits(merged, ids), jax_logits(q, ids), rtol=0, atol=1e-5)
+    sizes = base_weight_bytes(q)
+    emb = 2 * nf4.quantized_bytes(128 * 64, nf4.NF4Config())  # embedding + untied head
+    layer = (64 * 64, 64 * 32, 64 * 32, 64 * 64, 64 * 64, 64 * 64, 64 * 64)  # q k v o gate up down
+    blocks = 2 * sum(nf4.quantized_bytes(n, nf4.NF4Config()) for n in layer)
+    assert sizes["quantized"] == emb + blocks
+
+
+def test_nf4_embeddings_need_whole_blocks_per_row():
+    config = ModelConfig.from_hf_dict({"model_type": "llama", **{**LLAMA_1B, "hidden_size": 96, "vocab_size": 64,
+                                                                "num_attention_heads": 3, "num_key_value_heads": 1,
+                                                                "head_dim": 32, "num_hidden_layers": 1}})  # fmt: skip
+    with pytest.raises(ModelError, match="hidden_size 96 is not a multiple of the NF4 block size 64"):
+        nnx.eval_shape(lambda: from_config(config, quantization=EMB))
+
+
+def test_llama_1b_base_weight_bytes_with_nf4_embeddings():
+    """With the embedding as NF4 too, the whole Llama-3.2-1B base is at most 0.3x its bfloat16 bytes."""
+    config = ModelConfig.from_hf_dict({"model_type": "llama", **LLAMA_1B})
+    make = lambda q: nnx.eval_shape(  # noqa: E731
+        lambda: from_config(config, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, quantization=q)
+    )
+    bf16, quant = base_weight_bytes(make(None)), base_weight_bytes(make(EMB))
+    ratio = sum(quant.values()) / bf16["float"]
+    assert ratio <= 0.3 and ratio == pytest.approx(0.258, abs=0.001)
+    assert quant["float"] == (2 * 16 + 1) * 2048 * 2  # only the norms stay bfloat16
