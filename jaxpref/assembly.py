@@ -48,7 +48,7 @@ def quantization(cfg: Any) -> Any:
         return None
     from jaxpref.models.nf4 import NF4Config
 
-    return NF4Config(double_quant=cfg.bnb_4bit_use_double_quant)
+    return NF4Config(double_quant=cfg.bnb_4bit_use_double_quant, quantize_embeddings=cfg.qlora_quantize_embeddings)
 
 
 def build_model(cfg: Any, vocab_needed: int, mesh: Any = None, *, weights: bool = True) -> Any:

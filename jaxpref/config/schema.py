@@ -247,6 +247,19 @@ class JaxprefConfig(*SECTIONS):
                 "adapters trained on top); 4-bit weights cannot be fully fine-tuned. Set adapter: qlora, or remove "
                 "load_in_4bit for full fine-tuning"
             )
+        if self.qlora_quantize_embeddings:
+            if not self.load_in_4bit:
+                p.append(
+                    "qlora_quantize_embeddings: true stores the embedding as NF4 beside a 4-bit (QLoRA) base and needs "
+                    "adapter: qlora (or load_in_4bit: true); remove it otherwise"
+                )
+            saved = sorted(set(self.lora_modules_to_save or ()) & {"embed_tokens", "lm_head"})
+            if saved:
+                p.append(
+                    f"qlora_quantize_embeddings: true with lora_modules_to_save {saved}: a trainable copy of the table "
+                    "holds it in full precision (plus optimizer state), undoing the 4-bit storage; remove "
+                    f"{', '.join(saved)} from lora_modules_to_save or set qlora_quantize_embeddings: false"
+                )
         if self.adapter == "lora":
             if not (self.lora_target_modules or self.lora_target_linear or self.lora_model_dir):
                 p.append("adapter: lora needs lora_target_modules (e.g. [q_proj, v_proj]) or lora_target_linear: true")

@@ -325,7 +325,9 @@ def generate(
     split_vocab = False
     if mesh is not None:
         state = placement.on_mesh(state, mesh)
-        split_vocab = placement.vocab_split(nnx.merge(graphdef, state).embed_tokens.table(use_adapters))
+        embed = nnx.merge(graphdef, state).embed_tokens
+        # an NF4 table (qlora_quantize_embeddings) is looked up by its own row gather
+        split_vocab = embed.nf4_codes is None and placement.vocab_split(embed.table(use_adapters))
     run = partial(
         _run_group,
         graphdef,

@@ -314,6 +314,22 @@ def test_qlora_errors_and_warnings():
     )
 
 
+def test_qlora_quantize_embeddings():
+    from jaxpref.assembly import quantization
+    from jaxpref.models.nf4 import NF4Config
+
+    cfg = make(adapter="qlora", lora_target_linear=True, qlora_quantize_embeddings=True)
+    assert quantization(cfg) == NF4Config(quantize_embeddings=True)
+    assert quantization(make(adapter="qlora", lora_target_linear=True)) == NF4Config(quantize_embeddings=False)
+    assert "qlora_quantize_embeddings: true stores the embedding as NF4" in problem(
+        adapter="lora", lora_target_linear=True, qlora_quantize_embeddings=True
+    )
+    assert "with lora_modules_to_save ['embed_tokens', 'lm_head']" in problem(
+        adapter="qlora", lora_target_linear=True, qlora_quantize_embeddings=True,
+        lora_modules_to_save=["lm_head", "embed_tokens"],
+    )  # fmt: skip
+
+
 def test_gradient_checkpointing_variants():
     cfg = make(gradient_checkpointing="offload")
     assert cfg.gradient_checkpointing is True and cfg.remat_policy == "full"

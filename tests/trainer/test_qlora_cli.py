@@ -97,3 +97,36 @@ def test_trainer_counts_nf4_weights_as_frozen_parameters(tmp_path):
         )
         counts.append(trainer.num_params())
     assert counts[0] == counts[1]
+
+
+def test_qlora_quantize_embeddings_dry_run_trains_and_exports(tmp_path, capsys):
+    """qlora_quantize_embeddings: the plan counts the NF4 embedding (tied, 512 x 128) with the projections; a
+    2-step run from a checkpoint (quantized as read) trains and exports a PEFT adapter."""
+    from jaxpref import models
+    from jaxpref.models import nf4
+
+    base = models.from_config(models.load_model_config(REPO / "demo" / "tiny-llama"), seed=3)
+    models.save_pretrained(base, tmp_path / "base")
+    cfg = small_config(
+        tmp_path, adapter="qlora", lora_r=4, lora_alpha=8, lora_target_linear=True, qlora_quantize_embeddings=True,
+        random_init_weights=False, base_model=str(tmp_path / "base"),
+        tokenizer_config=str(REPO / "demo" / "tiny-llama"), learning_rate=1e-2, eval_steps=None, evals_per_epoch=0,
+    )  # fmt: skip
+    assert main(["--config", str(cfg), "--dry_run"]) == 0
+    report = yaml.safe_load(capsys.readouterr().out)
+    quantized = 4 * sum(nf4.quantized_bytes(n, nf4.NF4Config()) for n in WEIGHTS)
+    quantized += nf4.quantized_bytes(512 * 128, nf4.NF4Config())
+    assert report["quantized_param_bytes_per_device"] == quantized
+    assert report["parameters"] == 512 * 128 + 4 * (sum(WEIGHTS) + 2 * 128) + 128 + 4 * sum(
+        4 * (128 + n // 128) for n in WEIGHTS
+    )
+    assert main(["--no_progress", "--config", str(cfg), "max_steps=2"]) == 0
+    out = tmp_path / "out"
+    train = read_metrics(out)
+    assert np.isfinite(train[2]["loss"]) and train[2]["grad_norm"] > 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["modules_to_save"] in (None, [])
+    from safetensors.numpy import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # adapters only: no embedding in the PEFT export
