@@ -17,6 +17,10 @@ Per variant it reports:
 
   python scripts/bench_qlora.py                 # both variants, --seq 512, 2 timed steps each
   python scripts/bench_qlora.py --seq 2048 --steps 1
+  python scripts/bench_qlora.py --variants qlora qlora_emb --compile_only   # + NF4 embedding, memory only
+
+``qlora_emb`` is QLoRA with ``qlora_quantize_embeddings: true`` (the tied embedding / LM head as NF4 too);
+``--compile_only`` reports the bytes and XLA's memory analysis without running steps.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "real" / "llama3.2_1b_kd_lora.yaml"
+VARIANTS = ("lora", "qlora", "qlora_emb")
 VOCAB = 32000  # batch token ids (the model's vocabulary is 128,256)
 GIB = 1024**3
 
@@ -69,8 +74,10 @@ def _config(variant: str, seq: int, steps: int):
     )
     raw.pop("datasets", None)
     raw.pop("test_datasets", None)
-    if variant == "qlora":
+    if variant in ("qlora", "qlora_emb"):
         raw["adapter"] = "qlora"
+    if variant == "qlora_emb":
+        raw["qlora_quantize_embeddings"] = True
     return validate_config(raw, require_datasets=False)
 
 
@@ -105,7 +112,7 @@ def dequant_seconds(model, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def worker(variant: str, seq: int, steps: int, warmup: int) -> dict:
+def worker(variant: str, seq: int, steps: int, warmup: int, compile_only: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -127,7 +134,7 @@ def worker(variant: str, seq: int, steps: int, warmup: int) -> dict:
     model = build_model(cfg, VOCAB, mesh)
     out: dict = {"variant": variant, "seq": seq, "build_s": time.perf_counter() - t0}
     out["base_bytes"] = base_weight_bytes(model)
-    if variant == "qlora":
+    if variant != "lora" and not compile_only:
         out["dequant_all_layers_s"] = dequant_seconds(model)
     tx, _ = make_optimizer(cfg, cfg.max_steps)
     trainer = Trainer(model, objective, tx, mesh=mesh, trainable=lora.trainable_filter(model), seed=cfg.seed)
@@ -140,6 +147,8 @@ def worker(variant: str, seq: int, steps: int, warmup: int) -> dict:
     m = compiled.memory_analysis()
     out["xla_argument_bytes"], out["xla_temp_bytes"] = m.argument_size_in_bytes, m.temp_size_in_bytes
     del compiled, batch
+    if compile_only:
+        return out
     out["rss_before_steps"] = _status("VmRSS")
     out["peak_reset"] = _reset_peak()
     times, losses = [], []
@@ -157,25 +166,30 @@ def worker(variant: str, seq: int, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", choices=["lora", "qlora"])
+    p.add_argument("--worker", choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lora", "qlora"])
+    p.add_argument("--compile_only", action="store_true", help="bytes and XLA memory analysis only, no steps")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.seq, args.steps, args.warmup)))
+        print(json.dumps(worker(args.worker, args.seq, args.steps, args.warmup, args.compile_only)))
         return
     results = {}
-    for variant in ("lora", "qlora"):
+    for variant in args.variants:
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--worker", variant, "--seq", str(args.seq)]
-        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + ["--compile_only"] * args.compile_only
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{variant} failed: {done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  {json.dumps(results[variant])}", file=sys.stderr, flush=True)
+    if args.compile_only or set(args.variants) != {"lora", "qlora"}:
+        _compare(results, args.seq)
+        return
     lo, q = results["lora"], results["qlora"]
     linear_bf16 = lo["base_bytes"]["float"] - q["base_bytes"]["float"]
     whole = sum(q["base_bytes"].values()) / lo["base_bytes"]["float"]
@@ -196,6 +210,34 @@ def main() -> None:
         print(f"| {name} | {f(lo):.2f} | {f(q):.2f} | {f(q) / f(lo):.2f}x |")
     print(f"dequantizing all 16 x 7 block weights once: {q['dequant_all_layers_s']:.2f} s (a remat step does it ~2x)")
     print(f"load average: {lo['load_avg']:.1f} / {q['load_avg']:.1f} (the machine is shared)")
+
+
+def _compare(results: dict, seq: int) -> None:
+    """One column per variant: base weights and XLA's memory analysis (and the steps when they ran)."""
+    names = list(results)
+    print(f"Llama-3.2-1B shape, 1 x {seq} tokens, bfloat16, rank-16 LoRA on every projection, remat per block")
+    print("| | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    rows = [
+        ("base weights, NF4 (GiB)", lambda r: r["base_bytes"]["quantized"] / GIB),
+        ("base weights, float (GiB)", lambda r: r["base_bytes"]["float"] / GIB),
+        ("XLA arguments (GiB)", lambda r: r["xla_argument_bytes"] / GIB),
+        ("XLA temporaries (GiB)", lambda r: r["xla_temp_bytes"] / GIB),
+        ("XLA arguments + temporaries (GiB)", lambda r: (r["xla_argument_bytes"] + r["xla_temp_bytes"]) / GIB),
+        ("peak RSS over the steps (GiB)", lambda r: r["step_peak_rss"] / GIB),
+        ("s / step", lambda r: r["s_per_step"]),
+    ]
+    for name, f in rows:
+        if all(_has(f, r) for r in results.values()):
+            print(f"| {name} | " + " | ".join(f"{f(results[n]):.3f}" for n in names) + " |")
+
+
+def _has(f, r: dict) -> bool:
+    try:
+        f(r)
+        return True
+    except KeyError:
+        return False
 
 
 if __name__ == "__main__":

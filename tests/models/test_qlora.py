@@ -284,11 +284,20 @@ from jaxpref.models import from_pretrained, nf4
 assert jax.device_count() == 8
 mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 ids = np.random.default_rng(0).integers(0, 128, (2, 10)).astype(np.int32)
-plain = from_pretrained(sys.argv[1], quantization=nf4.NF4Config())
-sharded = from_pretrained(sys.argv[1], quantization=nf4.NF4Config(), mesh=mesh)
+emb = sys.argv[2] == "emb"
+quantization = nf4.NF4Config(quantize_embeddings=emb)
+plain = from_pretrained(sys.argv[1], quantization=quantization)
+sharded = from_pretrained(sys.argv[1], quantization=quantization, mesh=mesh)
 codes = sharded.layers.mlp.up_proj.nf4_codes[...]
 assert tuple(codes.sharding.spec) == (None, "fsdp"), codes.sharding.spec
 np.testing.assert_array_equal(np.asarray(codes), np.asarray(plain.layers.mlp.up_proj.nf4_codes[...]))
+for table in [sharded.embed_tokens, sharded.lm_head] if emb else []:
+    # rows over tensor (as the float table's vocabulary), each row's codes over fsdp (its one block scale here
+    # stays whole: hidden 64)
+    assert tuple(table.nf4_codes[...].sharding.spec) == ("tensor", "fsdp"), table.nf4_codes[...].sharding.spec
+    assert tuple(table.nf4_absmax[...].sharding.spec)[0] == "tensor", table.nf4_absmax[...].sharding.spec
+    np.testing.assert_array_equal(np.asarray(table.nf4_codes[...]), np.asarray(plain.embed_tokens.nf4_codes[...])
+                                  if table is sharded.embed_tokens else np.asarray(plain.lm_head.nf4_codes[...]))
 cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "up_proj"))
 for m in (plain, sharded):
     apply_lora(m, cfg, rngs=nnx.Rngs(0), mesh=mesh if m is sharded else None)
@@ -303,20 +312,23 @@ print("OK")
 """
 
 
-def test_qlora_loads_into_shards_and_trains_on_8_cpu_devices(hf_checkpoint, tmp_path):
-    """NF4 codes split over fsdp like any weight; the adapters' gradients equal the single-device ones."""
+@pytest.mark.parametrize("tables", ["float", "emb"])
+def test_qlora_loads_into_shards_and_trains_on_8_cpu_devices(tables, hf_checkpoint, tmp_path):
+    """NF4 codes split over fsdp like any weight (NF4 embedding / LM head rows over tensor too); the adapters'
+    gradients equal the single-device ones."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    path, _ = hf_checkpoint("llama")
+    path, _ = hf_checkpoint("llama", **({"hidden_size": 64} if tables == "emb" else {}))
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(script), str(path), tables]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
