@@ -190,7 +190,7 @@ class LoraSection(Section):
         description="QLoRA (with adapter: lora; adapter: qlora sets it): the decoder blocks' linear weights are "
         "stored as frozen NF4 (bitsandbytes' 4-bit NormalFloat, blocks of 64), quantized layer by layer as the "
         "checkpoint is read and dequantized per layer in the forward pass; embeddings, LM head and norms stay "
-        "in param_dtype (docs/qlora.md).",
+        "in param_dtype (as in bitsandbytes; see qlora_quantize_embeddings) (docs/qlora.md).",
     )
     bnb_4bit_quant_type: Annotated[Literal["nf4"], BeforeValidator(coerce.bnb_4bit_quant_type)] = Field(
         "nf4", description="With load_in_4bit: the 4-bit type; nf4 only (fp4 is an error)."

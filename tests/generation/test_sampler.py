@@ -170,3 +170,16 @@ def test_lora_adapters_on_and_off(tmp_path):
     with_adapters = generate(model, prompts, settings).tokens
     assert with_adapters != base_tokens
     assert generate(merge_lora(model), prompts, settings).tokens == with_adapters
+
+
+def test_greedy_with_nf4_embeddings_equals_the_dequantized_float_model(tmp_path):
+    """qlora_quantize_embeddings: prefill and decode look rows up from the NF4 table and the (untied) head is
+    the dequantized table; the same tokens as the float model holding the dequantized weights."""
+    from jaxpref.models import nf4
+    from tests.models.test_qlora import _float_twin_with_tables
+
+    build_hf("llama", hidden_size=64).save_pretrained(tmp_path)
+    q = from_pretrained(tmp_path, quantization=nf4.NF4Config(quantize_embeddings=True))
+    twin = _float_twin_with_tables(q, tmp_path)
+    settings = SamplingSettings(max_new_tokens=NEW)
+    assert generate(q, _prompts(), settings).tokens == generate(twin, _prompts(), settings).tokens
