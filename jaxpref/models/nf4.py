@@ -95,7 +95,7 @@ class NF4Config:
     """How base weights are quantized (axolotl/bitsandbytes ``bnb_4bit_*`` meaning).
 
     double_quant: ``bnb_4bit_use_double_quant``. quantize_embeddings: also store the token embedding
-    (and the tied LM head) as NF4 (jaxpref's opt-in; bitsandbytes keeps it in 16 bits).
+    (and an untied LM head) as NF4 (jaxpref's opt-in; bitsandbytes keeps it in 16 bits).
     """
 
     double_quant: bool = True
