@@ -37,6 +37,14 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> j
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _stored_nf4(module: nnx.Module) -> nf4.NF4Arrays | None:
+    """A module's ``nf4_*`` variables as arrays (``set_nf4`` stored them), or None when it has none."""
+    if module.nf4_codes is None:
+        return None
+    fields = (module.nf4_codes, module.nf4_absmax, module.nf4_absmax2, module.nf4_offset)
+    return nf4.NF4Arrays(*(None if v is None else v[...] for v in fields))
+
+
 class Linear(nnx.Module):
     """``y = x . kernel + bias`` with kernel [*in_shape, *out_shape], plus an optional LoRA branch.
 
@@ -84,10 +92,7 @@ class Linear(nnx.Module):
 
     def nf4_arrays(self) -> nf4.NF4Arrays | None:
         """The NF4 arrays of the kernel, or None when the kernel is a float ``kernel``."""
-        if self.nf4_codes is None:
-            return None
-        fields = (self.nf4_codes, self.nf4_absmax, self.nf4_absmax2, self.nf4_offset)
-        return nf4.NF4Arrays(*(None if v is None else v[...] for v in fields))
+        return _stored_nf4(self)
 
     def __call__(self, x: jax.Array, *, use_adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
         """x [..., *in_shape] -> [..., *out_shape] in the compute dtype.
@@ -141,10 +146,7 @@ class NF4Table(nnx.Module):
 
     def nf4_arrays(self) -> nf4.NF4Arrays | None:
         """The NF4 arrays of the table, or None when it is a float variable."""
-        if self.nf4_codes is None:
-            return None
-        fields = (self.nf4_codes, self.nf4_absmax, self.nf4_absmax2, self.nf4_offset)
-        return nf4.NF4Arrays(*(None if v is None else v[...] for v in fields))
+        return _stored_nf4(self)
 
     def dequantized(self, dtype: Any) -> jax.Array:
         """The whole NF4 table [V, H] in ``dtype`` (float32 products, one cast)."""
