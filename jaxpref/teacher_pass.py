@@ -125,7 +125,6 @@ class TeacherRunner:
         from flax import nnx
 
         from jaxpref import sharding as shd
-        from jaxpref.models.softcap import final_softcap
         from jaxpref.teacher_topk import topk_logprobs
 
         self.mesh = mesh
@@ -134,7 +133,7 @@ class TeacherRunner:
         self.sharding = shd.batch_sharding(mesh)
         graphdef, state = nnx.split(model)
         self.state = state
-        softcap = final_softcap(model)
+        softcap = model.config.final_logit_softcapping
 
         def forward(state: Any, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array):
             m = nnx.merge(graphdef, state)

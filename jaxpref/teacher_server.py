@@ -101,7 +101,6 @@ class Scorer:
         from flax import nnx
 
         from jaxpref import sharding as shd
-        from jaxpref.models.softcap import final_softcap
         from jaxpref.teacher_topk import topk_and_token_logprobs
 
         self.mesh, self.k = mesh, k
@@ -110,7 +109,7 @@ class Scorer:
         self.sharding = shd.batch_sharding(mesh)
         graphdef, self.state = nnx.split(model)
         self.shapes: set[tuple[int, int]] = set()  # compiled [B, T] buckets
-        softcap = final_softcap(model)
+        softcap = model.config.final_logit_softcapping
 
         def forward(state: Any, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, nxt: jax.Array):
             m = nnx.merge(graphdef, state)

@@ -27,7 +27,7 @@ def topk_logprobs(
 ) -> tuple[Array, Array]:
     """Top-k ids and log-probs of ``softmax(logits / temperature)``, ``logits = hidden @ lm_head_weight``
     soft-capped first when ``softcap`` is set (``cap * tanh(logits / cap)``, the model's
-    ``jaxpref.models.softcap.final_softcap``).
+    ``config.final_logit_softcapping``).
 
     Args:
       hidden: ``[..., H]`` final hidden states; lm_head_weight: ``[H, V]``.

@@ -44,7 +44,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpref import platform
 from jaxpref.generation import placement
-from jaxpref.models.softcap import final_softcap
 from jaxpref.pallas import soft_cap
 
 PROMPT_BUCKET = 64
@@ -145,7 +144,8 @@ def _logits(model: Any, hidden: jax.Array, use_adapters: bool) -> jax.Array:
     """Last-token logits float32 [B, V], soft-capped when the model has a final logit cap (before the
     sampling temperature, as transformers does)."""
     w = model.lm_head_weight(use_adapters=use_adapters)
-    return soft_cap(jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32), final_softcap(model))
+    logits = jnp.einsum("bh,hv->bv", hidden, w, preferred_element_type=jnp.float32)
+    return soft_cap(logits, model.config.final_logit_softcapping)
 
 
 def _constrain(x: Any, mesh: Mesh | None, spec: PartitionSpec) -> Any:

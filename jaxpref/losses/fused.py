@@ -13,8 +13,8 @@ Hidden states may carry leading dims ``[..., H]``; they are flattened here. Ids 
 ``softcap`` (every function; static float or None): final logit soft-capping as Gemma 2 applies it in the
 model, ``logits = softcap * tanh(hidden @ lm_head_weight / softcap)``, *before* any temperature. The
 kernels cap each vocabulary tile (the gathered logits are capped in-kernel too), so the values and
-gradients equal the full-logits losses on the capped logits. ``jaxpref.models.softcap.final_softcap``
-reads a model's cap.
+gradients equal the full-logits losses on the capped logits. Callers pass
+``model.config.final_logit_softcapping``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from jaxpref.models.attention import ATTENTION_IMPLS
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.layers import Block, Embed, LMHead, Ropes, rms_norm
 from jaxpref.models.rope import inverse_frequencies, longrope_cos_sin, rope_cos_sin, sequence_lengths
+from jaxpref.pallas import soft_cap
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
@@ -293,9 +294,6 @@ class CausalLM(nnx.Module):
     def logits(self, hidden: jax.Array, *, use_adapters: bool = True) -> jax.Array:
         """Full logits float32 [B, T, V] from hidden [B, T, H] (soft-capped when the config says so);
         tests and generation only."""
-        from jaxpref.models.softcap import final_softcap
-        from jaxpref.pallas import soft_cap
-
         w = self.lm_head_weight(use_adapters=use_adapters)
         z = jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
-        return soft_cap(z, final_softcap(self))
+        return soft_cap(z, self.config.final_logit_softcapping)

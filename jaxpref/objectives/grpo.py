@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses import grpo_count, grpo_loss
 from jaxpref.losses.fused import fused_token_entropy, fused_token_logps
-from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
@@ -86,7 +85,7 @@ def token_logps(
     weight = model.lm_head_weight(use_adapters=use_adapters)
     logps = fused_token_logps(
         hidden, weight, batch["labels"], mask=batch["loss_mask"], temperature=temperature,
-        softcap=final_softcap(model), **dict(kopts or {}),
+        softcap=model.config.final_logit_softcapping, **dict(kopts or {}),
     )  # fmt: skip
     return jax.lax.stop_gradient(logps)
 
@@ -120,7 +119,7 @@ def build_grpo(cfg: Any) -> Objective:
         mask = batch["loss_mask"].astype(bool)
         hidden = _hidden(model, batch, use_adapters=True, train=train)
         weight = model.lm_head_weight(use_adapters=True)
-        softcap = final_softcap(model)
+        softcap = model.config.final_logit_softcapping
         logps = fused_token_logps(
             hidden, weight, batch["labels"], mask=mask, temperature=temperature, softcap=softcap, **kopts
         )

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses.fused import fused_cross_entropy, fused_kd_loss
 from jaxpref.losses.kd import kd_trainable_positions
-from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import forward_hidden, kernel_options, trainable_tokens
@@ -50,7 +49,7 @@ def online_teacher_targets(
     """
     hidden = forward_hidden(teacher, batch, train=False)
     ids, logprobs = topk_logprobs(
-        hidden, teacher.lm_head_weight(), k, temperature=temperature, softcap=final_softcap(teacher)
+        hidden, teacher.lm_head_weight(), k, temperature=temperature, softcap=teacher.config.final_logit_softcapping
     )
     logprobs = jax.nn.log_softmax(logprobs, axis=-1)
     mask = jnp.broadcast_to(batch["loss_mask"][..., None], ids.shape)
@@ -122,7 +121,7 @@ def build_kd(cfg: Any) -> Objective:
         else:
             ids, logprobs, mask = (batch[k] for k in keys.KD_TARGETS)
         weight = model.lm_head_weight()
-        softcap = final_softcap(model)
+        softcap = model.config.final_logit_softcapping
         if scheduled:
             if softcap is not None:
                 # The scheduled path scales hidden by 1/T, exact only for logits linear in hidden.

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from jaxpref import batch_keys as keys
 from jaxpref.losses import dpo_loss, orpo_loss, simpo_loss, wpo_weights
 from jaxpref.losses.fused import fused_token_logps, fused_token_logps_and_log_sum_sq_probs
-from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Metrics, Objective
 from jaxpref.objectives.registry import register_objective
 from jaxpref.objectives.sft import kernel_options
@@ -110,7 +109,7 @@ def sequence_stats(
         deterministic=not train,
     )
     weight = model.lm_head_weight(use_adapters=use_adapters)
-    softcap = final_softcap(model)
+    softcap = model.config.final_logit_softcapping
     mask = seqs["loss_mask"].astype(bool)
     if wpo:
         token_logps, sq = fused_token_logps_and_log_sum_sq_probs(

@@ -11,7 +11,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxpref.losses.fused import fused_cross_entropy
-from jaxpref.models.softcap import final_softcap
 from jaxpref.objectives.base import Batch, Objective
 from jaxpref.objectives.registry import register_objective
 
@@ -46,7 +45,7 @@ def build_sft(cfg: Any) -> Objective:
         hidden = forward_hidden(model, batch, train=train)
         nll, _ = fused_cross_entropy(
             hidden, model.lm_head_weight(), batch["labels"], mask=batch["loss_mask"], num_items=num_items,
-            softcap=final_softcap(model), **kopts,
+            softcap=model.config.final_logit_softcapping, **kopts,
         )  # fmt: skip
         return nll, {}
 

@@ -1,5 +1,5 @@
 """Final logit soft-capping through the fused losses, the teacher top-k, the mean-logit metric, the
-sampler's and ``CausalLM.logits``' full logits, and ``final_softcap``: each equals the full-logits
+sampler's and ``CausalLM.logits``' full logits: each equals the full-logits
 computation on ``cap * tanh(logits / cap)`` (the full-logits losses are themselves checked against
 TRL/axolotl elsewhere; the kernels against a float64 brute force in tests/pallas)."""
 
@@ -20,7 +20,6 @@ from jaxpref.losses.fused import (
     fused_token_logps_and_log_sum_sq_probs,
 )
 from jaxpref.models.decoder import CausalLM
-from jaxpref.models.softcap import final_softcap
 from jaxpref.pallas import linear_mean_logit
 from jaxpref.teacher_topk import topk_and_token_logprobs, topk_logprobs
 
@@ -150,18 +149,10 @@ def test_teacher_topk_with_cap_matches_float64_brute_force():
 
 
 def _stub(cap, weight):
-    """What ``final_softcap``, ``CausalLM.logits`` and the sampler read from a model."""
+    """What ``CausalLM.logits`` and the sampler read from a model."""
     return SimpleNamespace(
         config=SimpleNamespace(final_logit_softcapping=cap), lm_head_weight=lambda use_adapters=True: weight
     )
-
-
-def test_final_softcap_reads_the_config_once_and_validates():
-    assert final_softcap(_stub(30.0, None)) == 30.0
-    assert final_softcap(_stub(None, None)) is None
-    assert final_softcap(SimpleNamespace(config=SimpleNamespace())) is None  # configs without the field
-    with pytest.raises(ValueError, match="softcap must be a positive finite float"):
-        final_softcap(_stub(0.0, None))
 
 
 def test_causal_lm_logits_and_sampler_logits_are_capped():

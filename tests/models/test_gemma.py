@@ -121,6 +121,7 @@ def test_gemma3_ignores_attention_soft_cap_as_transformers_does(hf_checkpoint):
         ({**GEMMA2, "hidden_activation": "gelu"}, "hidden_activation"),
         ({**GEMMA2, "query_pre_attn_scalar": None}, "query_pre_attn_scalar"),
         ({**GEMMA2, "attn_logit_softcapping": -1.0}, "attn_logit_softcapping"),
+        ({**GEMMA2, "final_logit_softcapping": 0.0}, "final_logit_softcapping"),
         ({**GEMMA2, "sliding_window": 0}, "sliding_window"),
         ({**GEMMA3, "sliding_window_pattern": 0}, "sliding_window_pattern"),
         ({**GEMMA3, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "per layer type"),

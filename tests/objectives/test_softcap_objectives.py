@@ -1,9 +1,10 @@
-"""The objectives read the model's final logit soft-cap (``final_softcap``): SFT, GRPO token log-probs and
-entropy, the preference sequence statistics, and the KD guard, against full capped logits of the same
-tiny model (``CausalLM.logits`` caps too)."""
+"""The objectives read the model's final logit soft-cap (``config.final_logit_softcapping``): SFT,
+GRPO token log-probs and entropy, the preference sequence statistics, and the KD guard, against full
+capped logits of the same tiny model (``CausalLM.logits`` caps too)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -25,20 +26,10 @@ TINY = dict(
 CAP = 0.5  # small against this random model's logits, so the cap changes every number below
 
 
-class _Capped:
-    """ModelConfig plus ``final_logit_softcapping`` (the field lands in ModelConfig separately)."""
-
-    def __init__(self, base, cap):
-        self._base, self.final_logit_softcapping = base, cap
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
 def models_with_and_without_cap():
     plain = models.from_config(models.ModelConfig.from_hf_dict(TINY), seed=0)
     capped = models.from_config(models.ModelConfig.from_hf_dict(TINY), seed=0)
-    capped.config = _Capped(capped.config, CAP)
+    capped.config = dataclasses.replace(capped.config, final_logit_softcapping=CAP)
     return plain, capped
 
 
