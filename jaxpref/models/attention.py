@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxpref import platform
+from jaxpref.pallas import soft_cap
 from jaxpref.sharding import BATCH_AXES
 
 from .blocked_attention import blocked_attention
@@ -170,20 +171,11 @@ def decode_attention(
       [B, 1, N, D] in q's dtype.
     """
     _check_variant(window, softcap, scale)
-    b, t, n, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * _scale(scale, d)
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
     slot_ids = jnp.arange(k.shape[1])[None, :]
     visible = slot_ids <= slots[:, None]
     if window is not None:
         visible = visible & (slot_ids > slots[:, None] - window)
-    s = jnp.where(visible[:, None, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, d).astype(q.dtype)
+    return _explicit_attention(q, k, v, visible[:, None, None, None, :], softcap, scale)
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
@@ -193,15 +185,18 @@ def _scale(scale: float | None, head_dim: int) -> float:
 def _masked_attention(q, k, v, segment_ids, window, softcap, scale) -> jax.Array:
     """The "xla" implementation with a soft cap (which ``jax.nn.dot_product_attention`` cannot
     express): full [B, K, G, T, T] float32 scores, capped, then masked."""
+    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    return _explicit_attention(q, k, v, segment_mask(seg, window)[:, :, None], softcap, scale)
+
+
+def _explicit_attention(q, k, v, visible, softcap, scale) -> jax.Array:
+    """Softmax attention on explicit float32 scores with GQA grouping: q [B, T, N, D], k/v [B, S, K, D],
+    ``visible`` bool broadcastable to the scores [B, K, G, T, S]; scaled, capped, then masked."""
     b, t, n, d = q.shape
     kv = k.shape[2]
-    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
     qg = q.reshape(b, t, kv, n // kv, d)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * _scale(scale, d)
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
-    s = jnp.where(segment_mask(seg, window)[:, :, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(jnp.where(visible, soft_cap(s, softcap), -jnp.inf), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, d).astype(q.dtype)
 
