@@ -18,7 +18,7 @@ from jaxpref import lora, memory, models, precision
 from jaxpref import sharding as shd
 from jaxpref.assembly import DTYPES, lora_config, objective_name, quantization, remat_policy
 from jaxpref.errors import ConfigError
-from jaxpref.models.nf4 import NF4Weight
+from jaxpref.models.nf4 import NF4Weight, parameter_count
 from jaxpref.objectives import build_objective
 from jaxpref.optim import make_optimizer
 
@@ -121,9 +121,7 @@ def memory_plan(cfg: Any, *, devices: int | None = None, processes: int | None =
         )
     report = {
         "objective": objective.name,
-        # an NF4 weight holds two values per byte of codes
-        "parameters": count(nnx.state(abstract, nnx.Param))
-        + 2 * count(nnx.state(abstract, nnx.All(NF4Weight, nnx.PathContains("nf4_codes")))),
+        "parameters": parameter_count(nnx.state(abstract)),
         "trainable_parameters": count(trainable),
         "quantized_param_bytes_per_device": shd.per_device_bytes(quantized, mesh, rules),
         "devices": devices,

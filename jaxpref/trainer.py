@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpref import bit_patterns, platform, precision
 from jaxpref import sharding as shd
 from jaxpref.errors import UserError
-from jaxpref.models.nf4 import NF4Weight
+from jaxpref.models import nf4
 from jaxpref.objectives.base import Objective
 
 logger = logging.getLogger(__name__)
@@ -199,17 +199,7 @@ class Trainer:
         """(trainable, frozen) parameter counts; RNG state (LoRA dropout keys) is not a parameter. An NF4
         (QLoRA) weight counts its values: two per byte of codes (its scales are not parameters)."""
 
-        def count(state: Any) -> int:
-            leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-            total = 0
-            for path, v in leaves:
-                if isinstance(v, nnx.Param):
-                    total += int(np.prod(v.shape))
-                elif isinstance(v, NF4Weight) and "nf4_codes" in jax.tree_util.keystr(path):
-                    total += 2 * int(np.prod(v.shape))
-            return total
-
-        return count(self.params), count(self.frozen)
+        return nf4.parameter_count(self.params), nf4.parameter_count(self.frozen)
 
     # ---- jitted functions --------------------------------------------------------------------
     def _micro_loss(self, params, frozen, companions, mb, num_items, key, *, train: bool):

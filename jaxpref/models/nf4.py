@@ -247,6 +247,19 @@ class NF4Weight(nnx.Variable):
     full-fine-tuning filter selects it; ``jaxpref.lora.BASE_PARAMS`` names it beside the float weights."""
 
 
+def parameter_count(state: Any) -> int:
+    """Weight values in an nnx state: the elements of every ``nnx.Param``, and two per byte of NF4 codes
+    (an NF4 weight counts its values; its scales are not parameters). Other variables (RNG) count 0."""
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    total = 0
+    for path, v in leaves:
+        if isinstance(v, nnx.Param):
+            total += math.prod(v.shape)
+        elif isinstance(v, NF4Weight) and "nf4_codes" in jax.tree_util.keystr(path):
+            total += 2 * math.prod(v.shape)
+    return total
+
+
 #: Logical axis names of the NF4 arrays of one weight (after a leading ``layers`` axis when stacked): codes
 #: and absmax codes split like any flat weight (``nf4`` -> the fsdp mesh axis), the few second-level scales
 #: and the offset replicated.
